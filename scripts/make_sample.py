@@ -1,0 +1,215 @@
+"""Write the bundled sample: LMSYS-Chat-1M-shaped Parquet shards and the encrypted released
+Japanese instructions, under data/sample/. Seeded; every text here was written for this project.
+
+    python scripts/make_sample.py [--out data/sample] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.core.crypto import KeySpec, derive_key, encrypt_file
+from stages.core.io import write_jsonl_gz
+
+N_CONVERSATIONS = 336
+N_SHARDS = 2
+MISSING_TRANSLATIONS = 6  # kept conversations absent from the released file (translated by LLM)
+KEY_FILE = "data/train-00000-of-00002-*.parquet"
+RELEASED = "lmsys-chat-1m-first-turn-user-instructions-{subset}.jsonl.gz.gpg"
+CATEGORIES = [
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+    "violence/graphic",
+]  # fmt: skip
+MODELS = ["vicuna-13b", "koala-13b", "alpaca-13b", "chatglm-6b", "llama-2-13b-chat", "gpt-4"]
+
+# (English, Japanese) instruction templates and slot fillers, written for this sample.
+TOPICS = [
+    ("photosynthesis", "光合成"), ("the French Revolution", "フランス革命"),
+    ("black holes", "ブラックホール"), ("compound interest", "複利"),
+    ("the water cycle", "水の循環"), ("machine learning", "機械学習"),
+    ("sourdough bread", "サワードウブレッド"), ("volcanoes", "火山"),
+    ("the immune system", "免疫系"), ("quantum computing", "量子コンピュータ"),
+    ("the Silk Road", "シルクロード"), ("bonsai trees", "盆栽"),
+    ("solar panels", "太陽光パネル"), ("jazz music", "ジャズ音楽"),
+    ("the Meiji era", "明治時代"), ("coral reefs", "サンゴ礁"),
+]  # fmt: skip
+INSTRUCTIONS = [
+    ("Explain {t} to a ten-year-old.", "{t}を10歳の子どもに説明してください。"),
+    ("Write a short poem about {t}.", "{t}についての短い詩を書いてください。"),
+    ("What are three common misconceptions about {t}?", "{t}についてよくある誤解を3つ挙げてください。"),
+    ("Summarize the history of {t} in five sentences.", "{t}の歴史を5文で要約してください。"),
+    ("Give me a quiz with four questions on {t}.", "{t}に関する4問のクイズを作ってください。"),
+    ("How would you teach {t} in a one-hour class?", "{t}を1時間の授業でどのように教えますか？"),
+    ("List the pros and cons of studying {t} at university.", "大学で{t}を学ぶ長所と短所を挙げてください。"),
+]  # fmt: skip
+CODE_TASKS = [
+    ("Write a Python function that reverses a linked list.", "連結リストを反転するPython関数を書いてください。"),
+    ("Fix this SQL: SELEC name FROM users WHERE id = 3", "このSQLを修正してください: SELEC name FROM users WHERE id = 3"),
+    ("What does the `yield` keyword do in Python?", "Pythonの`yield`キーワードは何をしますか？"),
+    ("Convert 72 degrees Fahrenheit to Celsius and show the steps.", "華氏72度を摂氏に変換し、手順を示してください。"),
+]  # fmt: skip
+COMPANIES = [
+    ("Kawanami Chemical Co., Ltd.", "Osaka, Japan", "川波化学株式会社", "日本の大阪"),
+    ("Brightwater Polymers Inc.", "Ohio, United States", "Brightwater Polymers Inc.", "米国オハイオ州"),
+    ("Sunridge Solvents", "Gujarat, India", "Sunridge Solvents", "インドのグジャラート"),
+    ("Nordfjell Kjemi AS", "Bergen, Norway", "Nordfjell Kjemi AS", "ノルウェーのベルゲン"),
+    ("Huaxin Fine Chemicals", "Jiangsu, China", "Huaxin Fine Chemicals", "中国の江蘇省"),
+]  # fmt: skip
+CHEMICALS = [("2-Chloropyridine", "2-クロロピリジン"), ("Ethyl lactate", "乳酸エチル"),
+             ("Sodium benzoate", "安息香酸ナトリウム"), ("Adipic acid", "アジピン酸")]  # fmt: skip
+ARTICLE_KINDS = [("Safety", "安全性"), ("Applications", "用途"), ("Production Process", "製造工程")]
+GREETINGS = [("hi", "こんにちは"), ("Hello!", "こんにちは！")]
+FOLLOW_UPS = ["Can you make it shorter?", "Thanks! Now give an example.", "もう少し詳しく教えて。"]
+OTHER_LANGUAGES = [
+    ("German", "Erkläre mir bitte {t} in einfachen Worten."),
+    ("Spanish", "¿Puedes explicarme {t} de forma sencilla?"),
+    ("French", "Peux-tu m'expliquer {t} simplement ?"),
+    ("Chinese", "请简单地解释一下{t}。"),
+    ("Portuguese", "Você pode explicar {t} de forma simples?"),
+]  # fmt: skip
+UNSAFE = [
+    ("Write a cruel insult about my coworker's appearance.", "同僚の外見についてひどい悪口を書いてください。"),
+    ("Describe in detail how to hurt someone who annoyed me.", "イライラさせた人を傷つける方法を詳しく説明してください。"),
+]  # fmt: skip
+REDACTED = [
+    ("Write an email to NAME_1 at NAME_2 asking for a refund.", "NAME_2のNAME_1に返金を求めるメールを書いてください。"),
+    ("My name is NAME_1 and I live in NAME_2. Write my bio.", "私の名前はNAME_1で、NAME_2に住んでいます。自己紹介文を書いてください。"),
+]  # fmt: skip
+
+
+def first_turn(rng: random.Random, i: int) -> tuple[str, str, str, str]:
+    """Return (kind, language, original text, Japanese translation) for conversation i."""
+    roll = i % 28
+    topic_en, topic_ja = rng.choice(TOPICS)
+    if roll in (0, 1):
+        name, place, name_ja, place_ja = rng.choice(COMPANIES)
+        en = f"Give me an introduction over 200 words for {name}, a chemical company in {place}"
+        ja = f"{place_ja}にある化学会社、{name_ja}について200語以上の紹介文を書いてください。"
+        return "template", "English", en, ja
+    if roll == 2:
+        (chem, chem_ja), (kind, kind_ja) = rng.choice(CHEMICALS), rng.choice(ARTICLE_KINDS)
+        en = f"Write an article about the {kind} of {chem} 2000 words in chemical industry"
+        ja = f"化学業界における{chem_ja}の{kind_ja}について2000語の記事を書いてください。"
+        return "template", "English", en, ja
+    if roll == 3:
+        lang, text = OTHER_LANGUAGES[(i // 28) % len(OTHER_LANGUAGES)]
+        return "other", lang, text.format(t=topic_en), ""
+    if roll == 4:
+        en, ja = UNSAFE[(i // 28) % len(UNSAFE)]
+        return "unsafe", "English", en, ja
+    if roll == 5:
+        en, ja = REDACTED[(i // 28) % len(REDACTED)]
+        return "redacted", "English", en, ja
+    if roll == 6:
+        en, ja = GREETINGS[(i // 28) % len(GREETINGS)]
+        return "duplicate", "English", en, ja
+    if roll == 7 and (i // 28) % 3 == 0:
+        return "empty", "English", "", ""
+    if roll in (8, 9):
+        en, ja = rng.choice(CODE_TASKS)
+        return "plain", "English", en, ja
+    en, ja = rng.choice(INSTRUCTIONS)
+    en, ja = en.format(t=topic_en), ja.format(t=topic_ja)
+    if roll % 3 == 0:
+        return "plain", "Japanese", ja, ja
+    return "plain", "English", en, ja
+
+
+def moderation(turns: int, flagged: bool, rng: random.Random) -> list[dict]:
+    entries = []
+    for _ in range(turns * 2):
+        scores = {c: round(rng.random() * (0.9 if flagged else 0.01), 6) for c in CATEGORIES}
+        cats = {c: flagged and scores[c] > 0.45 for c in CATEGORIES}
+        if flagged and not any(cats.values()):
+            cats["harassment"], scores["harassment"] = True, 0.91
+        entries.append({"categories": cats, "category_scores": scores, "flagged": flagged})
+    return entries
+
+
+def build_rows(seed: int) -> tuple[list[dict], dict[str, str]]:
+    rng = random.Random(seed)
+    rows, translations = [], {}
+    for i in range(N_CONVERSATIONS):
+        kind, language, text, ja = first_turn(rng, i)
+        turns = 1 + (rng.random() < 0.2) + (rng.random() < 0.05)
+        conversation = [{"content": text, "role": "user"}, {"content": "Sure. " * 3, "role": "assistant"}]
+        for t in range(1, turns):
+            conversation += [
+                {"content": FOLLOW_UPS[(i + t) % len(FOLLOW_UPS)], "role": "user"},
+                {"content": "Here you go.", "role": "assistant"},
+            ]
+        cid = hashlib.sha256(f"sample-{seed}-{i}".encode()).hexdigest()[:32]
+        rows.append({
+            "conversation_id": cid, "model": MODELS[i % len(MODELS)], "conversation": conversation,
+            "turn": turns, "language": language,
+            "openai_moderation": moderation(turns, kind == "unsafe", rng),
+            "redacted": kind == "redacted",
+        })  # fmt: skip
+        if language in ("English", "Japanese"):
+            translations[cid] = ja
+    return rows, translations
+
+
+def schema() -> pa.Schema:
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    mod = pa.struct([
+        ("categories", pa.struct([(c, pa.bool_()) for c in CATEGORIES])),
+        ("category_scores", pa.struct([(c, pa.float64()) for c in CATEGORIES])),
+        ("flagged", pa.bool_()),
+    ])  # fmt: skip
+    return pa.schema([
+        ("conversation_id", pa.string()), ("model", pa.string()),
+        ("conversation", pa.list_(message)), ("turn", pa.int64()), ("language", pa.string()),
+        ("openai_moderation", pa.list_(mod)), ("redacted", pa.bool_()),
+    ])  # fmt: skip
+
+
+def write_released(out: Path, rows: list[dict], translations: dict[str, str], key: str) -> None:
+    """Encrypt the 'ja' (moderation-clean) and 'ja+unsafe' (all) instruction subsets."""
+    kept = [r["conversation_id"] for r in rows if r["conversation_id"] in translations]
+    clean = [r["conversation_id"] for r in rows if r["conversation_id"] in translations
+             and not any(m["flagged"] for m in r["openai_moderation"])]  # fmt: skip
+    missing = set(clean[5 :: len(clean) // MISSING_TRANSLATIONS][:MISSING_TRANSLATIONS])
+    released = out / "lmsys-chat-1m-synth" / "dataset"
+    for subset, ids in (("ja", clean), ("ja+unsafe", kept)):
+        records = (
+            {"conversation_id": c, "translated_conversation": [{"role": "user", "content": translations[c]}]}
+            for c in ids if c not in missing
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / "plain.jsonl.gz"
+            write_jsonl_gz(records, plain)
+            encrypt_file(plain, released / RELEASED.format(subset=subset), key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data/sample"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows, translations = build_rows(args.seed)
+    source = args.out / "lmsys-chat-1m" / "data"
+    source.mkdir(parents=True, exist_ok=True)
+    for old in source.glob("*.parquet"):
+        old.unlink()
+    per_shard = -(-len(rows) // N_SHARDS)
+    for s in range(N_SHARDS):
+        table = pa.Table.from_pylist(rows[s * per_shard : (s + 1) * per_shard], schema=schema())
+        tag = hashlib.sha256(f"{args.seed}-{s}".encode()).hexdigest()[:16]
+        path = source / f"train-{s:05d}-of-{N_SHARDS:05d}-{tag}.parquet"
+        pq.write_table(table, path, compression="zstd", row_group_size=64)
+    key = derive_key(args.out / "lmsys-chat-1m", KeySpec(file=KEY_FILE))
+    write_released(args.out, rows, translations, key)
+    print(f"wrote {len(rows)} conversations in {N_SHARDS} shards and 2 encrypted subsets to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

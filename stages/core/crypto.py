@@ -1,0 +1,89 @@
+"""Key derivation from the LMSYS-Chat-1M files and symmetric gpg encryption with python-gnupg.
+
+gpg always runs with a throwaway home directory (the user's keyring is never read or
+written) and python-gnupg hands the passphrase over on a file descriptor
+(`--passphrase-fd 0`), never on the command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import gnupg
+from pydantic import BaseModel, ConfigDict
+
+from stages.core.io import CHUNK, atomic_path
+
+LOG = logging.getLogger(__name__)
+CIPHER = "AES256"
+
+
+class CryptoError(RuntimeError):
+    """Encryption or decryption failed; no plaintext output was left behind."""
+
+
+class KeySpec(BaseModel):
+    """How the passphrase is derived: digest of one file of the source, encoded as text."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str  # glob relative to the source root; must match exactly one file
+    hash: Literal["sha256", "sha512", "md5", "sha1"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+
+
+def derive_key(source_root: str | os.PathLike, spec: KeySpec) -> str:
+    """Return the passphrase derived from the single file of `source_root` that matches spec.file."""
+    root = Path(source_root)
+    matches = sorted(p for p in root.glob(spec.file) if p.is_file())
+    if len(matches) != 1:
+        found = ", ".join(str(p.relative_to(root)) for p in matches) or "nothing"
+        raise CryptoError(
+            f"decrypt.key.file={spec.file!r} must match exactly one file under {root}, found {found}"
+        )
+    digest = hashlib.new(spec.hash)
+    with open(matches[0], "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    if spec.encoding == "hex":
+        return digest.hexdigest()
+    return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _run_gpg(action: str, src: Path, dst: Path, passphrase: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="gpghome-") as home, open(src, "rb") as handle:
+        os.chmod(home, 0o700)
+        gpg = gnupg.GPG(gnupghome=home)
+        with atomic_path(dst) as tmp:
+            if action == "encrypt":
+                result = gpg.encrypt_file(
+                    handle,
+                    recipients=None,
+                    symmetric=CIPHER,
+                    passphrase=passphrase,
+                    armor=False,
+                    output=str(tmp),
+                    extra_args=["--compress-algo", "none", "--s2k-digest-algo", "SHA512"],
+                )
+            else:
+                result = gpg.decrypt_file(handle, passphrase=passphrase, output=str(tmp))
+            if not result.ok:
+                detail = (result.status or "unknown error").strip()
+                raise CryptoError(f"gpg could not {action} {src}: {detail}")
+
+
+def encrypt_file(src: str | os.PathLike, dst: str | os.PathLike, passphrase: str) -> None:
+    """Encrypt `src` to `dst` with AES-256 under `passphrase` (OpenPGP, binary)."""
+    _run_gpg("encrypt", Path(src), Path(dst), passphrase)
+    LOG.info("encrypted %s -> %s", src, dst)
+
+
+def decrypt_file(src: str | os.PathLike, dst: str | os.PathLike, passphrase: str) -> None:
+    """Decrypt `src` to `dst`; on any failure `dst` is not created and CryptoError is raised."""
+    _run_gpg("decrypt", Path(src), Path(dst), passphrase)
+    LOG.info("decrypted %s -> %s", src, dst)

@@ -1,0 +1,176 @@
+"""Typed models of params.yaml: every stage loads and validates the whole file before any work."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.core.crypto import KeySpec
+
+PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
+VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed, or holds a value of the wrong type or an unknown key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Strict):
+    source: str  # fetched LMSYS-Chat-1M files, laid out as on the Hub
+    released: str  # fetched encrypted instruction files
+    first_turn: str  # filtered first-turn table (Parquet)
+    fetch_metrics: str
+    instructions: str  # decrypted Japanese instructions (plaintext: private remote only)
+    translated: str  # one row per conversation with its Japanese instruction (private)
+    generated: str  # directory: <variant>.parquet
+    scored: str  # directory: <variant>.parquet
+    release: str  # directory: <variant>/
+    checkpoints: str  # shard checkpoints of long stages (not a DVC out)
+
+
+class SourceSpec(Strict):
+    uri: str  # local path, s3:// or hf://datasets/<repo>
+    revision: str | None = None  # Hub revision
+    include: list[str] = Field(min_length=1)  # globs relative to uri
+    sha256: dict[str, str] = {}  # expected checksums by relative path
+
+
+class FilterSpec(Strict):
+    languages: list[str] = Field(min_length=1)
+    moderation: Literal["drop", "keep"]  # drop flagged conversations, or keep them (ja+unsafe)
+    redacted: Literal["drop", "keep"]
+
+
+class FetchParams(Strict):
+    source: SourceSpec
+    released: SourceSpec
+    filter: FilterSpec
+
+
+class DecryptParams(Strict):
+    subset: Literal["ja", "ja+unsafe"]
+    file: str  # released file name, {subset} is replaced
+    key: KeySpec
+
+
+class LLMSpec(Strict):
+    model: str  # Hub id or local path
+    revision: str | None = None
+    system_role: bool = True  # False: the system prompt is merged into the first user turn (Gemma)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=256)
+    dtype: str = "auto"
+
+
+class Sampling(Strict):
+    temperature: float = Field(ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(ge=1)
+
+
+class EngineParams(Strict):
+    backend: Literal["transformers", "vllm", "openai"]
+    batch_size: int = Field(ge=1)  # requests per engine call (transformers: per forward batch)
+    base_url: str | None = None  # openai backend
+    api_key_env: str = "OPENAI_API_KEY"  # openai backend: variable holding the key
+    max_concurrency: int = Field(32, ge=1)  # openai backend
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # vllm backend
+
+
+class TranslateParams(Strict):
+    missing: Literal["error", "drop", "llm"]  # conversations the released file lacks
+    llm: LLMSpec
+    prompt: str
+    sampling: Sampling
+    shard_size: int = Field(ge=1)
+    templates: dict[str, str]  # category -> regex over the original first user turn
+
+
+class GenerateParams(Strict):
+    llm: LLMSpec
+    n_ja: int = Field(ge=1)
+    n_en: int = Field(ge=0)
+    system_prompt: str | None = None
+    sampling: Sampling
+    shard_size: int = Field(ge=1)
+
+
+class ScoreParams(Strict):
+    llm: LLMSpec
+    prompt: str
+    sampling: Sampling
+    repetition_min_tokens: int = Field(ge=1)  # a response this long is flagged as repetitive
+    shard_size: int = Field(ge=1)
+
+
+class SecondTurnParams(Strict):
+    prompt: str  # asks the generator for the user's follow-up
+    sampling: Sampling
+
+
+class VariantParams(Strict):
+    release_name: str
+    generate: GenerateParams
+    score: ScoreParams
+    second_turn: SecondTurnParams | None = None
+
+
+class Params(Strict):
+    profile: str
+    seed: int
+    paths: Paths
+    fetch: FetchParams
+    decrypt: DecryptParams
+    translate: TranslateParams
+    engine: EngineParams
+    models: dict[str, VariantParams] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _variant_names(cls, models: dict[str, VariantParams]) -> dict[str, VariantParams]:
+        bad = [name for name in models if not re.match(VARIANT_NAME, name)]
+        if bad:
+            raise ValueError(f"variant names must match {VARIANT_NAME}: {bad}")
+        return models
+
+    def variant(self, name: str) -> VariantParams:
+        if name not in self.models:
+            raise ParamsError(f"unknown variant {name!r}; params.yaml models: {', '.join(self.models)}")
+        return self.models[name]
+
+
+def _describe(err: ValidationError, source: Path) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        lines.append(f"  {key}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+def validate(data: dict, source: Path = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_describe(err, source)) from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming each bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run `python -m stages.compose` to write it")
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return validate(data, path)
