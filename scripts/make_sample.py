@@ -50,6 +50,14 @@ INSTRUCTIONS = [
     ("How would you teach {t} in a one-hour class?", "{t}を1時間の授業でどのように教えますか？"),
     ("List the pros and cons of studying {t} at university.", "大学で{t}を学ぶ長所と短所を挙げてください。"),
 ]  # fmt: skip
+STYLES = [
+    ("", ""), (" Keep it under 100 words.", "100語以内でお願いします。"),
+    (" Use a friendly tone.", "親しみやすい口調でお願いします。"), (" Answer in bullet points.", "箇条書きで答えてください。"),
+    (" Include one concrete example.", "具体例を1つ含めてください。"), (" Avoid technical jargon.", "専門用語は避けてください。"),
+    (" Write it for a newsletter.", "ニュースレター向けに書いてください。"), (" Add a short title.", "短いタイトルを付けてください。"),
+    (" Explain it step by step.", "段階的に説明してください。"), (" Mention one open question.", "未解決の問いを1つ挙げてください。"),
+    (" Make it suitable for beginners.", "初心者向けにしてください。"), (" End with a summary sentence.", "最後に要約の一文を付けてください。"),
+]  # fmt: skip
 CODE_TASKS = [
     ("Write a Python function that reverses a linked list.", "連結リストを反転するPython関数を書いてください。"),
     ("Fix this SQL: SELEC name FROM users WHERE id = 3", "このSQLを修正してください: SELEC name FROM users WHERE id = 3"),
@@ -116,8 +124,8 @@ def first_turn(rng: random.Random, i: int) -> tuple[str, str, str, str]:
     if roll in (8, 9):
         en, ja = rng.choice(CODE_TASKS)
         return "plain", "English", en, ja
-    en, ja = rng.choice(INSTRUCTIONS)
-    en, ja = en.format(t=topic_en), ja.format(t=topic_ja)
+    (en, ja), (style_en, style_ja) = rng.choice(INSTRUCTIONS), rng.choice(STYLES)
+    en, ja = en.format(t=topic_en) + style_en, ja.format(t=topic_ja) + style_ja
     if roll % 3 == 0:
         return "plain", "Japanese", ja, ja
     return "plain", "English", en, ja

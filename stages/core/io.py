@@ -85,3 +85,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 def write_json(data: dict, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def align(base: pa.Table, other: pa.Table, columns: list[str], other_name: str) -> pa.Table:
+    """Append `columns` of `other` to `base`; both must list the same conversations in the same order."""
+    if not base["conversation_id"].equals(other["conversation_id"]):
+        raise ValueError(f"{other_name} lists other conversations than its input: re-run the stage that wrote it")
+    for column in columns:
+        base = base.append_column(column, other[column])
+    return base

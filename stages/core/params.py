@@ -28,7 +28,7 @@ class Paths(Strict):
     source: str  # fetched LMSYS-Chat-1M files, laid out as on the Hub
     released: str  # fetched encrypted instruction files
     first_turn: str  # filtered first-turn table (Parquet)
-    fetch_metrics: str
+    metrics: str  # directory: fetch.json, package-<variant>.json (DVC metrics)
     instructions: str  # decrypted Japanese instructions (plaintext: private remote only)
     translated: str  # one row per conversation with its Japanese instruction (private)
     generated: str  # directory: <variant>.parquet

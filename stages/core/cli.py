@@ -1,0 +1,37 @@
+"""What every stage entry module shares: logging, the variant argument, validated params, timing."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from stages.core.params import Params, load_params
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | None]:
+    """Parse the command line, set up logging, load params.yaml (validated) and check the variant."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.splitlines()[0])
+    if variant:
+        parser.add_argument("variant", help="a key of `models` in params.yaml, e.g. gemma3")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    params = load_params()
+    name = getattr(args, "variant", None)
+    if name is not None:
+        params.variant(name)
+    return params, name
+
+
+@contextlib.contextmanager
+def timed(log: logging.Logger, what: str) -> Iterator[dict]:
+    """Log `what` with the rows in/out the block records and the seconds it took."""
+    counts: dict = {}
+    began = time.perf_counter()
+    yield counts
+    detail = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items())
+    log.info("%s: %s in %.1f s", what, detail, time.perf_counter() - began)

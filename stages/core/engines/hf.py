@@ -1,0 +1,86 @@
+"""Hugging Face transformers engine: batched sampling on the CPU or one GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any
+
+from stages.core.engines.base import ChatRequest, Completion, Engine, apply_chat_rules, missing_extra
+from stages.core.params import Sampling
+
+
+@dataclass
+class TransformersEngine(Engine):
+    _model: Any = field(default=None, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
+
+    def load(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as err:
+            raise missing_extra("transformers", "cpu") from err
+        dtype = "auto" if self.llm.dtype == "auto" else getattr(torch, self.llm.dtype)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.llm.model, revision=self.llm.revision)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._model = AutoModelForCausalLM.from_pretrained(
+            self.llm.model, revision=self.llm.revision, dtype=dtype
+        ).eval()
+
+    def unload(self) -> None:
+        self._model = self._tokenizer = None
+
+    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+        if self._model is None:
+            raise RuntimeError("TransformersEngine.chat() called before load()")
+        results: list[list[Completion]] = []
+        # Requests with the same n share a batch; batch_size counts sequences, not requests.
+        for n, group in groupby(requests, key=lambda r: r.n):
+            group = list(group)
+            step = max(1, self.options.batch_size // n)
+            for start in range(0, len(group), step):
+                results.extend(self._generate(group[start : start + step], n, sampling))
+        return results
+
+    def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[list[Completion]]:
+        import torch
+
+        texts = [
+            self._tokenizer.apply_chat_template(
+                apply_chat_rules(r.messages, self.llm), tokenize=False, add_generation_prompt=True
+            )
+            for r in batch
+        ]
+        enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(batch[0].seed)  # one seed per batch: transformers samples a batch jointly
+        with torch.inference_mode():
+            out = self._model.generate(
+                **enc,
+                do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature if sampling.temperature > 0 else None,
+                top_p=sampling.top_p if sampling.temperature > 0 else None,
+                max_new_tokens=sampling.max_tokens,
+                num_return_sequences=n,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
+        new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        return [
+            [self._completion(new_tokens[i * n + j], prompt_lens[i]) for j in range(n)]
+            for i in range(len(batch))
+        ]
+
+    def _completion(self, tokens: list[int], prompt_tokens: int) -> Completion:
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        end = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+        kept = tokens if end is None else tokens[:end]
+        return Completion(
+            text=self._tokenizer.decode(kept, skip_special_tokens=True),
+            finish_reason="length" if end is None else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(kept) + (end is not None),
+        )

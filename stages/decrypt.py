@@ -1,0 +1,48 @@
+"""decrypt: derive the key from the fetched LMSYS-Chat-1M files and decrypt the released Japanese
+instructions (python-gnupg) into a private Parquet table (conversation_id, instruction_ja)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages.core.cli import start, timed
+from stages.core.crypto import decrypt_file, derive_key
+from stages.core.io import read_jsonl_gz, write_table
+
+LOG = logging.getLogger("stages.decrypt")
+SCHEMA = pa.schema([("conversation_id", pa.string()), ("instruction_ja", pa.string())])
+
+
+def instruction_rows(path: Path) -> list[dict]:
+    """Parse the decrypted jsonl.gz; a record without its first user turn is an error naming it."""
+    rows = []
+    for i, record in enumerate(read_jsonl_gz(path), 1):
+        turns = record.get("translated_conversation") or []
+        if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
+            raise ValueError(f"{path}: record {i} lacks conversation_id or a first user turn")
+        rows.append({"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]})
+    return rows
+
+
+def main() -> None:
+    params, _ = start("decrypt", __doc__)
+    spec, paths = params.decrypt, params.paths
+    encrypted = Path(paths.released) / spec.file.format(subset=spec.subset)
+    with timed(LOG, f"decrypt {encrypted.name}") as counts:
+        key = derive_key(paths.source, spec.key)
+        out = Path(paths.instructions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".decrypt-") as tmp:
+            plain = Path(tmp) / "instructions.jsonl.gz"
+            decrypt_file(encrypted, plain, key)
+            rows = instruction_rows(plain)
+        write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out)
+        counts["rows_out"] = len(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""package@<variant>: the release directory: public jsonl.gz and Parquet records with the
+published field names, the Japanese instructions gpg-encrypted, a manifest and metrics."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages.core import release
+from stages.core.cli import start, timed
+from stages.core.crypto import derive_key, encrypt_file
+from stages.core.io import align, read_table, sha256_file, write_json, write_jsonl_gz, write_table
+
+LOG = logging.getLogger("stages.package")
+TABLE_COLUMNS = ["conversation_id", "instruction_ja", "empty_user_instruction_ja",
+                 "duplicate_user_instruction_ja", "is_template_instruction"]  # fmt: skip
+
+
+def load_rows(paths, name: str) -> list[dict]:
+    generated, scored = Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"
+    table = read_table(paths.translated, columns=TABLE_COLUMNS)
+    table = align(table, read_table(generated), ["responses_ja", "responses_en"], str(generated))
+    table = align(table, read_table(scored), ["annotations", "multiturn"], str(scored))
+    return table.to_pylist()
+
+
+def main() -> None:
+    params, name = start("package", __doc__, variant=True)
+    variant, paths = params.models[name], params.paths
+    out = Path(paths.release) / name
+    with timed(LOG, f"package@{name}") as counts:
+        rows = load_rows(paths, name)
+        public = [release.release_record(r, variant.generate.n_en > 0, variant.second_turn is not None) for r in rows]
+        jsonl = out / release.RELEASE_FILE.format(name=variant.release_name)
+        write_jsonl_gz(public, jsonl)
+        write_table(pa.Table.from_pylist(public), jsonl.with_name(jsonl.name.removesuffix(".jsonl.gz") + ".parquet"))
+        with tempfile.TemporaryDirectory(prefix="package-") as tmp:
+            plain = Path(tmp) / "instructions.jsonl.gz"
+            write_jsonl_gz((release.instruction_record(r) for r in rows), plain)
+            plain_sha256 = sha256_file(plain)
+            encrypt_file(plain, out / release.INSTRUCTIONS_FILE, derive_key(paths.source, params.decrypt.key))
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                 for p in sorted(out.iterdir()) if p.name != "manifest.json"}  # fmt: skip
+        files[release.INSTRUCTIONS_FILE]["plaintext_sha256"] = plain_sha256
+        metrics = release.release_metrics(rows)
+        write_json({"variant": name, "release_name": variant.release_name, "files": files, "metrics": metrics},
+                   out / "manifest.json")  # fmt: skip
+        write_json(metrics, Path(paths.metrics) / f"package-{name}.json")
+        counts.update(rows_in=len(rows), rows_out=len(public))
+
+
+if __name__ == "__main__":
+    main()
