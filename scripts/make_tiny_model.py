@@ -23,8 +23,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # head_dim = hidden_size / num_attention_heads = 64, as in the production models.
-ARCH = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
-            intermediate_size=256, max_position_embeddings=4096, tie_word_embeddings=True)  # fmt: skip
+ARCH = dict(
+    hidden_size=128,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 
 
 def corpus() -> list[str]:
@@ -43,9 +50,13 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE, padding_side="left",
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
 
 
 def main() -> None:
@@ -56,9 +67,12 @@ def main() -> None:
     tokenizer = train_tokenizer()
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **ARCH,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **ARCH,
+    )
     model = LlamaForCausalLM(config).to(torch.float16)
     model.generation_config.do_sample = True
     model.save_pretrained(args.out)

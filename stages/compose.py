@@ -1,8 +1,8 @@
 """Compose conf/ (Hydra) into params.yaml, the only file stages read; validate it first.
 
-    python -m stages.compose                  # production release config
-    python -m stages.compose profile=sample   # bundled sample, CPU, offline
-    python -m stages.compose models.gemma3.generate.n_ja=4 --out params.yaml
+python -m stages.compose                  # production release config
+python -m stages.compose profile=sample   # bundled sample, CPU, offline
+python -m stages.compose models.gemma3.generate.n_ja=4 --out params.yaml
 """
 
 from __future__ import annotations

@@ -15,8 +15,13 @@ from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import align, read_table, sha256_file, write_json, write_jsonl_gz, write_table
 
 LOG = logging.getLogger("stages.package")
-TABLE_COLUMNS = ["conversation_id", "instruction_ja", "empty_user_instruction_ja",
-                 "duplicate_user_instruction_ja", "is_template_instruction"]  # fmt: skip
+TABLE_COLUMNS = [
+    "conversation_id",
+    "instruction_ja",
+    "empty_user_instruction_ja",
+    "duplicate_user_instruction_ja",
+    "is_template_instruction",
+]
 
 
 def load_rows(paths, name: str) -> list[dict]:
@@ -33,21 +38,31 @@ def main() -> None:
     out = Path(paths.release) / name
     with timed(LOG, f"package@{name}") as counts:
         rows = load_rows(paths, name)
-        public = [release.release_record(r, variant.generate.n_en > 0, variant.second_turn is not None) for r in rows]
+        public = [
+            release.release_record(r, variant.generate.n_en > 0, variant.second_turn is not None)
+            for r in rows
+        ]
         jsonl = out / release.RELEASE_FILE.format(name=variant.release_name)
         write_jsonl_gz(public, jsonl)
-        write_table(pa.Table.from_pylist(public), jsonl.with_name(jsonl.name.removesuffix(".jsonl.gz") + ".parquet"))
+        write_table(
+            pa.Table.from_pylist(public), jsonl.with_name(jsonl.name.removesuffix(".jsonl.gz") + ".parquet")
+        )
         with tempfile.TemporaryDirectory(prefix="package-") as tmp:
             plain = Path(tmp) / "instructions.jsonl.gz"
             write_jsonl_gz((release.instruction_record(r) for r in rows), plain)
             plain_sha256 = sha256_file(plain)
             encrypt_file(plain, out / release.INSTRUCTIONS_FILE, derive_key(paths.source, params.decrypt.key))
-        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                 for p in sorted(out.iterdir()) if p.name != "manifest.json"}  # fmt: skip
+        files = {
+            p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(out.iterdir())
+            if p.name != "manifest.json"
+        }
         files[release.INSTRUCTIONS_FILE]["plaintext_sha256"] = plain_sha256
         metrics = release.release_metrics(rows)
-        write_json({"variant": name, "release_name": variant.release_name, "files": files, "metrics": metrics},
-                   out / "manifest.json")  # fmt: skip
+        write_json(
+            {"variant": name, "release_name": variant.release_name, "files": files, "metrics": metrics},
+            out / "manifest.json",
+        )
         write_json(metrics, Path(paths.metrics) / f"package-{name}.json")
         counts.update(rows_in=len(rows), rows_out=len(public))
 

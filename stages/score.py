@@ -24,8 +24,13 @@ def annotate(engine, rows: list[dict], params: Params, name: str) -> list[list[d
     """Judge every response of every row; rows without responses get None."""
     spec = params.models[name].score
     pairs = [(r, resp) for r in rows for resp in (r["responses_ja"] or [])]
-    requests = [ChatRequest(judge.judge_messages(spec.prompt, r["instruction_ja"], resp["content"]),
-                            seed=request_seed(params.seed, r["conversation_id"], "judge")) for r, resp in pairs]  # fmt: skip
+    requests = [
+        ChatRequest(
+            judge.judge_messages(spec.prompt, r["instruction_ja"], resp["content"]),
+            seed=request_seed(params.seed, r["conversation_id"], "judge"),
+        )
+        for r, resp in pairs
+    ]
     verdicts = iter(engine.chat(requests, spec.sampling))
     out = []
     for r in rows:
@@ -35,9 +40,14 @@ def annotate(engine, rows: list[dict], params: Params, name: str) -> list[list[d
         notes = []
         for resp in r["responses_ja"]:
             text = next(verdicts)[0].text
-            notes.append({"response_token_length": resp["completion_tokens"], "judgement": text,
-                          "repetition_flag": resp["completion_tokens"] >= spec.repetition_min_tokens,
-                          "preference_score": judge.parse_score(text)})  # fmt: skip
+            notes.append(
+                {
+                    "response_token_length": resp["completion_tokens"],
+                    "judgement": text,
+                    "repetition_flag": resp["completion_tokens"] >= spec.repetition_min_tokens,
+                    "preference_score": judge.parse_score(text),
+                }
+            )
         out.append(notes)
     return out
 
@@ -47,24 +57,45 @@ def main() -> None:
     variant, paths = params.models[name], params.paths
     generated = Path(paths.generated) / f"{name}.parquet"
     with timed(LOG, f"score@{name}") as counts:
-        table = align(read_table(paths.translated, columns=["conversation_id", "instruction_ja"]),
-                      read_table(generated), ["responses_ja"], str(generated))  # fmt: skip
-        key = fingerprint(sha256_file(generated), sha256_file(paths.translated), variant.score, params.engine,
-                          params.seed)  # fmt: skip
+        table = align(
+            read_table(paths.translated, columns=["conversation_id", "instruction_ja"]),
+            read_table(generated),
+            ["responses_ja"],
+            str(generated),
+        )
+        key = fingerprint(
+            sha256_file(generated), sha256_file(paths.translated), variant.score, params.engine, params.seed
+        )
 
         def shard(part: pa.Table, _: int) -> pa.Table:
             notes = annotate(engine, part.to_pylist(), params, name)
-            best = [None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes]
-            return pa.table({"conversation_id": part["conversation_id"], "annotations": pa.array(notes, pa.list_(ANNOTATION)),
-                             "best_index": pa.array(best, pa.int64())})  # fmt: skip
+            best = [
+                None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes
+            ]
+            return pa.table(
+                {
+                    "conversation_id": part["conversation_id"],
+                    "annotations": pa.array(notes, pa.list_(ANNOTATION)),
+                    "best_index": pa.array(best, pa.int64()),
+                }
+            )
 
         with make_engine(variant.score.llm, params.engine) as engine:
-            scored = run_sharded(table, shard, shard_size=variant.score.shard_size, key=key, desc=f"score@{name}",
-                                 checkpoint_root=Path(paths.checkpoints) / f"score@{name}")  # fmt: skip
-        scored = scored.append_column("multiturn", pa.array(second_turns(table, scored, params, name),
-                                                            pa.list_(MESSAGE)))  # fmt: skip
+            scored = run_sharded(
+                table,
+                shard,
+                shard_size=variant.score.shard_size,
+                key=key,
+                desc=f"score@{name}",
+                checkpoint_root=Path(paths.checkpoints) / f"score@{name}",
+            )
+        scored = scored.append_column(
+            "multiturn", pa.array(second_turns(table, scored, params, name), pa.list_(MESSAGE))
+        )
         write_table(scored, Path(paths.scored) / f"{name}.parquet")
-        counts.update(rows_in=table.num_rows, judged=sum(len(n or []) for n in scored["annotations"].to_pylist()))
+        counts.update(
+            rows_in=table.num_rows, judged=sum(len(n or []) for n in scored["annotations"].to_pylist())
+        )
 
 
 def second_turns(table: pa.Table, scored: pa.Table, params: Params, name: str) -> list[list[dict] | None]:
@@ -73,8 +104,11 @@ def second_turns(table: pa.Table, scored: pa.Table, params: Params, name: str) -
     if variant.second_turn is None:
         return [None] * len(ids)
     rows = {r["conversation_id"]: r for r in table.to_pylist()}
-    turns = [(c, rows[c]["instruction_ja"], rows[c]["responses_ja"][b]["content"])
-             for c, b in zip(ids, scored["best_index"].to_pylist(), strict=True) if b is not None]  # fmt: skip
+    turns = [
+        (c, rows[c]["instruction_ja"], rows[c]["responses_ja"][b]["content"])
+        for c, b in zip(ids, scored["best_index"].to_pylist(), strict=True)
+        if b is not None
+    ]
     LOG.info("second turn for %d conversations with a best response", len(turns))
     if not turns:
         return [None] * len(ids)

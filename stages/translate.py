@@ -23,39 +23,58 @@ LOG = logging.getLogger("stages.translate")
 def translate_missing(table: pa.Table, params: Params) -> pa.Table:
     """Translate rows whose `instruction_ja` is null with the translator LLM, shard by shard."""
     spec = params.translate
-    key = fingerprint(sha256_file(params.paths.first_turn), sha256_file(params.paths.instructions),
-                      spec, params.engine, params.seed)  # fmt: skip
+    key = fingerprint(
+        sha256_file(params.paths.first_turn),
+        sha256_file(params.paths.instructions),
+        spec,
+        params.engine,
+        params.seed,
+    )
 
     def shard(rows: pa.Table, _: int) -> pa.Table:
-        requests = [ChatRequest(user_turn(spec.prompt, text=t or ""), seed=params.seed)
-                    for t in rows["instruction"].to_pylist()]  # fmt: skip
+        requests = [
+            ChatRequest(user_turn(spec.prompt, text=t or ""), seed=params.seed)
+            for t in rows["instruction"].to_pylist()
+        ]
         texts = [c[0].text.strip() for c in engine.chat(requests, spec.sampling)]
         return pa.table({"conversation_id": rows["conversation_id"], "instruction_ja": texts})
 
     with make_engine(spec.llm, params.engine) as engine:
-        done = run_sharded(table, shard, shard_size=spec.shard_size, key=key, desc="translate",
-                           checkpoint_root=Path(params.paths.checkpoints) / "translate")  # fmt: skip
+        done = run_sharded(
+            table,
+            shard,
+            shard_size=spec.shard_size,
+            key=key,
+            desc="translate",
+            checkpoint_root=Path(params.paths.checkpoints) / "translate",
+        )
     return done
 
 
 def fill_translations(first: pa.Table, released: pa.Table, params: Params) -> pa.Table:
-    table = first.join(released, "conversation_id", join_type="left outer").sort_by(
-        [("row", "ascending")]
-    )
+    table = first.join(released, "conversation_id", join_type="left outer").sort_by([("row", "ascending")])
     found = pc.is_valid(table["instruction_ja"])
     missing = table.filter(pc.invert(found))
-    LOG.info("released translations for %d of %d conversations", table.num_rows - missing.num_rows, table.num_rows)
+    LOG.info(
+        "released translations for %d of %d conversations", table.num_rows - missing.num_rows, table.num_rows
+    )
     source = pc.if_else(found, "released", params.translate.missing)
     table = table.append_column("instruction_source", source)
     if missing.num_rows == 0 or params.translate.missing == "drop":
         return table.filter(found)
     if params.translate.missing == "error":
         ids = ", ".join(missing["conversation_id"].to_pylist()[:5])
-        raise ValueError(f"{missing.num_rows} conversations have no released translation (e.g. {ids}); "
-                         "set translate.missing to llm or drop")  # fmt: skip
+        raise ValueError(
+            f"{missing.num_rows} conversations have no released translation (e.g. {ids}); "
+            "set translate.missing to llm or drop"
+        )
     llm = dict(zip(*translate_missing(missing, params).to_pydict().values(), strict=True))
-    merged = [t if t is not None else llm[c] for c, t in
-              zip(table["conversation_id"].to_pylist(), table["instruction_ja"].to_pylist(), strict=True)]  # fmt: skip
+    merged = [
+        t if t is not None else llm[c]
+        for c, t in zip(
+            table["conversation_id"].to_pylist(), table["instruction_ja"].to_pylist(), strict=True
+        )
+    ]
     return table.set_column(table.column_names.index("instruction_ja"), "instruction_ja", pa.array(merged))
 
 
@@ -70,10 +89,17 @@ def main() -> None:
         templates = annotate.compile_templates(params.translate.templates)
         table = (
             table.append_column("empty_user_instruction_ja", pa.array(annotate.empty_flags(texts)))
-            .append_column("duplicate_user_instruction_ja", pa.array(annotate.duplicate_of(ids, texts), pa.string()))
-            .append_column("is_template_instruction", pa.array(
-                [annotate.template_category(t, templates) for t in table["instruction"].to_pylist()], pa.string()))
-        )  # fmt: skip
+            .append_column(
+                "duplicate_user_instruction_ja", pa.array(annotate.duplicate_of(ids, texts), pa.string())
+            )
+            .append_column(
+                "is_template_instruction",
+                pa.array(
+                    [annotate.template_category(t, templates) for t in table["instruction"].to_pylist()],
+                    pa.string(),
+                ),
+            )
+        )
         write_table(table, paths.translated)
         counts.update(rows_in=first.num_rows, rows_out=table.num_rows)
 

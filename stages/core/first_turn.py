@@ -14,7 +14,15 @@ import pyarrow.parquet as pq
 from stages.core.io import PARQUET_OPTIONS, atomic_path
 from stages.core.params import FilterSpec
 
-READ_COLUMNS = ["conversation_id", "model", "conversation", "turn", "language", "openai_moderation", "redacted"]
+READ_COLUMNS = [
+    "conversation_id",
+    "model",
+    "conversation",
+    "turn",
+    "language",
+    "openai_moderation",
+    "redacted",
+]
 SCHEMA = pa.schema(
     [
         ("conversation_id", pa.string()),
@@ -56,7 +64,9 @@ def filter_batch(group: pa.Table, spec: FilterSpec, counts: Counter) -> pa.Table
     flagged = _any_flagged(batch.column("openai_moderation"))
     role, content = _first_message(batch.column("conversation"))
     rules = {
-        "language": ~pc.is_in(batch.column("language"), pa.array(spec.languages)).to_numpy(zero_copy_only=False),
+        "language": ~pc.is_in(batch.column("language"), pa.array(spec.languages)).to_numpy(
+            zero_copy_only=False
+        ),
         "moderation": flagged if spec.moderation == "drop" else np.zeros(batch.num_rows, bool),
         "redacted": (batch.column("redacted").to_numpy(zero_copy_only=False) == True)  # noqa: E712
         if spec.redacted == "drop"
@@ -80,7 +90,9 @@ def filter_batch(group: pa.Table, spec: FilterSpec, counts: Counter) -> pa.Table
         schema=SCHEMA,
     ).filter(pa.array(keep))
     counts["rows_out"] += table.num_rows
-    counts["empty_first_turn"] += int(pc.sum(pc.equal(pc.utf8_trim_whitespace(table["instruction"]), "")).as_py() or 0)
+    counts["empty_first_turn"] += int(
+        pc.sum(pc.equal(pc.utf8_trim_whitespace(table["instruction"]), "")).as_py() or 0
+    )
     return table
 
 

@@ -54,13 +54,16 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
 def write_jsonl_gz(records: Iterable[dict], path: str | os.PathLike) -> int:
     """Write records as gzip-compressed JSON lines (mtime 0, no file name), atomically."""
     count = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-            with io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as text:
-                for record in records:
-                    text.write(json.dumps(record, ensure_ascii=False, sort_keys=False))
-                    text.write("\n")
-                    count += 1
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+        io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as text,
+    ):
+        for record in records:
+            text.write(json.dumps(record, ensure_ascii=False))
+            text.write("\n")
+            count += 1
     return count
 
 
@@ -90,7 +93,9 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
 def align(base: pa.Table, other: pa.Table, columns: list[str], other_name: str) -> pa.Table:
     """Append `columns` of `other` to `base`; both must list the same conversations in the same order."""
     if not base["conversation_id"].equals(other["conversation_id"]):
-        raise ValueError(f"{other_name} lists other conversations than its input: re-run the stage that wrote it")
+        raise ValueError(
+            f"{other_name} lists other conversations than its input: re-run the stage that wrote it"
+        )
     for column in columns:
         base = base.append_column(column, other[column])
     return base

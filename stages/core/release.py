@@ -31,8 +31,10 @@ def release_record(row: dict, with_en: bool, with_second_turn: bool) -> dict:
 
 def instruction_record(row: dict) -> dict:
     """One record of the encrypted file: the Japanese first user turn."""
-    return {"conversation_id": row["conversation_id"],
-            "translated_conversation": [{"role": "user", "content": row["instruction_ja"]}]}  # fmt: skip
+    return {
+        "conversation_id": row["conversation_id"],
+        "translated_conversation": [{"role": "user", "content": row["instruction_ja"]}],
+    }
 
 
 def release_metrics(rows: list[dict]) -> dict:

@@ -9,19 +9,34 @@ from stages.core.prompts import user_turn, with_system
 from stages.core.responses import request_seed
 
 
-def continue_conversations(engine: Engine, turns: list[tuple[str, str, str]], spec: SecondTurnParams,
-                           generate: GenerateParams, seed: int) -> dict[str, list[dict]]:  # fmt: skip
+def continue_conversations(
+    engine: Engine,
+    turns: list[tuple[str, str, str]],
+    spec: SecondTurnParams,
+    generate: GenerateParams,
+    seed: int,
+) -> dict[str, list[dict]]:
     """Map conversation_id -> [user, assistant, user, assistant] for each (id, question, best answer)."""
-    asks = [ChatRequest(user_turn(spec.prompt, question=q, answer=a), seed=request_seed(seed, c, "turn2-user"))
-            for c, q, a in turns]  # fmt: skip
+    asks = [
+        ChatRequest(user_turn(spec.prompt, question=q, answer=a), seed=request_seed(seed, c, "turn2-user"))
+        for c, q, a in turns
+    ]
     follow_ups = [completions[0].text.strip() for completions in engine.chat(asks, spec.sampling)]
     dialogues = {
-        c: [{"role": "user", "content": q}, {"role": "assistant", "content": a}, {"role": "user", "content": f}]
+        c: [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": a},
+            {"role": "user", "content": f},
+        ]
         for (c, q, a), f in zip(turns, follow_ups, strict=True)
         if f
     }
-    answers = [ChatRequest(with_system(generate.system_prompt, d), seed=request_seed(seed, c, "turn2"))
-               for c, d in dialogues.items()]  # fmt: skip
-    for (cid, dialogue), completions in zip(dialogues.items(), engine.chat(answers, spec.sampling), strict=True):
+    answers = [
+        ChatRequest(with_system(generate.system_prompt, d), seed=request_seed(seed, c, "turn2"))
+        for c, d in dialogues.items()
+    ]
+    for (_, dialogue), completions in zip(
+        dialogues.items(), engine.chat(answers, spec.sampling), strict=True
+    ):
         dialogue.append({"role": "assistant", "content": completions[0].text})
     return dialogues

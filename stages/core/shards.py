@@ -44,7 +44,9 @@ def run_sharded(
     root = Path(checkpoint_root)
     directory = root / key
     n_shards = max(1, math.ceil(table.num_rows / shard_size))
-    write_json({"key": key, "rows": table.num_rows, "shards": n_shards, "stage": desc}, directory / "meta.json")
+    write_json(
+        {"key": key, "rows": table.num_rows, "shards": n_shards, "stage": desc}, directory / "meta.json"
+    )
     parts = []
     for i in tqdm(range(n_shards), desc=desc, unit="shard"):
         path = directory / f"{i:05d}.parquet"

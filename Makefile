@@ -1,0 +1,44 @@
+# Two commands: `make demo` (whole DAG on the bundled sample, CPU, offline) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+# The sample needs nothing from the Hub: fail fast instead of trying to reach it.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test lint format params sample clean-data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## run fetch -> ... -> package for all three variants on the sample
+	python -m stages.compose profile=sample
+	dvc repro
+	@echo "Release files: data/release/<variant>/. params.yaml now holds the sample composition;"
+	@echo "'make params' (or 'git checkout params.yaml') restores the production one."
+
+test: install lint  ## ruff, then the test suite
+	python -m pytest
+
+lint: install
+	ruff check .
+	ruff format --check .
+
+format: install
+	ruff check --fix .
+	ruff format .
+
+params: install  ## write the production params.yaml
+	python -m stages.compose
+
+sample: install  ## rebuild the bundled sample data and tiny model (seeded)
+	python scripts/make_sample.py
+	python scripts/make_tiny_model.py
+
+clean-data:  ## remove DVC outputs and checkpoints (keeps data/sample)
+	find data -mindepth 1 -maxdepth 1 ! -name sample -exec rm -rf {} +
