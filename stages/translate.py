@@ -32,11 +32,11 @@ def translate_missing(table: pa.Table, params: Params) -> pa.Table:
     )
 
     def shard(rows: pa.Table, _: int) -> pa.Table:
-        requests = [
-            ChatRequest(user_turn(spec.prompt, text=t or ""), seed=params.seed)
-            for t in rows["instruction"].to_pylist()
-        ]
-        texts = [c[0].text.strip() for c in engine.chat(requests, spec.sampling)]
+        originals = rows["instruction"].to_pylist()
+        todo = [t for t in originals if t and t.strip()]  # an empty turn translates to empty
+        requests = [ChatRequest(user_turn(spec.prompt, text=t), seed=params.seed) for t in todo]
+        done = iter(c[0].text.strip() for c in engine.chat(requests, spec.sampling))
+        texts = [next(done) if t and t.strip() else "" for t in originals]
         return pa.table({"conversation_id": rows["conversation_id"], "instruction_ja": texts})
 
     with make_engine(spec.llm, params.engine) as engine:

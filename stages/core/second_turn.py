@@ -1,5 +1,9 @@
 """Gemma-2-style two-turn continuation: the generator writes the user's follow-up to the best
-response, then answers it."""
+response, then answers it.
+
+The stored continuation starts at the best response: [assistant, user, assistant]. The first
+user turn (the Japanese instruction, LMSYS-licensed) is left out so that it stays only in the
+encrypted file; prepend `translated_conversation` to get the whole two-turn conversation."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ def continue_conversations(
     generate: GenerateParams,
     seed: int,
 ) -> dict[str, list[dict]]:
-    """Map conversation_id -> [user, assistant, user, assistant] for each (id, question, best answer)."""
+    """Map conversation_id -> [assistant, user, assistant] for each (id, question, best answer)."""
     asks = [
         ChatRequest(user_turn(spec.prompt, question=q, answer=a), seed=request_seed(seed, c, "turn2-user"))
         for c, q, a in turns
@@ -39,4 +43,4 @@ def continue_conversations(
         dialogues.items(), engine.chat(answers, spec.sampling), strict=True
     ):
         dialogue.append({"role": "assistant", "content": completions[0].text})
-    return dialogues
+    return {c: dialogue[1:] for c, dialogue in dialogues.items()}

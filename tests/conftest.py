@@ -1,0 +1,87 @@
+"""Shared fixtures: a FakeEngine, a sample workspace, and a helper that runs a stage in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stages.compose import compose_params
+from stages.core.engines import ChatRequest, Completion, Engine
+from stages.core.params import EngineParams, LLMSpec, Sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--gpu", action="store_true", help="run tests that need a CUDA GPU and vllm")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a GPU: run with --gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def fake_reply(messages: list[dict[str, str]], index: int) -> str:
+    """Deterministic text: judges get a rating from 0 to 10, everything else a short answer."""
+    last = messages[-1]["content"]
+    digest = int(hashlib.sha256(f"{last}:{index}".encode()).hexdigest(), 16)
+    if "impartial judge" in last:
+        return f"The answer is relevant and fluent. Rating: [[{digest % 11}]]"
+    if "next message the user would plausibly send" in last:
+        return "もう少し詳しく説明してください。"
+    return f"回答{index}: {digest % 9973}"
+
+
+@dataclass
+class FakeEngine(Engine):
+    """Answers without a model; records every request it got."""
+
+    llm: LLMSpec = field(default_factory=lambda: LLMSpec(model="fake"))
+    options: EngineParams = field(default_factory=lambda: EngineParams(backend="transformers", batch_size=8))
+    requests: list[ChatRequest] = field(default_factory=list)
+    loaded: bool = False
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+        assert self.loaded, "chat() before load()"
+        self.requests.extend(requests)
+        return [
+            [Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)] for r in requests
+        ]
+
+
+@pytest.fixture
+def fake_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    """One FakeEngine returned by make_engine in every stage module."""
+    engine = FakeEngine()
+    for module in ("translate", "generate", "score"):
+        monkeypatch.setattr(f"stages.{module}.make_engine", lambda llm, options: engine)
+    return engine
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory holding the sample and a sample-profile params.yaml; the test runs inside it."""
+    shutil.copytree(SAMPLE, tmp_path / "data" / "sample")
+    (tmp_path / "params.yaml").write_text(compose_params(["profile=sample"]), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_stage(monkeypatch: pytest.MonkeyPatch, module: str, *args: str) -> None:
+    """Run `python -m stages.<module> args...` in-process."""
+    mod = __import__(f"stages.{module}", fromlist=["main"])
+    monkeypatch.setattr(sys, "argv", [f"stages.{module}", *args])
+    mod.main()

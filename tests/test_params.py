@@ -1,0 +1,105 @@
+"""params.yaml: composition, validation and the published production configuration."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException
+
+from stages.compose import HEADER, compose_params
+from stages.core.params import ParamsError, load_params, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER_RE = re.compile("^" + re.escape(HEADER.split("{args}")[0]) + r"(?P<args>[^`]*)`")
+
+
+def test_params_yaml_equals_a_fresh_composition():
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    match = HEADER_RE.match(text)
+    assert match, "params.yaml lacks the compose header: run `python -m stages.compose`"
+    overrides = match["args"].split()
+    assert text == compose_params(overrides), (
+        f"params.yaml is stale: run `python -m stages.compose {' '.join(overrides)}`"
+    )
+
+
+def test_production_composition_is_the_published_release():
+    params = validate(yaml.safe_load(compose_params([])))
+    assert params.profile == "production"
+    assert params.engine.backend == "vllm"
+    assert params.fetch.source.uri == "hf://datasets/lmsys/lmsys-chat-1m"
+    models = params.models
+    assert set(models) == {"llama31", "gemma2", "gemma3"}
+    expected = {
+        "llama31": ("meta-llama/Llama-3.1-405B-Instruct", 6, 1, False, "meta-llama/Llama-3.1-70B-Instruct"),
+        "gemma2": ("google/gemma-2-27b-it", 6, 1, True, "google/gemma-2-27b-it"),
+        "gemma3": ("google/gemma-3-27b-it", 10, 0, False, "google/gemma-3-27b-it"),
+    }
+    for name, (generator, n_ja, n_en, second_turn, judge) in expected.items():
+        variant = models[name]
+        assert variant.generate.llm.model == generator
+        assert (variant.generate.n_ja, variant.generate.n_en) == (n_ja, n_en)
+        assert (variant.second_turn is not None) == second_turn
+        assert variant.score.llm.model == judge
+    assert not models["gemma2"].generate.llm.system_role  # Gemma takes no system role
+
+
+def test_sample_profile_uses_the_tiny_model_in_every_role():
+    params = validate(yaml.safe_load(compose_params(["profile=sample"])))
+    roles = [params.translate.llm] + [
+        r for v in params.models.values() for r in (v.generate.llm, v.score.llm)
+    ]
+    assert {r.model for r in roles} == {"data/sample/tiny-chat"}
+    assert params.engine.backend == "transformers"
+    assert params.fetch.source.uri == "data/sample/lmsys-chat-1m"
+    assert set(params.models) == {"llama31", "gemma2", "gemma3"}
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load(compose_params(["profile=sample"]))
+    mutate(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = _write(tmp_path, lambda d: d["models"]["gemma3"]["generate"].update(n_ja="ten"))
+    with pytest.raises(ParamsError, match=r"models\.gemma3\.generate\.n_ja: Input should be a valid integer"):
+        load_params(path)
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = _write(tmp_path, lambda d: d["models"]["gemma2"]["score"].update(temprature=0.1))
+    with pytest.raises(
+        ParamsError, match=r"models\.gemma2\.score\.temprature: Extra inputs are not permitted"
+    ):
+        load_params(path)
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path):
+    path = _write(tmp_path, lambda d: d["engine"].update(backend="tgi"))
+    with pytest.raises(
+        ParamsError, match=r"engine\.backend: Input should be 'transformers', 'vllm' or 'openai'"
+    ):
+        load_params(path)
+
+
+def test_missing_params_file_says_how_to_write_it(tmp_path):
+    with pytest.raises(ParamsError, match=r"python -m stages\.compose"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_compose_rejects_an_unknown_override():
+    with pytest.raises(ConfigCompositionException, match=r"models\.gemma3\.generate\.n_jaa"):
+        compose_params(["models.gemma3.generate.n_jaa=3"])
+
+
+def test_secrets_never_appear_in_conf_or_params():
+    texts = [p.read_text(encoding="utf-8") for p in (ROOT / "conf").rglob("*.yaml")]
+    texts.append((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for text in texts:
+        assert not re.search(r"(?i)(hf_[a-z0-9]{20,}|sk-[a-z0-9]{20,}|password\s*:|api_key\s*:)", text)

@@ -1,0 +1,106 @@
+"""End to end: `dvc repro` runs the sample profile through every stage on the CPU, offline."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages.compose import compose_params
+from stages.core.crypto import KeySpec, decrypt_file, derive_key
+from stages.core.io import read_jsonl_gz
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore", "dvc.yaml", "pyproject.toml"]
+VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
+GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
+pytestmark = pytest.mark.slow
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git + DVC repository holding the project and the sample-profile params.yaml."""
+    repo = tmp_path_factory.mktemp("repo")
+    for name in COPY:
+        src, dst = ROOT / name, repo / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    (repo / "params.yaml").write_text(compose_params(["profile=sample"]), encoding="utf-8")
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "s"],
+    ):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def built(repo: Path) -> Path:
+    assert ran(dvc(repo, "repro", "--dry", "--force", "package@gemma3")) == {
+        "fetch", "decrypt", "translate", *GEMMA3
+    }  # fmt: skip
+    dvc(repo, "repro")
+    return repo
+
+
+def test_release_files_of_every_variant(built: Path):
+    table = pq.read_table(built / "data/private/translated.parquet").to_pylist()
+    key = derive_key(built / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
+    for variant, (release_name, n_ja, n_en) in VARIANTS.items():
+        out = built / "data/release" / variant
+        records = list(read_jsonl_gz(out / f"{release_name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"))
+        assert [r["conversation_id"] for r in records] == [r["conversation_id"] for r in table]
+        for record, row in zip(records, table, strict=True):
+            assert "translated_conversation" not in record
+            skipped = row["empty_user_instruction_ja"] or row["duplicate_user_instruction_ja"] is not None
+            responses = record["synthesized_assistant_responses"]
+            notes = record["synthesized_response_scoring_annotations"]
+            if skipped:
+                assert responses is None and notes is None
+            else:
+                assert len(responses) == len(notes) == n_ja
+                assert all(-1 <= n["preference_score"] <= 10 for n in notes)
+            assert ("synthesized_assistant_responses_en" in record) == (n_en > 0)
+            assert ("synthesized_multiturn_conversation" in record) == (variant == "gemma2")
+        plain = out.parent / f".{variant}.jsonl.gz"
+        decrypt_file(out / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg", plain, key)
+        assert [r["translated_conversation"][0]["content"] for r in read_jsonl_gz(plain)] == [
+            r["instruction_ja"] for r in table
+        ]
+        plain.unlink()
+
+
+def test_second_repro_runs_nothing(built: Path):
+    output = dvc(built, "repro")
+    assert ran(output) == set()
+    assert "Data and pipelines are up to date." in output
+
+
+def test_a_gemma3_parameter_reruns_only_gemma3_stages(built: Path):
+    params = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))
+    params["models"]["gemma3"]["generate"]["sampling"]["temperature"] = 0.9
+    (built / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    assert ran(dvc(built, "repro")) == GEMMA3

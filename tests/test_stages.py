@@ -1,0 +1,133 @@
+"""The stages in-process on the sample, with a FakeEngine: what each writes, row by row."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key
+from stages.core.io import read_jsonl_gz, sha256_file
+from tests.conftest import run_stage
+
+PUBLIC_FIELDS = ["conversation_id", "duplicate_user_instruction_ja", "empty_user_instruction_ja",
+                 "is_template_instruction", "synthesized_assistant_responses",
+                 "synthesized_response_scoring_annotations"]  # fmt: skip
+ANNOTATION_FIELDS = {"response_token_length", "judgement", "repetition_flag", "preference_score"}
+
+
+@pytest.fixture
+def upstream(workspace, monkeypatch, fake_engine):
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    return workspace
+
+
+def test_decrypt_and_translate(upstream, fake_engine):
+    released = pq.read_table(upstream / "data/private/instructions-ja.parquet")
+    assert released.num_rows == 306
+    table = pq.read_table(upstream / "data/private/translated.parquet").to_pandas()
+    assert len(table) == 312
+    assert (table.instruction_source == "llm").sum() == 6  # the release lacks 6 kept conversations
+    translated = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
+    assert len(translated) == 4  # 6 missing, 2 of them empty: nothing to translate
+    first = table.drop_duplicates("instruction_ja").set_index("instruction_ja").conversation_id
+    for row in table[table.duplicate_user_instruction_ja.notna()].itertuples():
+        assert row.duplicate_user_instruction_ja == first[row.instruction_ja] != row.conversation_id
+    assert table.empty_user_instruction_ja.sum() == 4
+    assert table[table.empty_user_instruction_ja].duplicate_user_instruction_ja.isna().all()
+    assert set(table.is_template_instruction.dropna()) == {
+        "company introduction",
+        "chemical industry article",
+    }
+
+
+def test_translate_missing_error_names_the_setting(workspace, monkeypatch):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["translate"]["missing"] = "error"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(monkeypatch, "fetch")
+    run_stage(monkeypatch, "decrypt")
+    with pytest.raises(
+        ValueError, match=r"6 conversations have no released translation .* translate\.missing"
+    ):
+        run_stage(monkeypatch, "translate")
+
+
+def test_decrypt_with_a_wrong_key_leaves_no_plaintext(workspace, monkeypatch):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["decrypt"]["key"]["file"] = "data/train-00001-of-00002-*.parquet"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(monkeypatch, "fetch")
+    with pytest.raises(CryptoError, match="could not decrypt"):
+        run_stage(monkeypatch, "decrypt")
+    assert list((workspace / "data/private").iterdir()) == []
+
+
+def _release(workspace, name: str) -> list[dict]:
+    return list(read_jsonl_gz(workspace / f"data/release/{name}/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"))
+
+
+def test_gemma2_generate_score_package(upstream, monkeypatch):
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma2")
+    table = (
+        pq.read_table(upstream / "data/private/translated.parquet").to_pandas().set_index("conversation_id")
+    )
+    records = _release(upstream, "gemma2")
+    assert [r["conversation_id"] for r in records] == list(table.index)
+    extra = ["synthesized_assistant_responses_en", "synthesized_multiturn_conversation"]
+    for record in records:
+        assert list(record) == PUBLIC_FIELDS + extra
+        row = table.loc[record["conversation_id"]]
+        skipped = row.empty_user_instruction_ja or pd.notna(row.duplicate_user_instruction_ja)
+        if skipped:
+            assert all(record[f] is None for f in PUBLIC_FIELDS[4:] + extra)
+            continue
+        responses, notes = (
+            record["synthesized_assistant_responses"],
+            record["synthesized_response_scoring_annotations"],
+        )
+        assert len(responses) == len(notes) == 6 and len(record["synthesized_assistant_responses_en"]) == 1
+        assert {r["role"] for r in responses} == {"assistant"}
+        assert all(set(n) == ANNOTATION_FIELDS and 0 <= n["preference_score"] <= 10 for n in notes)
+        best = max(range(6), key=lambda i: (notes[i]["preference_score"], -i))
+        turns = record["synthesized_multiturn_conversation"]
+        assert [t["role"] for t in turns] == [
+            "assistant",
+            "user",
+            "assistant",
+        ]  # the instruction stays encrypted
+        assert turns[0] == responses[best] and turns[1]["content"]
+    public = gzip.decompress(
+        (upstream / "data/release/gemma2/gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes()
+    ).decode()
+    for text in table.instruction_ja[table.instruction_ja.str.len() > 0]:
+        assert json.dumps(text, ensure_ascii=False)[1:-1] not in public  # no Japanese instruction in public
+
+
+def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma3")
+    out = upstream / "data/release/gemma3"
+    key = derive_key(upstream / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
+    plain = upstream / "plain.jsonl.gz"
+    decrypt_file(out / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg", plain, key)
+    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    assert list(read_jsonl_gz(plain)) == [
+        {"conversation_id": r["conversation_id"],
+         "translated_conversation": [{"role": "user", "content": r["instruction_ja"]}]} for r in table
+    ]  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"][
+        "plaintext_sha256"
+    ] == (sha256_file(plain))
+    records = _release(upstream, "gemma3")
+    assert all(list(r) == PUBLIC_FIELDS for r in records)  # gemma3: no English, no second turn
+    generated = [r for r in records if r["synthesized_assistant_responses"] is not None]
+    assert generated and all(len(r["synthesized_assistant_responses"]) == 10 for r in generated)
+    assert manifest["metrics"]["responses_ja"] == 10 * len(generated)
