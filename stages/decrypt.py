@@ -19,11 +19,14 @@ SCHEMA = pa.schema([("conversation_id", pa.string()), ("instruction_ja", pa.stri
 
 def instruction_rows(path: Path) -> list[dict]:
     """Parse the decrypted jsonl.gz; a record without its first user turn is an error naming it."""
-    rows = []
+    rows, seen = [], set()
     for i, record in enumerate(read_jsonl_gz(path), 1):
         turns = record.get("translated_conversation") or []
         if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
             raise ValueError(f"{path}: record {i} lacks conversation_id or a first user turn")
+        if record["conversation_id"] in seen:
+            raise ValueError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
+        seen.add(record["conversation_id"])
         rows.append({"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]})
     return rows
 

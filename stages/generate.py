@@ -70,8 +70,8 @@ def main() -> None:
                 shard,
                 shard_size=spec.shard_size,
                 key=key,
-                desc=f"generate@{name}",
-                checkpoint_root=Path(paths.checkpoints) / f"generate@{name}",
+                checkpoints=paths.checkpoints,
+                stage=f"generate@{name}",
             )
         write_table(out, Path(paths.generated) / f"{name}.parquet")
         counts.update(rows_in=table.num_rows, generated_for=pc.sum(eligible).as_py() or 0)

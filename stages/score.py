@@ -10,46 +10,36 @@ import pyarrow as pa
 
 from stages.core import judge
 from stages.core.cli import start, timed
-from stages.core.engines import ChatRequest, make_engine
+from stages.core.engines import ChatRequest, Engine, make_engine
 from stages.core.io import align, read_table, sha256_file, write_table
 from stages.core.params import Params
 from stages.core.responses import ANNOTATION, MESSAGE, request_seed
-from stages.core.second_turn import continue_conversations
+from stages.core.second_turn import best_answers, continue_conversations
 from stages.core.shards import fingerprint, run_sharded
 
 LOG = logging.getLogger("stages.score")
 
 
-def annotate(engine, rows: list[dict], params: Params, name: str) -> list[list[dict] | None]:
-    """Judge every response of every row; rows without responses get None."""
+def judge_rows(engine: Engine, rows: list[dict], params: Params, name: str) -> list[list[dict] | None]:
+    """Judge every response of every row (one batched engine call); rows without responses get None."""
     spec = params.models[name].score
-    pairs = [(r, resp) for r in rows for resp in (r["responses_ja"] or [])]
     requests = [
         ChatRequest(
-            judge.judge_messages(spec.prompt, r["instruction_ja"], resp["content"]),
+            judge.judge_messages(spec.prompt, r["instruction_ja"], response["content"]),
             seed=request_seed(params.seed, r["conversation_id"], "judge"),
         )
-        for r, resp in pairs
+        for r in rows
+        for response in r["responses_ja"] or []
     ]
-    verdicts = iter(engine.chat(requests, spec.sampling))
-    out = []
-    for r in rows:
-        if r["responses_ja"] is None:
-            out.append(None)
-            continue
-        notes = []
-        for resp in r["responses_ja"]:
-            text = next(verdicts)[0].text
-            notes.append(
-                {
-                    "response_token_length": resp["completion_tokens"],
-                    "judgement": text,
-                    "repetition_flag": resp["completion_tokens"] >= spec.repetition_min_tokens,
-                    "preference_score": judge.parse_score(text),
-                }
-            )
-        out.append(notes)
-    return out
+    verdicts = iter(c[0].text for c in engine.chat(requests, spec.sampling))
+    return [
+        None
+        if r["responses_ja"] is None
+        else judge.annotations(
+            r["responses_ja"], [next(verdicts) for _ in r["responses_ja"]], spec.repetition_min_tokens
+        )
+        for r in rows
+    ]
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
         )
 
         def shard(part: pa.Table, _: int) -> pa.Table:
-            notes = annotate(engine, part.to_pylist(), params, name)
+            notes = judge_rows(engine, part.to_pylist(), params, name)
             best = [
                 None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes
             ]
@@ -86,11 +76,12 @@ def main() -> None:
                 shard,
                 shard_size=variant.score.shard_size,
                 key=key,
-                desc=f"score@{name}",
-                checkpoint_root=Path(paths.checkpoints) / f"score@{name}",
+                checkpoints=paths.checkpoints,
+                stage=f"score@{name}",
             )
         scored = scored.append_column(
-            "multiturn", pa.array(second_turns(table, scored, params, name), pa.list_(MESSAGE))
+            "multiturn",
+            pa.array(second_turns(table, scored["best_index"].to_pylist(), params, name), pa.list_(MESSAGE)),
         )
         write_table(scored, Path(paths.scored) / f"{name}.parquet")
         counts.update(
@@ -98,23 +89,16 @@ def main() -> None:
         )
 
 
-def second_turns(table: pa.Table, scored: pa.Table, params: Params, name: str) -> list[list[dict] | None]:
+def second_turns(table: pa.Table, best: list[int | None], params: Params, name: str) -> list | None:
+    """The generator's two-turn continuation from each best response (None without one)."""
     variant = params.models[name]
-    ids = scored["conversation_id"].to_pylist()
-    if variant.second_turn is None:
-        return [None] * len(ids)
-    rows = {r["conversation_id"]: r for r in table.to_pylist()}
-    turns = [
-        (c, rows[c]["instruction_ja"], rows[c]["responses_ja"][b]["content"])
-        for c, b in zip(ids, scored["best_index"].to_pylist(), strict=True)
-        if b is not None
-    ]
+    turns = best_answers(table.to_pylist(), best) if variant.second_turn else []
     LOG.info("second turn for %d conversations with a best response", len(turns))
     if not turns:
-        return [None] * len(ids)
+        return [None] * table.num_rows
     with make_engine(variant.generate.llm, params.engine) as engine:
         dialogues = continue_conversations(engine, turns, variant.second_turn, variant.generate, params.seed)
-    return [dialogues.get(c) for c in ids]
+    return [dialogues.get(c) for c in table["conversation_id"].to_pylist()]
 
 
 if __name__ == "__main__":

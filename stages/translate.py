@@ -4,7 +4,6 @@ ones the release lacks (translator LLM) and flag empty, duplicate and template i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,8 +44,8 @@ def translate_missing(table: pa.Table, params: Params) -> pa.Table:
             shard,
             shard_size=spec.shard_size,
             key=key,
-            desc="translate",
-            checkpoint_root=Path(params.paths.checkpoints) / "translate",
+            checkpoints=params.paths.checkpoints,
+            stage="translate",
         )
     return done
 

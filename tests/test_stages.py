@@ -131,3 +131,14 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     generated = [r for r in records if r["synthesized_assistant_responses"] is not None]
     assert generated and all(len(r["synthesized_assistant_responses"]) == 10 for r in generated)
     assert manifest["metrics"]["responses_ja"] == 10 * len(generated)
+
+
+def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
+    from stages.core.io import write_jsonl_gz
+    from stages.decrypt import instruction_rows
+
+    record = {"conversation_id": "c1", "translated_conversation": [{"role": "user", "content": "こんにちは"}]}
+    path = tmp_path / "ja.jsonl.gz"
+    write_jsonl_gz([record, record], path)
+    with pytest.raises(ValueError, match="record 2 repeats conversation_id c1"):
+        instruction_rows(path)

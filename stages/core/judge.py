@@ -40,3 +40,16 @@ def best_index(scores: list[float]) -> int | None:
     """Index of the highest valid score (the first on ties); None when every judgement failed."""
     valid = [(score, -i) for i, score in enumerate(scores) if score != FAILED]
     return -max(valid)[1] if valid else None
+
+
+def annotations(responses: list[dict], verdicts: list[str], repetition_min_tokens: int) -> list[dict]:
+    """The published per-response annotations, aligned with `responses`."""
+    return [
+        {
+            "response_token_length": response["completion_tokens"],
+            "judgement": verdict,
+            "repetition_flag": response["completion_tokens"] >= repetition_min_tokens,
+            "preference_score": parse_score(verdict),
+        }
+        for response, verdict in zip(responses, verdicts, strict=True)
+    ]

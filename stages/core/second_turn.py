@@ -44,3 +44,12 @@ def continue_conversations(
     ):
         dialogue.append({"role": "assistant", "content": completions[0].text})
     return {c: dialogue[1:] for c, dialogue in dialogues.items()}
+
+
+def best_answers(rows: list[dict], best: list[int | None]) -> list[tuple[str, str, str]]:
+    """(conversation_id, Japanese instruction, best response) for each row that has a best response."""
+    return [
+        (row["conversation_id"], row["instruction_ja"], row["responses_ja"][b]["content"])
+        for row, b in zip(rows, best, strict=True)
+        if b is not None
+    ]

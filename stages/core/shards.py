@@ -31,31 +31,31 @@ def run_sharded(
     fn: Callable[[pa.Table, int], pa.Table],
     *,
     shard_size: int,
-    checkpoint_root: str | Path,
+    checkpoints: str | Path,
+    stage: str,
     key: str,
-    desc: str,
 ) -> pa.Table:
     """Apply `fn(shard, index)` to consecutive slices of `table`; return the concatenated results.
 
-    Each result is written atomically to `<checkpoint_root>/<key>/<i:05d>.parquet`; existing
+    Each result is written atomically to `<checkpoints>/<stage>/<key>/<i:05d>.parquet`; existing
     files are reused, so a killed run resumes from its finished shards. Directories of other
     keys (stale inputs or params) are removed once this key has finished.
     """
-    root = Path(checkpoint_root)
+    root = Path(checkpoints) / stage
     directory = root / key
     n_shards = max(1, math.ceil(table.num_rows / shard_size))
     write_json(
-        {"key": key, "rows": table.num_rows, "shards": n_shards, "stage": desc}, directory / "meta.json"
+        {"key": key, "rows": table.num_rows, "shards": n_shards, "stage": stage}, directory / "meta.json"
     )
     parts = []
-    for i in tqdm(range(n_shards), desc=desc, unit="shard"):
+    for i in tqdm(range(n_shards), desc=stage, unit="shard"):
         path = directory / f"{i:05d}.parquet"
         if path.exists():
-            LOG.info("%s: shard %05d already done, skipping (%s)", desc, i, path)
+            LOG.info("%s: shard %05d already done, skipping (%s)", stage, i, path)
         else:
             write_table(fn(table.slice(i * shard_size, shard_size), i), path)
         parts.append(read_table(path))
     for stale in (p for p in root.iterdir() if p.is_dir() and p.name != key):
-        LOG.info("%s: removing stale checkpoints %s", desc, stale)
+        LOG.info("%s: removing stale checkpoints %s", stage, stale)
         shutil.rmtree(stale)
     return pa.concat_tables(parts)
