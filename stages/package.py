@@ -42,22 +42,22 @@ def main() -> None:
             release.release_record(r, variant.generate.n_en > 0, variant.second_turn is not None)
             for r in rows
         ]
-        jsonl = out / release.RELEASE_FILE.format(name=variant.release_name)
-        write_jsonl_gz(public, jsonl)
-        write_table(
-            pa.Table.from_pylist(public), jsonl.with_name(jsonl.name.removesuffix(".jsonl.gz") + ".parquet")
-        )
+        stem, spec = params.release.file.format(name=variant.release_name), params.release
+        if "jsonl.gz" in spec.formats:
+            write_jsonl_gz(public, out / f"{stem}.jsonl.gz")
+        if "parquet" in spec.formats:
+            write_table(pa.Table.from_pylist(public), out / f"{stem}.parquet")
         with tempfile.TemporaryDirectory(prefix="package-") as tmp:
             plain = Path(tmp) / "instructions.jsonl.gz"
             write_jsonl_gz((release.instruction_record(r) for r in rows), plain)
             plain_sha256 = sha256_file(plain)
-            encrypt_file(plain, out / release.INSTRUCTIONS_FILE, derive_key(paths.source, params.decrypt.key))
+            encrypt_file(plain, out / spec.instructions_file, derive_key(paths.source, params.decrypt.key))
         files = {
             p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(out.iterdir())
             if p.name != "manifest.json"
         }
-        files[release.INSTRUCTIONS_FILE]["plaintext_sha256"] = plain_sha256
+        files[spec.instructions_file]["plaintext_sha256"] = plain_sha256
         metrics = release.release_metrics(rows)
         write_json(
             {"variant": name, "release_name": variant.release_name, "files": files, "metrics": metrics},

@@ -124,6 +124,12 @@ class VariantParams(Strict):
     second_turn: SecondTurnParams | None = None
 
 
+class ReleaseParams(Strict):
+    file: str  # release file stem; {name} is the variant's release_name
+    instructions_file: str  # the encrypted Japanese instructions
+    formats: list[Literal["jsonl.gz", "parquet"]] = Field(min_length=1)
+
+
 class Params(Strict):
     profile: str
     seed: int
@@ -132,6 +138,7 @@ class Params(Strict):
     decrypt: DecryptParams
     translate: TranslateParams
     engine: EngineParams
+    release: ReleaseParams
     models: dict[str, VariantParams] = Field(min_length=1)
 
     @field_validator("models")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from stages.core.judge import FAILED
 
-RELEASE_FILE = "{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"
-INSTRUCTIONS_FILE = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
-
 
 def assistant(responses: list[dict] | None) -> list[dict] | None:
     return None if responses is None else [{"role": "assistant", "content": r["content"]} for r in responses]
