@@ -1,5 +1,7 @@
 """fetch: copy LMSYS-Chat-1M and the released encrypted instructions (checksums verified), then
-write the filtered first-turn table and a manifest with per-rule row counts."""
+write the filtered first-turn table, a manifest of every file, and per-rule row counts.
+
+All or nothing: files are staged and take their place only when every check has passed."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from stages.core.cli import start, timed
 from stages.core.first_turn import write_first_turns
-from stages.core.io import write_json
+from stages.core.io import staged_dir, write_json
 from stages.core.source import fetch_files
 
 LOG = logging.getLogger("stages.fetch")
@@ -17,18 +19,23 @@ LOG = logging.getLogger("stages.fetch")
 def main() -> None:
     params, _ = start("fetch", __doc__)
     spec, paths = params.fetch, params.paths
-    with timed(LOG, "fetch") as counts:
-        source = fetch_files(spec.source, paths.source)
-        released = fetch_files(spec.released, paths.released)
-        counts["files"] = len(source) + len(released)
-    files = [Path(paths.source) / item["path"] for item in source]
-    with timed(LOG, "filter first turns") as counts:
-        rows = write_first_turns(files, spec.filter, Path(paths.first_turn))
-        counts.update(rows_in=rows["rows_in"], rows_out=rows["rows_out"])
+    with staged_dir(paths.source) as source_dir, staged_dir(paths.released) as released_dir:
+        with timed(LOG, "fetch") as counts:
+            source = fetch_files(spec.source, source_dir)
+            released = fetch_files(spec.released, released_dir)
+            counts.update(files=len(source) + len(released), bytes=sum(f["size"] for f in source + released))
+        with timed(LOG, "filter first turns") as counts:
+            files = [source_dir / item["path"] for item in source]
+            rows = write_first_turns(files, spec.filter, Path(paths.first_turn))
+            counts.update(rows_in=rows["rows_in"], rows_out=rows["rows_out"])
     write_json(
-        {"rows": dict(sorted(rows.items())), "source": source, "released": released},
-        Path(paths.metrics) / "fetch.json",
+        {
+            key: {"uri": s.uri, "revision": s.revision, "files": files}
+            for key, s, files in (("source", spec.source, source), ("released", spec.released, released))
+        },
+        paths.manifest,
     )
+    write_json({"rows": dict(sorted(rows.items()))}, Path(paths.metrics) / "fetch.json")
 
 
 if __name__ == "__main__":

@@ -55,10 +55,23 @@ def test_round_trip_and_gpg_by_hand(tmp_path):
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     by_hand = subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback",
-         "--passphrase-fd", "0", "--decrypt", str(encrypted)],
-        input=b"s3cret-passphrase\n", capture_output=True, check=True,
-    )  # fmt: skip
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--decrypt",
+            str(encrypted),
+        ],
+        input=b"s3cret-passphrase\n",
+        capture_output=True,
+        check=True,
+    )
     assert by_hand.stdout == plain.read_bytes()
 
 

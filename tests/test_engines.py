@@ -54,9 +54,13 @@ def test_openai_engine_needs_its_key_variable(monkeypatch):
 
 @pytest.mark.gpu
 def test_vllm_engine_on_a_gpu():
-    engine = make_engine(LLMSpec(model=TINY, dtype="float32", max_model_len=2048),
-                         EngineParams(backend="vllm", batch_size=8, gpu_memory_utilization=0.3))  # fmt: skip
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32", max_model_len=2048),
+        EngineParams(backend="vllm", batch_size=8, gpu_memory_utilization=0.3),
+    )
     with engine:
-        [group] = engine.chat([ChatRequest([{"role": "user", "content": "こんにちは"}], n=4, seed=1)],
-                              Sampling(temperature=0.8, max_tokens=8))  # fmt: skip
+        [group] = engine.chat(
+            [ChatRequest([{"role": "user", "content": "こんにちは"}], n=4, seed=1)],
+            Sampling(temperature=0.8, max_tokens=8),
+        )
     assert len(group) == 4 and all(c.completion_tokens >= 1 for c in group)

@@ -1,28 +1,62 @@
-"""fetch: copy with checksums, filter rules with per-rule counts, clear errors."""
+"""fetch: sources (local, S3, the Hub's access errors), checksums, filter rules, clean failures."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.source import ChecksumError
+from stages.core.source import AccessError, ChecksumError
 from tests.conftest import run_stage
+from tests.s3 import CREDENTIALS, moto_server, upload_tree
+
+OUTPUTS = [
+    "data/raw/lmsys-chat-1m",
+    "data/raw/released",
+    "data/raw/manifest.json",
+    "data/interim/first-turn.parquet",
+]
+REVISION = "200748d9d3cddcc9d782887541057aca0b18c5da"
 
 
-def _set(path: Path, mutate) -> None:
+def _set(workspace: Path, mutate) -> None:
+    path = workspace / "params.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     mutate(data)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
 
+def _outputs(workspace: Path) -> dict[str, bytes]:
+    """Every file fetch wrote, by path, with its bytes."""
+    found = {}
+    for name in OUTPUTS:
+        path = workspace / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                found[file.relative_to(workspace).as_posix()] = file.read_bytes()
+    return found
+
+
+def _assert_no_output(workspace: Path) -> None:
+    assert not any((workspace / name).exists() for name in OUTPUTS)
+    leftovers = [
+        p.name for p in (workspace / "data").rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")
+    ]
+    assert leftovers == []
+
+
 def test_fetch_filters_the_sample(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
-    metrics = json.loads((workspace / "data/metrics/fetch.json").read_text())
-    rows = metrics["rows"]
+    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
     assert rows["rows_in"] == 336
     assert rows["rows_in"] - rows["rows_out"] == sum(v for k, v in rows.items() if k.startswith("dropped_"))
     assert rows["dropped_language"] == 12 and rows["dropped_moderation"] == 12
@@ -32,15 +66,40 @@ def test_fetch_filters_the_sample(workspace, monkeypatch):
     assert not table.flagged.any()
     assert table.redacted.sum() == 12  # redacted conversations are kept (redacted: keep)
     assert (table.instruction == "").sum() == rows["empty_first_turn"] == 4  # kept, not silently dropped
-    assert [f["path"] for f in metrics["source"]] == sorted(f["path"] for f in metrics["source"])
-    assert all(len(f["sha256"]) == 64 for f in metrics["source"] + metrics["released"])
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    manifest = json.loads((workspace / "data/raw/manifest.json").read_text())
+    assert manifest["source"]["uri"] == "data/sample/lmsys-chat-1m"
+    listed = {f["path"]: f for f in manifest["source"]["files"]}
+    on_disk = sorted(
+        p.relative_to(workspace / "data/sample/lmsys-chat-1m").as_posix()
+        for p in (workspace / "data/sample/lmsys-chat-1m").rglob("*.parquet")
+    )
+    assert sorted(listed) == on_disk
+    for name, entry in listed.items():
+        data = (workspace / "data/raw/lmsys-chat-1m" / name).read_bytes()
+        assert entry == {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert len(manifest["released"]["files"]) == 2
+
+
+def test_pinned_checksums_pass(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    pins = {
+        f["path"]: f["sha256"]
+        for f in json.loads((workspace / "data/raw/manifest.json").read_text())["source"]["files"]
+    }
+    _set(workspace, lambda d: d["fetch"]["source"].update(sha256=pins))
+    run_stage(monkeypatch, "fetch")
 
 
 def test_moderation_keep_and_redacted_drop(workspace, monkeypatch):
     def mutate(d):
         d["fetch"]["filter"].update(moderation="keep", redacted="drop")
+        d["decrypt"]["subset"] = "ja+unsafe"
 
-    _set(workspace / "params.yaml", mutate)
+    _set(workspace, mutate)
     run_stage(monkeypatch, "fetch")
     rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
     assert rows["dropped_moderation"] == 0 and rows["dropped_redacted"] == 12
@@ -48,28 +107,142 @@ def test_moderation_keep_and_redacted_drop(workspace, monkeypatch):
     assert table.flagged.sum() == 12 and not table.redacted.any()
 
 
-def test_checksum_mismatch_names_file_and_hashes(workspace, monkeypatch):
-    name = next((workspace / "data/sample/lmsys-chat-1m/data").glob("train-00001*")).name
-    _set(
-        workspace / "params.yaml", lambda d: d["fetch"]["source"]["sha256"].update({f"data/{name}": "0" * 64})
-    )
-    with pytest.raises(ChecksumError, match=rf"data/{name}: sha256 [0-9a-f]{{64}} but params pin 0{{64}}"):
+def test_reruns_are_byte_identical(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    first = _outputs(workspace) | {"fetch.json": (workspace / "data/metrics/fetch.json").read_bytes()}
+    run_stage(monkeypatch, "fetch")
+    assert _outputs(workspace) | {"fetch.json": (workspace / "data/metrics/fetch.json").read_bytes()} == first
+
+
+def test_local_directory_and_s3_give_identical_outputs(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    local = _outputs(workspace)
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    with moto_server() as endpoint:
+        upload_tree(endpoint, "lmsys", "lmsys-chat-1m", workspace / "data/sample/lmsys-chat-1m")
+        upload_tree(endpoint, "synth", "lmsys-chat-1m-synth", workspace / "data/sample/lmsys-chat-1m-synth")
+        for key, uri in (
+            ("source", "s3://lmsys/lmsys-chat-1m"),
+            ("released", "s3://synth/lmsys-chat-1m-synth"),
+        ):
+            options = {"endpoint_url": endpoint}
+            _set(workspace, lambda d, k=key, u=uri, o=options: d["fetch"][k].update(uri=u, storage_options=o))
+        shutil.rmtree(workspace / "data/raw")
         run_stage(monkeypatch, "fetch")
-    assert not (workspace / "data/raw/lmsys-chat-1m/data" / name).exists()
-    assert not (workspace / "data/interim/first-turn.parquet").exists()
+    from_s3 = _outputs(workspace)
+    manifest = json.loads(from_s3.pop("data/raw/manifest.json"))
+    local_manifest = json.loads(local.pop("data/raw/manifest.json"))
+    assert from_s3 == local
+    assert manifest["source"]["uri"] == "s3://lmsys/lmsys-chat-1m"
+    assert manifest["source"]["files"] == local_manifest["source"]["files"]
 
 
-def test_shard_with_missing_column_is_named(workspace, monkeypatch):
+def test_checksum_mismatch_names_file_and_hashes_and_leaves_nothing(workspace, monkeypatch):
+    name = next((workspace / "data/sample/lmsys-chat-1m/data").glob("train-00001*")).name
+    _set(workspace, lambda d: d["fetch"]["source"]["sha256"].update({f"data/{name}": "0" * 64}))
+    with pytest.raises(ChecksumError, match=rf"data/{name}: sha256 is [0-9a-f]{{64}} but params pin 0{{64}}"):
+        run_stage(monkeypatch, "fetch")
+    _assert_no_output(workspace)
+
+
+def test_a_failed_fetch_keeps_the_previous_outputs_untouched(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    before = _outputs(workspace)
+    _set(workspace, lambda d: d["fetch"]["released"].update(include=["dataset/nothing-*.gpg"]))
+    with pytest.raises(FileNotFoundError, match="no file under data/sample/lmsys-chat-1m-synth matches"):
+        run_stage(monkeypatch, "fetch")
+    assert _outputs(workspace) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.drop_columns(["redacted"]), r"missing LMSYS-Chat-1M columns \['redacted'\]"),
+        (
+            lambda t: t.set_column(3, "turn", t["turn"].cast(pa.string())),
+            r"column 'turn' is string, expected integer",
+        ),
+        (
+            lambda t: t.set_column(6, "redacted", t["redacted"].cast(pa.int8())),
+            r"column 'redacted' is int8, expected bool",
+        ),
+    ],
+)
+def test_bad_shard_schema_is_named_and_leaves_nothing(workspace, monkeypatch, change, message):
     shard = next((workspace / "data/sample/lmsys-chat-1m/data").glob("train-00001*"))
-    pq.write_table(pq.read_table(shard).drop_columns(["openai_moderation"]), shard)
+    pq.write_table(change(pq.read_table(shard)), shard)
+    with pytest.raises(ValueError, match=rf"{shard.name}: {message}"):
+        run_stage(monkeypatch, "fetch")
+    _assert_no_output(workspace)
+
+
+def _use_hub(workspace: Path, endpoint: str | None = None) -> None:
+    options = {"endpoint": endpoint} if endpoint else {}
+    _set(
+        workspace,
+        lambda d: d["fetch"]["source"].update(
+            uri="hf://datasets/lmsys/lmsys-chat-1m", revision=REVISION, storage_options=options
+        ),
+    )
+
+
+def test_missing_token_explains_how_to_get_access(workspace, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(workspace / "hf-home"))  # no token saved by `hf auth login`
+    _use_hub(workspace)
+    with pytest.raises(AccessError) as err:
+        run_stage(monkeypatch, "fetch")
+    assert str(err.value) == (
+        "hf://datasets/lmsys/lmsys-chat-1m: no Hugging Face token (HF_TOKEN is not set). "
+        "Accept the dataset's license at https://huggingface.co/datasets/lmsys/lmsys-chat-1m, "
+        "create a read token at https://huggingface.co/settings/tokens and export HF_TOKEN=<token>"
+    )
+    _assert_no_output(workspace)
+
+
+class _GatedHub(BaseHTTPRequestHandler):
+    """Answers every request as the Hub does for a gated repository whose license is not accepted."""
+
+    def _deny(self) -> None:
+        body = b'{"error": "Access to dataset lmsys/lmsys-chat-1m is restricted."}'
+        self.send_response(403)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = _deny
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def gated_hub() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_token_without_access_explains_the_license(workspace, monkeypatch, gated_hub):
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    _use_hub(workspace, gated_hub)
     with pytest.raises(
-        ValueError, match=rf"{shard.name}: missing LMSYS-Chat-1M columns \['openai_moderation'\]"
+        AccessError, match=r"lmsys-chat-1m: no access with this token\. Accept the dataset's license"
     ):
         run_stage(monkeypatch, "fetch")
-    assert not (workspace / "data/interim/first-turn.parquet").exists()
+    _assert_no_output(workspace)
 
 
-def test_no_matching_source_file(workspace, monkeypatch):
-    _set(workspace / "params.yaml", lambda d: d["fetch"]["source"].update(include=["data/nothing-*.parquet"]))
-    with pytest.raises(FileNotFoundError, match=r"no file under data/sample/lmsys-chat-1m matches"):
-        run_stage(monkeypatch, "fetch")
+def test_release_config_refuses_a_branch_revision():
+    from stages.compose import compose_params
+
+    with pytest.raises(
+        ValueError, match=r"fetch\.source\.revision='main': a release config must pin a 40-hex commit"
+    ):
+        compose_params(["fetch.source.revision=main"])

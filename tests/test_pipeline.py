@@ -25,8 +25,11 @@ pytestmark = pytest.mark.slow
 
 
 def dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
     done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -60,8 +63,11 @@ def repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(repo: Path) -> Path:
     assert ran(dvc(repo, "repro", "--dry", "--force", "package@gemma3")) == {
-        "fetch", "decrypt", "translate", *GEMMA3
-    }  # fmt: skip
+        "fetch",
+        "decrypt",
+        "translate",
+        *GEMMA3,
+    }
     dvc(repo, "repro")
     return repo
 

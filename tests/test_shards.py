@@ -42,9 +42,13 @@ def test_a_new_key_ignores_and_removes_stale_shards(tmp_path):
     table = pa.table({"x": [1, 2, 3]})
     run_sharded(table, lambda p, i: p, shard_size=2, checkpoints=tmp_path, stage="t", key="old")
     out = run_sharded(
-        table, lambda p, i: pa.table({"x": [0] * p.num_rows}), shard_size=2, checkpoints=tmp_path,
-        stage="t", key="new",
-    )  # fmt: skip
+        table,
+        lambda p, i: pa.table({"x": [0] * p.num_rows}),
+        shard_size=2,
+        checkpoints=tmp_path,
+        stage="t",
+        key="new",
+    )
     assert out["x"].to_pylist() == [0, 0, 0]
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["new"]
 

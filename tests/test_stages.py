@@ -14,9 +14,14 @@ from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key
 from stages.core.io import read_jsonl_gz, sha256_file
 from tests.conftest import run_stage
 
-PUBLIC_FIELDS = ["conversation_id", "duplicate_user_instruction_ja", "empty_user_instruction_ja",
-                 "is_template_instruction", "synthesized_assistant_responses",
-                 "synthesized_response_scoring_annotations"]  # fmt: skip
+PUBLIC_FIELDS = [
+    "conversation_id",
+    "duplicate_user_instruction_ja",
+    "empty_user_instruction_ja",
+    "is_template_instruction",
+    "synthesized_assistant_responses",
+    "synthesized_response_scoring_annotations",
+]
 ANNOTATION_FIELDS = {"response_token_length", "judgement", "repetition_flag", "preference_score"}
 
 
@@ -119,9 +124,12 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     decrypt_file(out / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg", plain, key)
     table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
     assert list(read_jsonl_gz(plain)) == [
-        {"conversation_id": r["conversation_id"],
-         "translated_conversation": [{"role": "user", "content": r["instruction_ja"]}]} for r in table
-    ]  # fmt: skip
+        {
+            "conversation_id": r["conversation_id"],
+            "translated_conversation": [{"role": "user", "content": r["instruction_ja"]}],
+        }
+        for r in table
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"][
         "plaintext_sha256"

@@ -14,15 +14,29 @@ import pyarrow.parquet as pq
 from stages.core.io import PARQUET_OPTIONS, atomic_path
 from stages.core.params import FilterSpec
 
-READ_COLUMNS = [
-    "conversation_id",
-    "model",
-    "conversation",
-    "turn",
-    "language",
-    "openai_moderation",
-    "redacted",
-]
+BATCH_ROWS = 16_384  # rows decoded at a time: memory stays flat whatever the shard or row group size
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_list_of(t: pa.DataType, fields: set[str]) -> bool:
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+    return is_list and pa.types.is_struct(t.value_type) and fields <= {f.name for f in t.value_type}
+
+
+# column -> (check, what is expected): the LMSYS-Chat-1M schema as fetch relies on it
+EXPECTED = {
+    "conversation_id": (_is_text, "string"),
+    "model": (_is_text, "string"),
+    "conversation": (lambda t: _is_list_of(t, {"content", "role"}), "list<struct<content, role>>"),
+    "turn": (pa.types.is_integer, "integer"),
+    "language": (_is_text, "string"),
+    "openai_moderation": (lambda t: _is_list_of(t, {"flagged"}), "list<struct<..., flagged>>"),
+    "redacted": (pa.types.is_boolean, "bool"),
+}
+READ_COLUMNS = list(EXPECTED)
 SCHEMA = pa.schema(
     [
         ("conversation_id", pa.string()),
@@ -48,18 +62,26 @@ def _first_message(conversation: pa.ListArray) -> tuple[pa.Array, pa.Array]:
     """Role and content of each conversation's first message (null for an empty conversation)."""
     first = pc.list_slice(conversation, 0, 1)
     flat, parents = pc.list_flatten(first), pc.list_parent_indices(first).to_numpy()
-    role = np.full(len(conversation), None, dtype=object)
-    content = np.full(len(conversation), None, dtype=object)
-    role[parents] = pc.struct_field(flat, "role").to_numpy(zero_copy_only=False)
-    content[parents] = pc.struct_field(flat, "content").to_numpy(zero_copy_only=False)
-    return pa.array(role, pa.string()), pa.array(content, pa.string())
+    index = np.full(len(conversation), -1, dtype=np.int64)
+    index[parents] = np.arange(len(parents))
+    take = pa.array(index, mask=index < 0)
+    role = pc.take(pc.struct_field(flat, "role"), take)
+    content = pc.take(pc.struct_field(flat, "content"), take)
+    return role.cast(pa.string()), content.cast(pa.string())
 
 
-def filter_batch(group: pa.Table, spec: FilterSpec, counts: Counter) -> pa.Table:
-    """Apply the filter rules to one row group, counting the rows each rule drops."""
-    batch = pa.RecordBatch.from_arrays(
-        [column.combine_chunks() for column in group.columns], names=group.column_names
-    )
+def check_schema(schema: pa.Schema, path: Path) -> None:
+    """Raise naming the file and column when a column is missing or of another type."""
+    missing = [name for name in EXPECTED if name not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: missing LMSYS-Chat-1M columns {missing}")
+    for name, (check, expected) in EXPECTED.items():
+        if not check(schema.field(name).type):
+            raise ValueError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
+
+
+def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter) -> pa.Table:
+    """Apply the filter rules to one batch, counting the rows each rule drops."""
     counts["rows_in"] += batch.num_rows
     flagged = _any_flagged(batch.column("openai_moderation"))
     role, content = _first_message(batch.column("conversation"))
@@ -77,18 +99,13 @@ def filter_batch(group: pa.Table, spec: FilterSpec, counts: Counter) -> pa.Table
     for rule, drop in rules.items():  # a row is counted under the first rule that drops it
         counts[f"dropped_{rule}"] += int((keep & drop).sum())
         keep &= ~drop
-    table = pa.table(
-        {
-            "conversation_id": batch.column("conversation_id"),
-            "model": batch.column("model"),
-            "language": batch.column("language"),
-            "turn": batch.column("turn"),
-            "redacted": batch.column("redacted"),
-            "flagged": pa.array(flagged),
-            "instruction": content,
-        },
-        schema=SCHEMA,
-    ).filter(pa.array(keep))
+    columns = {
+        name: batch.column(name) for name in ("conversation_id", "model", "language", "turn", "redacted")
+    }
+    columns.update(flagged=pa.array(flagged), instruction=content)
+    table = pa.table({f.name: columns[f.name].cast(f.type) for f in SCHEMA}, schema=SCHEMA).filter(
+        pa.array(keep)
+    )
     counts["rows_out"] += table.num_rows
     counts["empty_first_turn"] += int(
         pc.sum(pc.equal(pc.utf8_trim_whitespace(table["instruction"]), "")).as_py() or 0
@@ -97,14 +114,12 @@ def filter_batch(group: pa.Table, spec: FilterSpec, counts: Counter) -> pa.Table
 
 
 def iter_first_turns(files: list[Path], spec: FilterSpec, counts: Counter) -> Iterator[pa.Table]:
-    """Stream the filtered first-turn rows of `files`, one Parquet row group at a time."""
+    """Stream the filtered first-turn rows of `files`, row group by row group, in bounded batches."""
     for path in files:
-        parquet = pq.ParquetFile(path)
-        missing = sorted(set(READ_COLUMNS) - set(parquet.schema_arrow.names))
-        if missing:
-            raise ValueError(f"{path}: missing LMSYS-Chat-1M columns {missing}")
-        for group in range(parquet.num_row_groups):
-            yield filter_batch(parquet.read_row_group(group, columns=READ_COLUMNS), spec, counts)
+        with pq.ParquetFile(path) as parquet:
+            check_schema(parquet.schema_arrow, path)
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=READ_COLUMNS):
+                yield filter_batch(batch, spec, counts)
 
 
 def write_first_turns(files: list[Path], spec: FilterSpec, out: Path) -> Counter:

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.crypto import KeySpec
 
 PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
 VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
+SHA256 = r"[0-9a-f]{64}"
+COMMIT = r"[0-9a-f]{40}"
+RELEASE_PROFILE = "production"  # its sources must be pinned to commits
 
 
 class ParamsError(ValueError):
@@ -27,6 +30,7 @@ class Strict(BaseModel):
 class Paths(Strict):
     source: str  # fetched LMSYS-Chat-1M files, laid out as on the Hub
     released: str  # fetched encrypted instruction files
+    manifest: str  # every fetched file with its uri, revision, size and sha256
     first_turn: str  # filtered first-turn table (Parquet)
     metrics: str  # directory: fetch.json, package-<variant>.json (DVC metrics)
     instructions: str  # decrypted Japanese instructions (plaintext: private remote only)
@@ -39,9 +43,19 @@ class Paths(Strict):
 
 class SourceSpec(Strict):
     uri: str  # local path, s3:// or hf://datasets/<repo>
-    revision: str | None = None  # Hub revision
+    revision: str | None = None  # Hub revision: a 40-hex commit in release configs
     include: list[str] = Field(min_length=1)  # globs relative to uri
     sha256: dict[str, str] = {}  # expected checksums by relative path
+    # fsspec options that are not secrets, e.g. {endpoint_url: ...} for S3, {endpoint: ...} for a Hub mirror
+    storage_options: dict[str, str | int | float | bool] = {}
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, pins: dict[str, str]) -> dict[str, str]:
+        bad = [name for name, digest in pins.items() if not re.fullmatch(SHA256, digest)]
+        if bad:
+            raise ValueError(f"not 64 lowercase hex digits for {bad}")
+        return pins
 
 
 class FilterSpec(Strict):
@@ -149,6 +163,24 @@ class Params(Strict):
             raise ValueError(f"variant names must match {VARIANT_NAME}: {bad}")
         return models
 
+    @model_validator(mode="after")
+    def _release_pins_and_subset(self) -> Params:
+        if self.profile == RELEASE_PROFILE:
+            for key in ("source", "released"):
+                spec: SourceSpec = getattr(self.fetch, key)
+                if spec.uri.startswith("hf://") and not re.fullmatch(COMMIT, spec.revision or ""):
+                    raise ValueError(
+                        f"fetch.{key}.revision={spec.revision!r}: a release config must pin a 40-hex "
+                        "commit, not a branch or tag"
+                    )
+        wanted = "ja+unsafe" if self.fetch.filter.moderation == "keep" else "ja"
+        if self.decrypt.subset != wanted:
+            raise ValueError(
+                f"decrypt.subset={self.decrypt.subset!r} does not match fetch.filter.moderation="
+                f"{self.fetch.filter.moderation!r}: use {wanted!r}"
+            )
+        return self
+
     def variant(self, name: str) -> VariantParams:
         if name not in self.models:
             raise ParamsError(f"unknown variant {name!r}; params.yaml models: {', '.join(self.models)}")
@@ -159,8 +191,8 @@ def _describe(err: ValidationError, source: Path) -> str:
     lines = [f"{source}: invalid parameters"]
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"])
-        got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
-        lines.append(f"  {key}: {item['msg']}{got}")
+        got = "" if item["type"] == "missing" or not item["loc"] else f" (got {item.get('input')!r})"
+        lines.append(f"  {key or '<params>'}: {item['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
 
 
