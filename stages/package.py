@@ -4,6 +4,7 @@ published field names, the Japanese instructions gpg-encrypted, a manifest and m
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from stages.core import release
 from stages.core.cli import start, timed
 from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import align, read_table, sha256_file, write_json, write_jsonl_gz, write_table
+from stages.core.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")
 TABLE_COLUMNS = [
@@ -36,6 +38,7 @@ def main() -> None:
     params, name = start("package", __doc__, variant=True)
     variant, paths = params.models[name], params.paths
     out = Path(paths.release) / name
+    out.mkdir(parents=True, exist_ok=True)
     with timed(LOG, f"package@{name}") as counts:
         rows = load_rows(paths, name)
         public = [
@@ -51,7 +54,13 @@ def main() -> None:
             plain = Path(tmp) / "instructions.jsonl.gz"
             write_jsonl_gz((release.instruction_record(r) for r in rows), plain)
             plain_sha256 = sha256_file(plain)
-            encrypt_file(plain, out / spec.instructions_file, derive_key(paths.source, params.decrypt.key))
+            key = derive_key(paths.source, params.decrypt.key)
+            dirs = [f"{paths.release}/{v}" for v in [name, *sorted(set(params.models) - {name})]]
+            previous = previous_ciphertext(dirs, spec.instructions_file, plain_sha256, key, Path(tmp))
+            if previous is not None:
+                shutil.copyfile(previous, out / spec.instructions_file)
+            else:
+                encrypt_file(plain, out / spec.instructions_file, key)
         files = {
             p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(out.iterdir())

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore", "dvc.yaml", "pyproject.toml"]
 VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
 GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
+ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
 pytestmark = pytest.mark.slow
 
 
@@ -105,8 +106,20 @@ def test_second_repro_runs_nothing(built: Path):
     assert "Data and pipelines are up to date." in output
 
 
+def _ciphertexts(repo: Path) -> dict[str, bytes]:
+    return {v: (repo / "data/release" / v / ENCRYPTED).read_bytes() for v in VARIANTS}
+
+
+def test_identical_plaintext_gets_identical_ciphertext(built: Path):
+    assert len(set(_ciphertexts(built).values())) == 1  # later variants reuse the first one's file
+
+
 def test_a_gemma3_parameter_reruns_only_gemma3_stages(built: Path):
+    before = _ciphertexts(built)
+    release = (built / "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes()
     params = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))
     params["models"]["gemma3"]["generate"]["sampling"]["temperature"] = 0.9
     (built / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     assert ran(dvc(built, "repro")) == GEMMA3
+    assert (built / "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes() != release
+    assert _ciphertexts(built) == before  # re-packaged, same instructions: the .gpg did not change

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 import gnupg
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from stages.core.io import CHUNK, atomic_path
@@ -29,27 +31,43 @@ class CryptoError(RuntimeError):
 
 
 class KeySpec(BaseModel):
-    """How the passphrase is derived: digest of one file of the source, encoded as text."""
+    """How the passphrase is derived from the LMSYS-Chat-1M files (see conf/decrypt/lmsys.yaml).
+
+    The digest runs over the files that `file` matches, in sorted path order: over their bytes,
+    or, when `column` is set, over that Parquet column's values in row order, each as UTF-8
+    text followed by a newline (independent of how the Parquet file is encoded).
+    """
 
     model_config = ConfigDict(extra="forbid")
-    file: str  # glob relative to the source root; must match exactly one file
+    file: str  # glob relative to the source root
+    column: str | None = None  # hash this column's values instead of the file bytes
     hash: Literal["sha256", "sha512", "md5", "sha1"] = "sha256"
     encoding: Literal["hex", "base64"] = "hex"
 
 
+def _digest_column(digest, path: Path, column: str) -> None:
+    with pq.ParquetFile(path) as parquet:
+        if column not in parquet.schema_arrow.names:
+            raise CryptoError(f"decrypt.key.column={column!r} is not a column of {path}")
+        for batch in parquet.iter_batches(columns=[column]):
+            for value in batch.column(0).cast(pa.string()).to_pylist():
+                digest.update(f"{'' if value is None else value}\n".encode())
+
+
 def derive_key(source_root: str | os.PathLike, spec: KeySpec) -> str:
-    """Return the passphrase derived from the single file of `source_root` that matches spec.file."""
+    """Return the passphrase derived from the files of `source_root` that match spec.file."""
     root = Path(source_root)
     matches = sorted(p for p in root.glob(spec.file) if p.is_file())
-    if len(matches) != 1:
-        found = ", ".join(str(p.relative_to(root)) for p in matches) or "nothing"
-        raise CryptoError(
-            f"decrypt.key.file={spec.file!r} must match exactly one file under {root}, found {found}"
-        )
+    if not matches:
+        raise CryptoError(f"decrypt.key.file={spec.file!r} matches no file under {root}")
     digest = hashlib.new(spec.hash)
-    with open(matches[0], "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
+    for path in matches:
+        if spec.column is not None:
+            _digest_column(digest, path, spec.column)
+            continue
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
     if spec.encoding == "hex":
         return digest.hexdigest()
     return base64.b64encode(digest.digest()).decode("ascii")
