@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -22,6 +23,7 @@ PUBLIC_FIELDS = [
     "synthesized_assistant_responses",
     "synthesized_response_scoring_annotations",
 ]
+ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
 ANNOTATION_FIELDS = {"response_token_length", "judgement", "repetition_flag", "preference_score"}
 
 
@@ -150,3 +152,53 @@ def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
     write_jsonl_gz([record, record], path)
     with pytest.raises(ValueError, match="record 2 repeats conversation_id c1"):
         instruction_rows(path)
+
+
+def _params(workspace, mutate) -> None:
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    mutate(params)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_decrypt_both_released_subsets(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    run_stage(monkeypatch, "decrypt")
+    ja = pq.read_table(workspace / "data/private/instructions-ja.parquet")
+
+    def unsafe(d):
+        d["fetch"]["filter"]["moderation"] = "keep"
+        d["decrypt"]["subset"] = "ja+unsafe"
+
+    _params(workspace, unsafe)
+    run_stage(monkeypatch, "decrypt")
+    both = pq.read_table(workspace / "data/private/instructions-ja.parquet")
+    assert both.num_rows == ja.num_rows + 12  # the 12 moderation-flagged conversations
+    assert set(ja["conversation_id"].to_pylist()) < set(both["conversation_id"].to_pylist())
+
+
+def test_decrypt_of_a_truncated_release_leaves_no_plaintext(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    released = (
+        workspace / "data/raw/released/dataset/lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
+    )
+    released.write_bytes(released.read_bytes()[:-700])
+    with pytest.raises(CryptoError, match="could not decrypt"):
+        run_stage(monkeypatch, "decrypt")
+    assert list((workspace / "data/private").iterdir()) == []
+
+
+def test_subset_must_match_the_moderation_filter(workspace, monkeypatch):
+    _params(workspace, lambda d: d["fetch"]["filter"].update(moderation="keep"))
+    with pytest.raises(
+        ValueError, match=r"decrypt\.subset='ja' does not match fetch\.filter\.moderation='keep'"
+    ):
+        run_stage(monkeypatch, "fetch")
+
+
+def test_stage_outputs_are_byte_identical_on_rerun(upstream, monkeypatch):
+    outputs = ["data/private/instructions-ja.parquet", "data/private/translated.parquet"]
+    first = {name: (upstream / name).read_bytes() for name in outputs}
+    shutil.rmtree(upstream / "data/.checkpoints")
+    for stage in ("decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    assert {name: (upstream / name).read_bytes() for name in outputs} == first
