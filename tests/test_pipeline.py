@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import shutil
@@ -123,3 +125,49 @@ def test_a_gemma3_parameter_reruns_only_gemma3_stages(built: Path):
     assert ran(dvc(built, "repro")) == GEMMA3
     assert (built / "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes() != release
     assert _ciphertexts(built) == before  # re-packaged, same instructions: the .gpg did not change
+
+
+def _texts(path: Path) -> str:
+    """Everything a file says, as text: Parquet cells, gunzipped lines, or the raw bytes."""
+    if path.suffix == ".parquet":
+        return json.dumps(pq.read_table(path).to_pylist(), ensure_ascii=False, default=str)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+def _outs_by_remote(repo: Path) -> dict[str, list[Path]]:
+    """Files of every DVC out, grouped by the remote they are pushed to ('git' for cache: false)."""
+    from dvc.repo import Repo
+
+    groups: dict[str, list[Path]] = {}
+    with Repo(str(repo)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            for out in stage.outs:
+                where = "git" if not out.use_cache else (out.remote or "public")
+                path = Path(out.fs_path)
+                files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+                groups.setdefault(where, []).extend(files)
+    return groups
+
+
+def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
+    instructions = {
+        r["instruction_ja"] for r in pq.read_table(built / "data/private/translated.parquet").to_pylist()
+    }
+    instructions = {t for t in instructions if len(t) >= 6}
+    groups = _outs_by_remote(built)
+    assert set(groups) == {"public", "private", "git"}
+
+    def leaks(files: list[Path]) -> list[str]:
+        texts = {p: _texts(p) for p in files}
+        return [f"{p.relative_to(built)}: {t!r}" for p, x in texts.items() for t in instructions if t in x]
+
+    assert leaks(groups["private"])  # the scanner does find plaintext where it is allowed
+    assert leaks(groups["public"] + groups["git"]) == []
+    public = {p.relative_to(built).parts[1] for p in groups["public"]}
+    assert public == {"raw", "generated", "scored", "release"}
+    private = {p.relative_to(built).as_posix() for p in groups["private"]}
+    assert {"data/private/translated.parquet", "data/private/instructions-ja.parquet"} <= private
+    assert "data/interim/first-turn.parquet" in private
