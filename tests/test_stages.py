@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import subprocess
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key
+from stages.core.crypto import CryptoError, KeySpec, derive_key
 from stages.core.io import read_jsonl_gz, sha256_file
 from tests.conftest import run_stage
 
@@ -123,7 +124,14 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     out = upstream / "data/release/gemma3"
     key = derive_key(upstream / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
     plain = upstream / "plain.jsonl.gz"
-    decrypt_file(out / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg", plain, key)
+    home = upstream / "gnupg"
+    home.mkdir(mode=0o700)
+    by_hand = subprocess.run(  # users need nothing of ours to read the release
+        ["gpg", "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback",
+         "--passphrase-fd", "0", "--decrypt", str(out / ENCRYPTED)],
+        input=f"{key}\n".encode(), capture_output=True, check=True,
+    )  # fmt: skip
+    plain.write_bytes(by_hand.stdout)
     table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
     assert list(read_jsonl_gz(plain)) == [
         {
@@ -202,3 +210,16 @@ def test_stage_outputs_are_byte_identical_on_rerun(upstream, monkeypatch):
     for stage in ("decrypt", "translate"):
         run_stage(monkeypatch, stage)
     assert {name: (upstream / name).read_bytes() for name in outputs} == first
+
+
+def test_package_reruns_give_identical_public_files(upstream, monkeypatch):
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "llama31")
+    out = upstream / "data/release/llama31"
+    public = ["llama3.1-lmsys-chat-1m-synth-ja+en.jsonl.gz", "llama3.1-lmsys-chat-1m-synth-ja+en.parquet"]
+    first = {name: (out / name).read_bytes() for name in public}
+    manifest = json.loads((out / "manifest.json").read_text())
+    run_stage(monkeypatch, "package", "llama31")
+    assert {name: (out / name).read_bytes() for name in public} == first
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["files"][ENCRYPTED]["plaintext_sha256"] == manifest["files"][ENCRYPTED]["plaintext_sha256"]
