@@ -49,13 +49,12 @@ class FakeEngine(Engine):
     llm: LLMSpec = field(default_factory=lambda: LLMSpec(model="fake"))
     options: EngineParams = field(default_factory=lambda: EngineParams(backend="transformers", batch_size=8))
     requests: list[ChatRequest] = field(default_factory=list)
-    loaded: bool = False
+    loads: int = 0
 
     def load(self) -> None:
-        self.loaded = True
+        self.loads += 1
 
-    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
-        assert self.loaded, "chat() before load()"
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         self.requests.extend(requests)
         return [
             [Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)] for r in requests

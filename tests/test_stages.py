@@ -223,3 +223,18 @@ def test_package_reruns_give_identical_public_files(upstream, monkeypatch):
     assert {name: (out / name).read_bytes() for name in public} == first
     again = json.loads((out / "manifest.json").read_text())
     assert again["files"][ENCRYPTED]["plaintext_sha256"] == manifest["files"][ENCRYPTED]["plaintext_sha256"]
+
+
+def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstream, monkeypatch, fake_engine):
+    run_stage(monkeypatch, "generate", "gemma3")
+    loads, calls = fake_engine.loads, len(fake_engine.requests)
+    first = (upstream / "data/generated/gemma3.parquet").read_bytes()
+    shards = sorted((upstream / "data/.checkpoints/generate@gemma3").glob("*/0000*.parquet"))
+    assert len(shards) == 5  # 312 rows in shards of 64
+    shards[-1].unlink()  # as if killed while writing the last shard
+    run_stage(monkeypatch, "generate", "gemma3")
+    assert len(fake_engine.requests) > calls and fake_engine.loads == loads + 1  # only the last shard ran
+    calls = len(fake_engine.requests)
+    run_stage(monkeypatch, "generate", "gemma3")
+    assert len(fake_engine.requests) == calls and fake_engine.loads == loads + 1  # nothing to do: no load
+    assert (upstream / "data/generated/gemma3.parquet").read_bytes() == first

@@ -27,7 +27,9 @@ class Completion:
 
 @dataclass
 class Engine(abc.ABC):
-    """One model behind one backend. `load()` imports the heavy library; `chat()` is batched."""
+    """One model behind one backend. `load()` imports the heavy library and loads the model; it
+    runs on the first `chat()` that has requests, so a resumed stage whose shards are all done
+    never loads a model. `chat()` is batched; subclasses implement `_chat()`."""
 
     llm: LLMSpec
     options: EngineParams
@@ -43,16 +45,25 @@ class Engine(abc.ABC):
     def unload(self) -> None:  # noqa: B027 - engines without resources need no clean-up
         """Free the model (GPU memory, sessions)."""
 
-    @abc.abstractmethod
     def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         """Return, for each request, its `n` completions in order."""
+        if not requests:
+            return []
+        if not self._loaded:
+            self.load()
+            self._loaded = True
+        return self._chat(requests, sampling)
+
+    @abc.abstractmethod
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]: ...
 
     def __enter__(self) -> Engine:
-        self.load()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unload()
+        if self._loaded:
+            self.unload()
+            self._loaded = False
 
 
 def apply_chat_rules(messages: list[dict[str, str]], llm: LLMSpec) -> list[dict[str, str]]:

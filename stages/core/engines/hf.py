@@ -33,9 +33,7 @@ class TransformersEngine(Engine):
     def unload(self) -> None:
         self._model = self._tokenizer = None
 
-    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
-        if self._model is None:
-            raise RuntimeError("TransformersEngine.chat() called before load()")
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         results: list[list[Completion]] = []
         # Requests with the same n share a batch; batch_size counts sequences, not requests.
         for n, group in groupby(requests, key=lambda r: r.n):

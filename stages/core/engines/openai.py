@@ -35,9 +35,7 @@ class OpenAIEngine(Engine):
             self._client.close()
         self._client = None
 
-    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
-        if self._client is None:
-            raise RuntimeError("OpenAIEngine.chat() called before load()")
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
             return list(pool.map(lambda r: self._one(r, sampling), requests))
 

@@ -30,11 +30,9 @@ class VLLMEngine(Engine):
     def unload(self) -> None:
         self._llm = None
 
-    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        if self._llm is None:
-            raise RuntimeError("VLLMEngine.chat() called before load()")
         params = [
             SamplingParams(
                 n=r.n,
