@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-# The sample needs nothing from the Hub: fail fast instead of trying to reach it.
-export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test lint format params sample clean-data
 
@@ -16,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The sample needs nothing from the Hub: fail fast instead of trying to reach it.
+demo: export HF_HUB_OFFLINE := 1
 demo: install  ## run fetch -> ... -> package for all three variants on the sample
 	python -m stages.compose profile=sample
 	dvc repro

@@ -230,6 +230,9 @@ def gated_hub() -> Iterator[str]:
 
 
 def test_token_without_access_explains_the_license(workspace, monkeypatch, gated_hub):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the "Hub" is on 127.0.0.1
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
     _use_hub(workspace, gated_hub)
     with pytest.raises(
