@@ -18,11 +18,13 @@ import yaml
 from stages.compose import compose_params
 from stages.core.crypto import KeySpec, decrypt_file, derive_key
 from stages.core.io import read_jsonl_gz
+from tests.s3 import CREDENTIALS, moto_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore", "dvc.yaml", "pyproject.toml"]
 VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
 GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
 pytestmark = pytest.mark.slow
 
@@ -54,12 +56,8 @@ def repo(tmp_path_factory) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     (repo / "params.yaml").write_text(compose_params(["profile=sample"]), encoding="utf-8")
-    for args in (
-        ["init", "-q"],
-        ["add", "-A"],
-        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "s"],
-    ):
-        subprocess.run(["git", *args], cwd=repo, check=True)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "sample"]):
+        subprocess.run([*GIT, *args], cwd=repo, check=True)
     return repo
 
 
@@ -171,3 +169,62 @@ def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
     private = {p.relative_to(built).as_posix() for p in groups["private"]}
     assert {"data/private/translated.parquet", "data/private/instructions-ja.parquet"} <= private
     assert "data/interim/first-turn.parquet" in private
+
+
+def _objects(endpoint: str, bucket: str) -> set[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def test_push_to_s3_and_pull_a_release_into_a_fresh_clone(built: Path, tmp_path: Path, monkeypatch):
+    import boto3
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    subprocess.run(["git", "add", "-A"], cwd=built, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=built, check=True
+    )
+    lock = yaml.safe_load((built / "dvc.lock").read_text(encoding="utf-8"))
+    translated = next(
+        o for o in lock["stages"]["translate"]["outs"] if o["path"].endswith("translated.parquet")
+    )
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
+            client.create_bucket(Bucket=bucket)
+        for repo in (built, tmp_path / "clone"):
+            if repo != built:
+                subprocess.run(["git", "clone", "-q", str(built), str(repo)], check=True)
+            for remote in ("public", "private"):
+                dvc(repo, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+            if repo == built:
+                dvc(repo, "push")
+        public, private = (
+            _objects(endpoint, "lmsys-chat-1m-synth"),
+            _objects(endpoint, "lmsys-chat-1m-synth-private"),
+        )
+        md5 = translated["md5"]
+        assert f"dvc-private/files/md5/{md5[:2]}/{md5[2:]}" in private  # plaintext instructions: private only
+        assert not any(md5[2:] in key for key in public)
+        dvc(tmp_path / "clone", "pull", "package@gemma3")
+    release = Path("data/release/gemma3")
+    for name in sorted(p.name for p in (built / release).iterdir()):
+        assert (tmp_path / "clone" / release / name).read_bytes() == (built / release / name).read_bytes()
+
+
+def test_package_encrypts_afresh_when_the_previous_release_cannot_be_read(built: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy, symlinks=True, ignore=shutil.ignore_patterns("cache"))  # no .dvc/cache
+    before = (copy / "data/release/gemma3" / ENCRYPTED).read_bytes()
+    shutil.rmtree(copy / "data/release")  # no earlier release in the workspace either
+    output = dvc(copy, "repro", "--force", "--single-item", "package@gemma3")
+    assert ran(output) == {"package@gemma3"}
+    after = (copy / "data/release/gemma3" / ENCRYPTED).read_bytes()
+    assert after != before  # the dvc.lock's release is in no cache and the S3 remote is unreachable
+    key = derive_key(copy / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
+    decrypt_file(copy / "data/release/gemma3" / ENCRYPTED, tmp_path / "plain.jsonl.gz", key)
+    assert len(list(read_jsonl_gz(tmp_path / "plain.jsonl.gz"))) == 312

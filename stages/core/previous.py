@@ -18,12 +18,14 @@ def _read_previous(path: str, target: Path) -> bool:
     """Copy the version of `path` that dvc.lock records (from the DVC cache or remote) to `target`."""
     import dvc.api
     from dvc.exceptions import DvcException
+    from dvc_data.index import DataIndexError
 
     try:
         with dvc.api.open(path, mode="rb") as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    except (DvcException, OSError) as err:  # no DVC repo, never released, not in cache nor remote
-        LOG.debug("no previous %s: %s", path, err)
+    except (DvcException, DataIndexError, OSError) as err:
+        # no DVC repo, never packaged, or recorded but in neither the cache nor a reachable remote
+        LOG.info("no previous %s to reuse (%s): encrypting afresh", path, type(err).__name__)
         return False
     return True
 
