@@ -25,7 +25,7 @@ def _read_previous(path: str, target: Path) -> bool:
             shutil.copyfileobj(src, dst)
     except (DvcException, DataIndexError, OSError) as err:
         # no DVC repo, never packaged, or recorded but in neither the cache nor a reachable remote
-        LOG.info("no previous %s to reuse (%s): encrypting afresh", path, type(err).__name__)
+        LOG.info("no earlier %s to reuse (%s)", path, type(err).__name__)
         return False
     return True
 
@@ -54,4 +54,5 @@ def previous_ciphertext(
         if sha256_file(check) == plaintext_sha256:
             LOG.info("plaintext unchanged: reusing the ciphertext of %s/%s", release_dir, name)
             return candidate
+    LOG.info("no earlier release has this plaintext under this key: encrypting afresh")
     return None
