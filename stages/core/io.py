@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,18 +52,25 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(path, columns=columns)
 
 
-def write_jsonl_gz(records: Iterable[dict], path: str | os.PathLike) -> int:
-    """Write records as gzip-compressed JSON lines (mtime 0, no file name), atomically."""
-    count = 0
+@contextlib.contextmanager
+def jsonl_gz_writer(path: str | os.PathLike) -> Iterator[Callable[[dict], None]]:
+    """Yield a function that appends one record to a gzip JSON-lines file (mtime 0, no file name);
+    the file takes its place only when the block succeeds."""
     with (
         atomic_path(path) as tmp,
         open(tmp, "wb") as raw,
         gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
         io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as text,
     ):
+        yield lambda record: text.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_gz(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write records as gzip-compressed JSON lines, atomically; return how many."""
+    count = 0
+    with jsonl_gz_writer(path) as write:
         for record in records:
-            text.write(json.dumps(record, ensure_ascii=False))
-            text.write("\n")
+            write(record)
             count += 1
     return count
 
@@ -115,3 +122,48 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Rows:
+    """Reads a Parquet file in pieces of exactly the requested number of rows."""
+
+    def __init__(self, path: str | os.PathLike, columns: list[str]) -> None:
+        self.path = Path(path)
+        self._batches = pq.ParquetFile(self.path).iter_batches(columns=["conversation_id", *columns])
+        self._rest: pa.Table | None = None
+
+    def take(self, n: int) -> pa.Table | None:
+        """The next n rows (fewer at the end of the file), or None when the file is exhausted."""
+        parts = [] if self._rest is None else [self._rest]
+        have = sum(p.num_rows for p in parts)
+        while have < n and (batch := next(self._batches, None)) is not None:
+            parts.append(pa.Table.from_batches([batch]))
+            have += batch.num_rows
+        if have == 0:
+            return None
+        table = pa.concat_tables(parts)
+        self._rest = table.slice(n)
+        return table.slice(0, n)
+
+
+def iter_aligned(
+    base: tuple[str | os.PathLike, list[str]], *others: tuple[str | os.PathLike, list[str]], rows: int = 8192
+) -> Iterator[pa.Table]:
+    """Stream `rows` rows at a time of `base`'s columns with `others`' columns appended.
+
+    Every file must list the same conversations in the same order (conversation_id is checked),
+    whatever its row groups; only one piece of each file is in memory at a time.
+    """
+    first, readers = _Rows(*base), [(_Rows(path, columns), columns) for path, columns in others]
+    while (part := first.take(rows)) is not None:
+        for reader, columns in readers:
+            other = reader.take(part.num_rows)
+            if other is None or other.num_rows != part.num_rows:
+                raise ValueError(
+                    f"{reader.path} has fewer rows than {first.path}: re-run the stage that wrote it"
+                )
+            part = align(part, other, columns, str(reader.path))
+        yield part
+    for reader, _ in readers:
+        if reader.take(1) is not None:
+            raise ValueError(f"{reader.path} has more rows than {first.path}: re-run the stage that wrote it")

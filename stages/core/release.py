@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+import pyarrow as pa
+
 from stages.core.judge import FAILED
+from stages.core.responses import ANNOTATION, MESSAGE
 
 
 def assistant(responses: list[dict] | None) -> list[dict] | None:
@@ -34,19 +39,46 @@ def instruction_record(row: dict) -> dict:
     }
 
 
-def release_metrics(rows: list[dict]) -> dict:
+def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
+    """Arrow schema of the public records, so every Parquet batch has the same types."""
+    assistant_turns = pa.list_(MESSAGE)
+    fields = [
+        ("conversation_id", pa.string()),
+        ("duplicate_user_instruction_ja", pa.string()),
+        ("empty_user_instruction_ja", pa.bool_()),
+        ("is_template_instruction", pa.string()),
+        ("synthesized_assistant_responses", assistant_turns),
+        ("synthesized_response_scoring_annotations", pa.list_(ANNOTATION)),
+    ]
+    if with_en:
+        fields.append(("synthesized_assistant_responses_en", assistant_turns))
+    if with_second_turn:
+        fields.append(("synthesized_multiturn_conversation", pa.list_(MESSAGE)))
+    return pa.schema(fields)
+
+
+def add_metrics(totals: Counter, rows: list[dict]) -> None:
+    """Add one batch of rows to the running release counts."""
     scores = [a["preference_score"] for r in rows for a in (r["annotations"] or [])]
     valid = [s for s in scores if s != FAILED]
-    return {
-        "instructions": len(rows),
-        "instructions_with_responses": sum(r["responses_ja"] is not None for r in rows),
-        "responses_ja": sum(len(r["responses_ja"] or []) for r in rows),
-        "responses_en": sum(len(r["responses_en"] or []) for r in rows),
-        "multiturn_conversations": sum(r["multiturn"] is not None for r in rows),
-        "judgements": len(scores),
-        "judgements_failed": len(scores) - len(valid),
-        "mean_preference_score": round(sum(valid) / len(valid), 4) if valid else None,
-        "template_instructions": sum(r["is_template_instruction"] is not None for r in rows),
-        "empty_instructions": sum(bool(r["empty_user_instruction_ja"]) for r in rows),
-        "duplicate_instructions": sum(r["duplicate_user_instruction_ja"] is not None for r in rows),
-    }
+    totals.update(
+        instructions=len(rows),
+        instructions_with_responses=sum(r["responses_ja"] is not None for r in rows),
+        responses_ja=sum(len(r["responses_ja"] or []) for r in rows),
+        responses_en=sum(len(r["responses_en"] or []) for r in rows),
+        multiturn_conversations=sum(r["multiturn"] is not None for r in rows),
+        judgements=len(scores),
+        judgements_failed=len(scores) - len(valid),
+        template_instructions=sum(r["is_template_instruction"] is not None for r in rows),
+        empty_instructions=sum(bool(r["empty_user_instruction_ja"]) for r in rows),
+        duplicate_instructions=sum(r["duplicate_user_instruction_ja"] is not None for r in rows),
+    )
+    totals["score_sum"] += sum(valid)
+
+
+def release_metrics(totals: Counter) -> dict:
+    """The release's metrics from the running counts."""
+    metrics = {k: v for k, v in totals.items() if k != "score_sum"}
+    scored = totals["judgements"] - totals["judgements_failed"]
+    metrics["mean_preference_score"] = round(totals["score_sum"] / scored, 4) if scored else None
+    return metrics
