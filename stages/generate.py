@@ -7,18 +7,17 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from stages.core.cli import start, timed
 from stages.core.engines import ChatRequest, make_engine
-from stages.core.io import read_table, sha256_file, write_table
+from stages.core.io import iter_aligned, sha256_file
 from stages.core.prompts import with_system
 from stages.core.responses import RESPONSES, as_rows, request_seed
 from stages.core.shards import fingerprint, run_sharded
 
 LOG = logging.getLogger("stages.generate")
 COLUMNS = [
-    "conversation_id",
     "instruction",
     "instruction_ja",
     "empty_user_instruction_ja",
@@ -26,9 +25,14 @@ COLUMNS = [
 ]
 
 
+def eligible(row: dict) -> bool:
+    """Empty and duplicate instructions get no responses."""
+    return not row["empty_user_instruction_ja"] and row["duplicate_user_instruction_ja"] is None
+
+
 def responses(engine, rows: list[dict], field: str, n: int, spec, seed: int, purpose: str) -> list:
     """n completions for each row's `field` (None where the row is skipped or n is 0)."""
-    todo = [r for r in rows if r["generate"]] if n else []
+    todo = [r for r in rows if eligible(r)] if n else []
     requests = [
         ChatRequest(
             with_system(spec.system_prompt, [{"role": "user", "content": r[field]}]),
@@ -45,17 +49,17 @@ def main() -> None:
     params, name = start("generate", __doc__, variant=True)
     spec, paths = params.models[name].generate, params.paths
     with timed(LOG, f"generate@{name}") as counts:
-        table = read_table(paths.translated, columns=COLUMNS)
-        eligible = pc.and_(
-            pc.invert(table["empty_user_instruction_ja"]), pc.is_null(table["duplicate_user_instruction_ja"])
-        )
-        table = table.append_column("generate", eligible)
         key = fingerprint(sha256_file(paths.translated), spec, params.engine, params.seed)
 
         def shard(part: pa.Table, _: int) -> pa.Table:
             rows = part.to_pylist()
+            for row in rows:
+                row["generate"] = (
+                    not row["empty_user_instruction_ja"] and row["duplicate_user_instruction_ja"] is None
+                )
             ja = responses(engine, rows, "instruction_ja", spec.n_ja, spec, params.seed, "ja")
             en = responses(engine, rows, "instruction", spec.n_en, spec, params.seed, "en")
+            counts["instructions_generated_now"] += sum(map(eligible, rows))
             return pa.table(
                 {
                     "conversation_id": part["conversation_id"],
@@ -64,17 +68,17 @@ def main() -> None:
                 }
             )
 
+        total = -(-pq.ParquetFile(paths.translated).metadata.num_rows // spec.shard_size)
         with make_engine(spec.llm, params.engine) as engine:
-            out = run_sharded(
-                table,
+            counts["rows"] = run_sharded(
+                iter_aligned((paths.translated, COLUMNS), rows=spec.shard_size),
                 shard,
-                shard_size=spec.shard_size,
-                key=key,
+                out=Path(paths.generated) / f"{name}.parquet",
                 checkpoints=paths.checkpoints,
                 stage=f"generate@{name}",
+                key=key,
+                total=total,
             )
-        write_table(out, Path(paths.generated) / f"{name}.parquet")
-        counts.update(rows_in=table.num_rows, generated_for=pc.sum(eligible).as_py() or 0)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages.core import judge
 from stages.core.cli import start, timed
 from stages.core.engines import ChatRequest, Engine, make_engine
-from stages.core.io import align, read_table, sha256_file, write_table
+from stages.core.io import iter_aligned, sha256_file
 from stages.core.params import Params
 from stages.core.responses import ANNOTATION, MESSAGE, request_seed
 from stages.core.second_turn import best_answers, continue_conversations
@@ -42,63 +43,67 @@ def judge_rows(engine: Engine, rows: list[dict], params: Params, name: str) -> l
     ]
 
 
+def judge_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
+    notes = judge_rows(engine, part.to_pylist(), params, name)
+    best = [None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes]
+    table = pa.table(
+        {
+            "conversation_id": part["conversation_id"],
+            "annotations": pa.array(notes, pa.list_(ANNOTATION)),
+            "best_index": pa.array(best, pa.int64()),
+        }
+    )
+    if params.models[name].second_turn is None:  # no second pass: the column stays null
+        table = table.append_column("multiturn", pa.nulls(table.num_rows, pa.list_(MESSAGE)))
+    return table
+
+
+def second_turn_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
+    """The generator's two-turn continuation from each best response (null without one)."""
+    variant, rows = params.models[name], part.to_pylist()
+    turns = best_answers(rows, [r["best_index"] for r in rows])
+    dialogues = continue_conversations(engine, turns, variant.second_turn, variant.generate, params.seed)
+    multiturn = pa.array([dialogues.get(r["conversation_id"]) for r in rows], pa.list_(MESSAGE))
+    return part.select(["conversation_id", "annotations", "best_index"]).append_column("multiturn", multiturn)
+
+
 def main() -> None:
     params, name = start("score", __doc__, variant=True)
     variant, paths = params.models[name], params.paths
-    generated = Path(paths.generated) / f"{name}.parquet"
+    generated, scored = Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"
+    inputs = [(paths.translated, ["instruction_ja"]), (generated, ["responses_ja"])]
+    size = variant.score.shard_size
+    total = -(-pq.ParquetFile(generated).metadata.num_rows // size)
     with timed(LOG, f"score@{name}") as counts:
-        table = align(
-            read_table(paths.translated, columns=["conversation_id", "instruction_ja"]),
-            read_table(generated),
-            ["responses_ja"],
-            str(generated),
-        )
         key = fingerprint(
             sha256_file(generated), sha256_file(paths.translated), variant.score, params.engine, params.seed
         )
-
-        def shard(part: pa.Table, _: int) -> pa.Table:
-            notes = judge_rows(engine, part.to_pylist(), params, name)
-            best = [
-                None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes
-            ]
-            return pa.table(
-                {
-                    "conversation_id": part["conversation_id"],
-                    "annotations": pa.array(notes, pa.list_(ANNOTATION)),
-                    "best_index": pa.array(best, pa.int64()),
-                }
-            )
-
+        judged = scored if variant.second_turn is None else Path(paths.checkpoints) / f"score@{name}.parquet"
         with make_engine(variant.score.llm, params.engine) as engine:
-            scored = run_sharded(
-                table,
-                shard,
-                shard_size=variant.score.shard_size,
-                key=key,
+            counts["rows"] = run_sharded(
+                iter_aligned(*inputs, rows=size),
+                lambda part, _: judge_shard(engine, part, params, name),
+                out=judged,
                 checkpoints=paths.checkpoints,
                 stage=f"score@{name}",
+                key=key,
+                total=total,
             )
-        scored = scored.append_column(
-            "multiturn",
-            pa.array(second_turns(table, scored["best_index"].to_pylist(), params, name), pa.list_(MESSAGE)),
+        if variant.second_turn is None:
+            return
+        key = fingerprint(
+            sha256_file(judged), variant.second_turn, variant.generate, params.engine, params.seed
         )
-        write_table(scored, Path(paths.scored) / f"{name}.parquet")
-        counts.update(
-            rows_in=table.num_rows, judged=sum(len(n or []) for n in scored["annotations"].to_pylist())
-        )
-
-
-def second_turns(table: pa.Table, best: list[int | None], params: Params, name: str) -> list | None:
-    """The generator's two-turn continuation from each best response (None without one)."""
-    variant = params.models[name]
-    turns = best_answers(table.to_pylist(), best) if variant.second_turn else []
-    LOG.info("second turn for %d conversations with a best response", len(turns))
-    if not turns:
-        return [None] * table.num_rows
-    with make_engine(variant.generate.llm, params.engine) as engine:
-        dialogues = continue_conversations(engine, turns, variant.second_turn, variant.generate, params.seed)
-    return [dialogues.get(c) for c in table["conversation_id"].to_pylist()]
+        with make_engine(variant.generate.llm, params.engine) as engine:
+            run_sharded(
+                iter_aligned(*inputs, (judged, ["annotations", "best_index"]), rows=size),
+                lambda part, _: second_turn_shard(engine, part, params, name),
+                out=scored,
+                checkpoints=paths.checkpoints,
+                stage=f"second-turn@{name}",
+                key=key,
+                total=total,
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ ones the release lacks (translator LLM) and flag empty, duplicate and template i
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +15,7 @@ from stages.core.engines import ChatRequest, make_engine
 from stages.core.io import read_table, sha256_file, write_table
 from stages.core.params import Params
 from stages.core.prompts import user_turn
-from stages.core.shards import fingerprint, run_sharded
+from stages.core.shards import fingerprint, run_sharded, slices
 
 LOG = logging.getLogger("stages.translate")
 
@@ -38,16 +39,17 @@ def translate_missing(table: pa.Table, params: Params) -> pa.Table:
         texts = [next(done) if t and t.strip() else "" for t in originals]
         return pa.table({"conversation_id": rows["conversation_id"], "instruction_ja": texts})
 
+    out = Path(params.paths.checkpoints) / "translate.parquet"
     with make_engine(spec.llm, params.engine) as engine:
-        done = run_sharded(
-            table,
+        run_sharded(
+            slices(table, spec.shard_size),
             shard,
-            shard_size=spec.shard_size,
-            key=key,
+            out=out,
             checkpoints=params.paths.checkpoints,
             stage="translate",
+            key=key,
         )
-    return done
+    return read_table(out)
 
 
 def fill_translations(first: pa.Table, released: pa.Table, params: Params) -> pa.Table:

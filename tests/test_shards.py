@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from stages.core.shards import fingerprint, run_sharded
+from stages.core.shards import fingerprint, run_sharded, slices
 
 
 def _double(calls):
@@ -24,32 +25,27 @@ def _double(calls):
 def test_a_killed_run_resumes_from_finished_shards(tmp_path):
     table = pa.table({"x": list(range(10))})
     calls: list[int] = []
-    fn = _double(calls)
+    fn, out = _double(calls), tmp_path / "out.parquet"
     with pytest.raises(RuntimeError, match="killed"):
-        run_sharded(table, fn, shard_size=3, checkpoints=tmp_path, stage="t", key="k1")
+        run_sharded(slices(table, 3), fn, out=out, checkpoints=tmp_path, stage="t", key="k1")
     assert sorted(p.name for p in (tmp_path / "t" / "k1").glob("*.parquet")) == [
         "00000.parquet",
         "00001.parquet",
     ]
+    assert not out.exists()
     fn.crash = False
     calls.clear()
-    out = run_sharded(table, fn, shard_size=3, checkpoints=tmp_path, stage="t", key="k1")
+    assert run_sharded(slices(table, 3), fn, out=out, checkpoints=tmp_path, stage="t", key="k1") == 10
     assert calls == [2, 3]  # shards 0 and 1 were reused
-    assert out["x"].to_pylist() == [2 * i for i in range(10)]
+    assert pq.read_table(out)["x"].to_pylist() == [2 * i for i in range(10)]
 
 
 def test_a_new_key_ignores_and_removes_stale_shards(tmp_path):
-    table = pa.table({"x": [1, 2, 3]})
-    run_sharded(table, lambda p, i: p, shard_size=2, checkpoints=tmp_path, stage="t", key="old")
-    out = run_sharded(
-        table,
-        lambda p, i: pa.table({"x": [0] * p.num_rows}),
-        shard_size=2,
-        checkpoints=tmp_path,
-        stage="t",
-        key="new",
-    )
-    assert out["x"].to_pylist() == [0, 0, 0]
+    table, out = pa.table({"x": [1, 2, 3]}), tmp_path / "out.parquet"
+    run_sharded(slices(table, 2), lambda p, i: p, out=out, checkpoints=tmp_path, stage="t", key="old")
+    zeros = lambda p, i: pa.table({"x": [0] * p.num_rows})  # noqa: E731
+    run_sharded(slices(table, 2), zeros, out=out, checkpoints=tmp_path, stage="t", key="new")
+    assert pq.read_table(out)["x"].to_pylist() == [0, 0, 0]
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["new"]
 
 

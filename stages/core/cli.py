@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from stages.core.params import Params, load_params
@@ -28,9 +29,9 @@ def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | No
 
 
 @contextlib.contextmanager
-def timed(log: logging.Logger, what: str) -> Iterator[dict]:
-    """Log `what` with the rows in/out the block records and the seconds it took."""
-    counts: dict = {}
+def timed(log: logging.Logger, what: str) -> Iterator[Counter]:
+    """Log `what` with the counts (rows in/out...) the block records and the seconds it took."""
+    counts: Counter = Counter()
     began = time.perf_counter()
     yield counts
     detail = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items())

@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages.core.io import read_table, write_json, write_table
+from stages.core.io import PARQUET_OPTIONS, atomic_path, write_json, write_table
 
 LOG = logging.getLogger(__name__)
 
@@ -26,36 +26,51 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def slices(table: pa.Table, size: int) -> Iterable[pa.Table]:
+    """Consecutive slices of an in-memory table, `size` rows each."""
+    return (table.slice(start, size) for start in range(0, max(table.num_rows, 1), size))
+
+
 def run_sharded(
-    table: pa.Table,
+    shards: Iterable[pa.Table],
     fn: Callable[[pa.Table, int], pa.Table],
     *,
-    shard_size: int,
+    out: str | Path,
     checkpoints: str | Path,
     stage: str,
     key: str,
-) -> pa.Table:
-    """Apply `fn(shard, index)` to consecutive slices of `table`; return the concatenated results.
+    total: int | None = None,
+) -> int:
+    """Apply `fn(shard, index)` to each input shard and stream the results into `out`; return its rows.
 
     Each result is written atomically to `<checkpoints>/<stage>/<key>/<i:05d>.parquet`; existing
-    files are reused, so a killed run resumes from its finished shards. Directories of other
-    keys (stale inputs or params) are removed once this key has finished.
+    files are reused, so a killed run resumes from its finished shards (the input must yield
+    the same shards again). Directories of other keys (stale inputs or params) are removed once
+    this key has finished. Only one shard is in memory at a time.
     """
     root = Path(checkpoints) / stage
     directory = root / key
-    n_shards = max(1, math.ceil(table.num_rows / shard_size))
-    write_json(
-        {"key": key, "rows": table.num_rows, "shards": n_shards, "stage": stage}, directory / "meta.json"
-    )
-    parts = []
-    for i in tqdm(range(n_shards), desc=stage, unit="shard"):
+    done: list[Path] = []
+    for i, shard in enumerate(tqdm(shards, desc=stage, unit="shard", total=total)):
         path = directory / f"{i:05d}.parquet"
         if path.exists():
             LOG.info("%s: shard %05d already done, skipping (%s)", stage, i, path)
         else:
-            write_table(fn(table.slice(i * shard_size, shard_size), i), path)
-        parts.append(read_table(path))
+            write_table(fn(shard, i), path)
+        done.append(path)
+    write_json({"key": key, "shards": len(done), "stage": stage}, directory / "meta.json")
+    rows = 0
+    with atomic_path(out) as tmp:
+        writer = None
+        for path in done:
+            table = pq.read_table(path)
+            writer = writer or pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTIONS)
+            writer.write_table(table)
+            rows += table.num_rows
+        if writer is None:
+            raise ValueError(f"{stage}: no input rows")
+        writer.close()
     for stale in (p for p in root.iterdir() if p.is_dir() and p.name != key):
         LOG.info("%s: removing stale checkpoints %s", stage, stale)
         shutil.rmtree(stale)
-    return pa.concat_tables(parts)
+    return rows
