@@ -66,6 +66,7 @@ def test_fetch_filters_the_sample(workspace, monkeypatch):
     assert not table.flagged.any()
     assert table.redacted.sum() == 12  # redacted conversations are kept (redacted: keep)
     assert (table.instruction == "").sum() == rows["empty_first_turn"] == 4  # kept, not silently dropped
+    assert table.empty_first_turn.sum() == 4 and (table[table.empty_first_turn].instruction == "").all()
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(workspace, monkeypatch):

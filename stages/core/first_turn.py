@@ -46,6 +46,7 @@ SCHEMA = pa.schema(
         ("redacted", pa.bool_()),
         ("flagged", pa.bool_()),
         ("instruction", pa.string()),  # the first user turn, as in LMSYS-Chat-1M
+        ("empty_first_turn", pa.bool_()),  # kept and flagged, never silently dropped
     ]
 )
 
@@ -102,14 +103,13 @@ def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter) -> pa
     columns = {
         name: batch.column(name) for name in ("conversation_id", "model", "language", "turn", "redacted")
     }
-    columns.update(flagged=pa.array(flagged), instruction=content)
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(content), ""), True)
+    columns.update(flagged=pa.array(flagged), instruction=content, empty_first_turn=empty)
     table = pa.table({f.name: columns[f.name].cast(f.type) for f in SCHEMA}, schema=SCHEMA).filter(
         pa.array(keep)
     )
     counts["rows_out"] += table.num_rows
-    counts["empty_first_turn"] += int(
-        pc.sum(pc.equal(pc.utf8_trim_whitespace(table["instruction"]), "")).as_py() or 0
-    )
+    counts["empty_first_turn"] += int(pc.sum(table["empty_first_turn"]).as_py() or 0)
     return table
 
 
