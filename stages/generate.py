@@ -7,14 +7,13 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.core.cli import start, timed
 from stages.core.engines import ChatRequest, make_engine
 from stages.core.io import iter_aligned, sha256_file
 from stages.core.prompts import with_system
 from stages.core.responses import RESPONSES, as_rows, request_seed
-from stages.core.shards import fingerprint, run_sharded
+from stages.core.shards import fingerprint, run_sharded, shard_count
 
 LOG = logging.getLogger("stages.generate")
 COLUMNS = [
@@ -68,7 +67,7 @@ def main() -> None:
                 }
             )
 
-        total = -(-pq.ParquetFile(paths.translated).metadata.num_rows // spec.shard_size)
+        total = shard_count(paths.translated, spec.shard_size)
         with make_engine(spec.llm, params.engine) as engine:
             counts["rows"] = run_sharded(
                 iter_aligned((paths.translated, COLUMNS), rows=spec.shard_size),

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.core import judge
 from stages.core.cli import start, timed
@@ -16,7 +15,7 @@ from stages.core.io import iter_aligned, sha256_file
 from stages.core.params import Params
 from stages.core.responses import ANNOTATION, MESSAGE, request_seed
 from stages.core.second_turn import best_answers, continue_conversations
-from stages.core.shards import fingerprint, run_sharded
+from stages.core.shards import fingerprint, run_sharded, shard_count
 
 LOG = logging.getLogger("stages.score")
 
@@ -73,7 +72,7 @@ def main() -> None:
     generated, scored = Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"
     inputs = [(paths.translated, ["instruction_ja"]), (generated, ["responses_ja"])]
     size = variant.score.shard_size
-    total = -(-pq.ParquetFile(generated).metadata.num_rows // size)
+    total = shard_count(generated, size)
     with timed(LOG, f"score@{name}") as counts:
         key = fingerprint(
             sha256_file(generated), sha256_file(paths.translated), variant.score, params.engine, params.seed

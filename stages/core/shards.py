@@ -31,6 +31,11 @@ def slices(table: pa.Table, size: int) -> Iterable[pa.Table]:
     return (table.slice(start, size) for start in range(0, max(table.num_rows, 1), size))
 
 
+def shard_count(path: str | Path, size: int) -> int:
+    """How many shards of `size` rows the Parquet file at `path` makes (for progress bars)."""
+    return -(-pq.ParquetFile(path).metadata.num_rows // size)
+
+
 def run_sharded(
     shards: Iterable[pa.Table],
     fn: Callable[[pa.Table, int], pa.Table],
