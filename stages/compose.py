@@ -11,8 +11,12 @@ import argparse
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from stages.core.cli import run
+from stages.core.errors import PipelineError
 from stages.core.params import PARAMS_FILE, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -20,10 +24,17 @@ HEADER = "# Written by `python -m stages.compose{args}`: edit conf/ and re-run i
 
 
 def compose_params(overrides: list[str], conf_dir: Path = CONF_DIR) -> str:
-    """Return the params.yaml text for these Hydra overrides, validated."""
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    OmegaConf.resolve(cfg)
+    """Return the params.yaml text for these Hydra overrides, validated (unknown keys are refused)."""
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's message names the option or key and lists the allowed ones; its search path is noise
+        text = str(err).split("\nConfig search path:")[0].strip()
+        raise PipelineError(
+            f"cannot compose conf/ with {' '.join(overrides) or 'no overrides'}: {text}"
+        ) from err
     data = OmegaConf.to_container(cfg)
     validate(data, Path("<composition of conf/>"))
     args = "".join(f" {o}" for o in overrides)
@@ -40,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

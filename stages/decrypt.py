@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.crypto import decrypt_file, derive_key
 from stages.core.io import read_jsonl_gz, write_table
 
@@ -48,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.first_turn import write_first_turns
 from stages.core.io import staged_dir, write_json
 from stages.core.source import fetch_files
@@ -39,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.engines import ChatRequest, make_engine
 from stages.core.io import iter_aligned, sha256_file
 from stages.core.prompts import with_system
@@ -81,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

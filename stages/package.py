@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core import release
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import (
     PARQUET_OPTIONS,
@@ -98,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

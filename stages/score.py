@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.core import judge
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.engines import ChatRequest, Engine, make_engine
 from stages.core.io import iter_aligned, sha256_file
 from stages.core.params import Params
@@ -106,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

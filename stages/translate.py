@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core import annotate
-from stages.core.cli import start, timed
+from stages.core.cli import run, start, timed
 from stages.core.engines import ChatRequest, make_engine
 from stages.core.io import read_table, sha256_file, write_table
 from stages.core.params import Params
@@ -106,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

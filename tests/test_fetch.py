@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from stages.core.errors import SourceError
 from stages.core.source import AccessError, ChecksumError
 from tests.conftest import run_stage
 from tests.s3 import CREDENTIALS, moto_server, upload_tree
@@ -151,7 +152,7 @@ def test_a_failed_fetch_keeps_the_previous_outputs_untouched(workspace, monkeypa
     run_stage(monkeypatch, "fetch")
     before = _outputs(workspace)
     _set(workspace, lambda d: d["fetch"]["released"].update(include=["dataset/nothing-*.gpg"]))
-    with pytest.raises(FileNotFoundError, match="no file under data/sample/lmsys-chat-1m-synth matches"):
+    with pytest.raises(SourceError, match="no file under data/sample/lmsys-chat-1m-synth matches"):
         run_stage(monkeypatch, "fetch")
     assert _outputs(workspace) == before
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra.errors import ConfigCompositionException
 
 from stages.compose import HEADER, compose_params
+from stages.core.errors import PipelineError
 from stages.core.params import ParamsError, load_params, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_missing_params_file_says_how_to_write_it(tmp_path):
 
 
 def test_compose_rejects_an_unknown_override():
-    with pytest.raises(ConfigCompositionException, match=r"models\.gemma3\.generate\.n_jaa"):
+    with pytest.raises(PipelineError, match=r"models\.gemma3\.generate\.n_jaa"):
         compose_params(["models.gemma3.generate.n_jaa=3"])
 
 

@@ -5,13 +5,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from stages.core.errors import PipelineError
 from stages.core.params import Params, load_params
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+TRACEBACK_ENV = "LMSYS_SYNTH_TRACEBACK"  # set to 1 to see the traceback of an expected failure
+EXIT_EXPECTED = 2
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run an entry point; an expected failure (PipelineError) becomes a few lines and exit status 2.
+
+    Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        main()
+    except PipelineError as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        sys.exit(EXIT_EXPECTED)
 
 
 def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | None]:

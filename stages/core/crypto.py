@@ -13,36 +13,22 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 import gnupg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
 
+from stages.core.errors import PipelineError
 from stages.core.io import CHUNK, atomic_path
+from stages.core.params import KeySpec
 
 LOG = logging.getLogger(__name__)
 CIPHER = "AES256"
+__all__ = ["CryptoError", "KeySpec", "decrypt_file", "derive_key", "encrypt_file"]
 
 
-class CryptoError(RuntimeError):
+class CryptoError(PipelineError, RuntimeError):
     """Encryption or decryption failed; no plaintext output was left behind."""
-
-
-class KeySpec(BaseModel):
-    """How the passphrase is derived from the LMSYS-Chat-1M files (see conf/decrypt/lmsys.yaml).
-
-    The digest runs over the files that `file` matches, in sorted path order: over their bytes,
-    or, when `column` is set, over that Parquet column's values in row order, each as UTF-8
-    text followed by a newline (independent of how the Parquet file is encoded).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    file: str  # glob relative to the source root
-    column: str | None = None  # hash this column's values instead of the file bytes
-    hash: Literal["sha256", "sha512", "md5", "sha1"] = "sha256"
-    encoding: Literal["hex", "base64"] = "hex"
 
 
 def _digest_column(digest, path: Path, column: str) -> None:

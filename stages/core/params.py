@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.core.crypto import KeySpec
+from stages.core.errors import PipelineError
 
 PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
 VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
@@ -19,7 +19,7 @@ COMMIT = r"[0-9a-f]{40}"
 RELEASE_PROFILE = "production"  # its sources must be pinned to commits
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """params.yaml is missing, malformed, or holds a value of the wrong type or an unknown key."""
 
 
@@ -68,6 +68,20 @@ class FetchParams(Strict):
     source: SourceSpec
     released: SourceSpec
     filter: FilterSpec
+
+
+class KeySpec(Strict):
+    """How the passphrase is derived from the LMSYS-Chat-1M files (see conf/decrypt/lmsys.yaml).
+
+    The digest runs over the files that `file` matches, in sorted path order: over their bytes,
+    or, when `column` is set, over that Parquet column's values in row order, each as UTF-8
+    text followed by a newline (independent of how the Parquet file is encoded).
+    """
+
+    file: str  # glob relative to the source root
+    column: str | None = None  # hash this column's values instead of the file bytes
+    hash: Literal["sha256", "sha512", "md5", "sha1"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
 
 
 class DecryptParams(Strict):

@@ -12,6 +12,7 @@ from pathlib import Path
 import fsspec
 from tqdm import tqdm
 
+from stages.core.errors import PipelineError, SourceError
 from stages.core.io import CHUNK, atomic_path
 from stages.core.params import SourceSpec
 
@@ -20,11 +21,11 @@ HF_PREFIX = "hf://"
 HUB = "https://huggingface.co/"
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(PipelineError, RuntimeError):
     """A fetched file's sha256 differs from the one pinned in params."""
 
 
-class AccessError(PermissionError):
+class AccessError(PipelineError, PermissionError):
     """The gated Hub dataset cannot be read: no token, or the license is not accepted."""
 
 
@@ -80,7 +81,7 @@ def list_files(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str, list[s
         for pattern in spec.include:
             found.update(path[len(root) :].lstrip("/") for path in fs.glob(f"{root}/{pattern}"))
     if not found:
-        raise FileNotFoundError(f"no file under {spec.uri} matches {spec.include}")
+        raise SourceError(f"no file under {spec.uri} matches {spec.include}")
     return fs, root, sorted(found)
 
 
