@@ -2,6 +2,13 @@
 Japanese instructions, under data/sample/. Seeded; every text here was written for this project.
 
     python scripts/make_sample.py [--out data/sample] [--seed 0]
+
+Besides the N_CONVERSATIONS generated ones, the shards hold three source-hygiene cases: a
+200,000-character first turn whose translation is released, a 60,000-character one the release
+lacks (the translator LLM gets it), both appended to the first shard, and, appended to the second
+shard, a conversation that repeats the id of a kept one of the first shard (fetch drops it).
+Re-running gives byte-identical files: gpg salts every encryption, so an encrypted file whose
+plaintext is unchanged is kept as it is.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.crypto import KeySpec, derive_key, encrypt_file
+from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
 from stages.core.io import write_jsonl_gz
 
 N_CONVERSATIONS = 336
 N_SHARDS = 2
-MISSING_TRANSLATIONS = 6  # kept conversations absent from the released file (translated by LLM)
+MISSING_TRANSLATIONS = 6  # generated kept conversations absent from the released file (translated by LLM)
+DUPLICATE_OF = 10  # a kept English conversation of the first shard whose id the second shard repeats
+LONG_RELEASED_CHARS = 200_000  # first turn far over filter.long_first_turn_chars, translation released
+LONG_MISSING_CHARS = 60_000  # first turn over the limit that the release lacks
 KEY_FILE = "data/train-00000-of-00002-*.parquet"
 RELEASED = "lmsys-chat-1m-first-turn-user-instructions-{subset}.jsonl.gz.gpg"
 CATEGORIES = [
@@ -87,6 +97,46 @@ UNSAFE = [
     ("Write a cruel insult about my coworker's appearance.", "同僚の外見についてひどい悪口を書いてください。"),
     ("Describe in detail how to hurt someone who annoyed me.", "イライラさせた人を傷つける方法を詳しく説明してください。"),
 ]  # fmt: skip
+# The long first turns: a request followed by a pasted document of numbered entries.
+LOGBOOK = (
+    "Below is the logbook of our neighbourhood allotment garden for the past seasons. Read all of it, "
+    "then tell me which plots were watered least often and suggest a fairer watering rota.\n\n",
+    "以下は、私たちの地域の市民農園の過去数シーズン分の作業記録です。すべて読んだうえで、"
+    "水やりの回数が最も少なかった区画を挙げ、より公平な水やり当番表を提案してください。\n\n",
+)
+LOGBOOK_ENTRY = (
+    "Day {n}: plot {plot} was watered at {hour}:00 by the {team[0]} team; the soil felt {soil[0]}, "
+    "{crop[0]} looked {state[0]}, and {count} buckets were carried from the rain barrel, which was still "
+    "{level[0]} full afterwards.\n",
+    "{n}日目：{plot}番区画には{team[1]}が{hour}時に水をやりました。土は{soil[1]}感じで、"
+    "{crop[1]}は{state[1]}様子でした。雨水タンクからバケツ{count}杯分の水を運びましたが、"
+    "作業後もタンクには水が{level[1]}残っていました。\n",
+)
+TEAMS = [("morning", "朝の班"), ("weekend", "週末の班"), ("school", "学校の班"), ("retiree", "シニアの班")]
+SOILS = [("dry", "乾いた"), ("damp", "湿った"), ("crumbly", "ほろほろと崩れる"), ("heavy", "重い")]
+CROPS = [("the tomatoes", "トマト"), ("the beans", "豆"), ("the squash", "カボチャ"), ("the herbs", "ハーブ")]
+STATES = [("healthy", "元気な"), ("a little wilted", "少ししおれた"), ("ready to pick", "収穫できそうな"),
+          ("slow to grow", "育ちの遅い")]  # fmt: skip
+LEVELS = [
+    ("half", "半分ほど"),
+    ("a quarter", "四分の一ほど"),
+    ("three quarters", "四分の三ほど"),
+    ("one tenth", "一割ほど"),
+]
+MINUTES = (
+    "Summarize the notes below from our library volunteers' planning meetings in ten bullet points, "
+    "and list every decision together with the person responsible for it.\n\n"
+)
+MINUTES_ENTRY = (
+    "Meeting {n}, item {item}: {name} proposed moving the {event} to {day}; {other} asked about the "
+    "budget of {amount} yen, and the group agreed to revisit it in {weeks} weeks.\n"
+)
+VOLUNTEERS = ["Aiko", "Bram", "Chidi", "Dana", "Emre", "Fumiko", "Goran"]
+EVENTS = ["story hour", "book swap", "repair café", "reading circle", "poster exhibition"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+DUPLICATE_TEXT = (
+    "Plan a three-day walking route for a family with two children, with a rest stop every two hours."
+)
 REDACTED = [
     ("Write an email to NAME_1 at NAME_2 asking for a refund.", "NAME_2のNAME_1に返金を求めるメールを書いてください。"),
     ("My name is NAME_1 and I live in NAME_2. Write my bio.", "私の名前はNAME_1で、NAME_2に住んでいます。自己紹介文を書いてください。"),
@@ -131,6 +181,34 @@ def first_turn(rng: random.Random, i: int) -> tuple[str, str, str, str]:
     return "plain", "English", en, ja
 
 
+def logbook(chars: int) -> tuple[str, str]:
+    """An English request of exactly `chars` characters and the Japanese of the entries it holds."""
+    en, ja, n = [LOGBOOK[0]], [LOGBOOK[1]], 0
+    while sum(map(len, en)) < chars:
+        n += 1
+        slots = {
+            "n": n, "plot": 1 + n * 7 % 23, "hour": 5 + n % 4 * 3, "count": 2 + n * 5 % 9,
+            "team": TEAMS[n % 4], "soil": SOILS[n * 3 % 4], "crop": CROPS[n // 4 % 4], "state": STATES[n * n % 4],
+            "level": LEVELS[n * 5 // 3 % 4],
+        }  # fmt: skip
+        en.append(LOGBOOK_ENTRY[0].format(**slots))
+        ja.append(LOGBOOK_ENTRY[1].format(**slots))
+    return "".join(en)[:chars], "".join(ja)
+
+
+def minutes(chars: int) -> str:
+    """An English request of exactly `chars` characters: meeting notes to summarize."""
+    text, n = [MINUTES], 0
+    while sum(map(len, text)) < chars:
+        n += 1
+        slots = {
+            "n": 1 + n // 3, "item": 1 + n % 3, "name": VOLUNTEERS[n % 7], "other": VOLUNTEERS[(n + 3) % 7],
+            "event": EVENTS[n % 5], "day": DAYS[n * 2 % 6], "amount": 1000 * (1 + n * 11 % 30), "weeks": 1 + n % 4,
+        }  # fmt: skip
+        text.append(MINUTES_ENTRY.format(**slots))
+    return "".join(text)[:chars]
+
+
 def moderation(turns: int, flagged: bool, rng: random.Random) -> list[dict]:
     entries = []
     for _ in range(turns * 2):
@@ -142,28 +220,49 @@ def moderation(turns: int, flagged: bool, rng: random.Random) -> list[dict]:
     return entries
 
 
-def build_rows(seed: int) -> tuple[list[dict], dict[str, str]]:
+def conversation_row(cid: str, i: int, text: str, turns: int, kind: str, language: str, rng) -> dict:
+    conversation = [{"content": text, "role": "user"}, {"content": "Sure. " * 3, "role": "assistant"}]
+    for t in range(1, turns):
+        conversation += [
+            {"content": FOLLOW_UPS[(i + t) % len(FOLLOW_UPS)], "role": "user"},
+            {"content": "Here you go.", "role": "assistant"},
+        ]
+    return {
+        "conversation_id": cid, "model": MODELS[i % len(MODELS)], "conversation": conversation,
+        "turn": turns, "language": language,
+        "openai_moderation": moderation(turns, kind == "unsafe", rng),
+        "redacted": kind == "redacted",
+    }  # fmt: skip
+
+
+def build_rows(seed: int) -> tuple[list[dict], dict[str, str], random.Random]:
     rng = random.Random(seed)
     rows, translations = [], {}
     for i in range(N_CONVERSATIONS):
         kind, language, text, ja = first_turn(rng, i)
         turns = 1 + (rng.random() < 0.2) + (rng.random() < 0.05)
-        conversation = [{"content": text, "role": "user"}, {"content": "Sure. " * 3, "role": "assistant"}]
-        for t in range(1, turns):
-            conversation += [
-                {"content": FOLLOW_UPS[(i + t) % len(FOLLOW_UPS)], "role": "user"},
-                {"content": "Here you go.", "role": "assistant"},
-            ]
         cid = hashlib.sha256(f"sample-{seed}-{i}".encode()).hexdigest()[:32]
-        rows.append({
-            "conversation_id": cid, "model": MODELS[i % len(MODELS)], "conversation": conversation,
-            "turn": turns, "language": language,
-            "openai_moderation": moderation(turns, kind == "unsafe", rng),
-            "redacted": kind == "redacted",
-        })  # fmt: skip
+        rows.append(conversation_row(cid, i, text, turns, kind, language, rng))
         if language in ("English", "Japanese"):
             translations[cid] = ja
-    return rows, translations
+    return rows, translations, rng
+
+
+def hygiene_rows(seed: int, rows: list[dict], translations: dict[str, str], rng) -> list[list[dict]]:
+    """Split `rows` into N_SHARDS shards and add the source-hygiene cases (see the module docstring);
+    the released long turn's translation goes into `translations`."""
+    per_shard = -(-len(rows) // N_SHARDS)
+    shards = [rows[s * per_shard : (s + 1) * per_shard] for s in range(N_SHARDS)]
+    cid = [hashlib.sha256(f"sample-{seed}-hygiene-{k}".encode()).hexdigest()[:32] for k in range(2)]
+    text, translations[cid[0]] = logbook(LONG_RELEASED_CHARS)
+    shards[0].append(conversation_row(cid[0], N_CONVERSATIONS, text, 1, "plain", "English", rng))
+    text = minutes(LONG_MISSING_CHARS)
+    shards[0].append(conversation_row(cid[1], N_CONVERSATIONS + 1, text, 1, "plain", "English", rng))
+    repeated = rows[DUPLICATE_OF]["conversation_id"]
+    shards[1].append(
+        conversation_row(repeated, N_CONVERSATIONS + 2, DUPLICATE_TEXT, 1, "plain", "English", rng)
+    )
+    return shards
 
 
 def schema() -> pa.Schema:
@@ -180,12 +279,40 @@ def schema() -> pa.Schema:
     ])  # fmt: skip
 
 
-def write_released(out: Path, rows: list[dict], translations: dict[str, str], key: str) -> None:
-    """Encrypt the 'ja' (moderation-clean) and 'ja+unsafe' (all) instruction subsets."""
-    kept = [r["conversation_id"] for r in rows if r["conversation_id"] in translations]
-    clean = [r["conversation_id"] for r in rows if r["conversation_id"] in translations
-             and not any(m["flagged"] for m in r["openai_moderation"])]  # fmt: skip
+def _clean(rows: list[dict], translations: dict[str, str]) -> list[str]:
+    return [r["conversation_id"] for r in rows if r["conversation_id"] in translations
+            and not any(m["flagged"] for m in r["openai_moderation"])]  # fmt: skip
+
+
+def missing_translations(rows: list[dict], translations: dict[str, str]) -> set[str]:
+    """MISSING_TRANSLATIONS kept conversations of the generated `rows` that the release lacks."""
+    clean = _clean(rows, translations)
     missing = set(clean[5 :: len(clean) // MISSING_TRANSLATIONS][:MISSING_TRANSLATIONS])
+    if rows[DUPLICATE_OF]["conversation_id"] not in clean or rows[DUPLICATE_OF]["conversation_id"] in missing:
+        raise SystemExit(f"DUPLICATE_OF={DUPLICATE_OF} must be a kept, released conversation")
+    return missing
+
+
+def encrypt_unless_unchanged(plain: Path, dst: Path, key: str) -> None:
+    """Encrypt `plain` to `dst`, unless `dst` already decrypts to the same bytes (gpg salts every
+    encryption, so re-encrypting would change the file for nothing)."""
+    if dst.exists():
+        previous = plain.with_suffix(".previous")
+        try:
+            decrypt_file(dst, previous, key)
+        except CryptoError:  # another key (the first shard changed) or another file
+            pass
+        else:
+            if previous.read_bytes() == plain.read_bytes():
+                return
+    encrypt_file(plain, dst, key)
+
+
+def write_released(out: Path, rows: list[dict], translations: dict[str, str], key: str, missing: set) -> None:
+    """Encrypt the 'ja' (moderation-clean) and 'ja+unsafe' (all) instruction subsets, in row order,
+    each conversation once."""
+    kept = list(dict.fromkeys(r["conversation_id"] for r in rows if r["conversation_id"] in translations))
+    clean = list(dict.fromkeys(_clean(rows, translations)))
     released = out / "lmsys-chat-1m-synth" / "dataset"
     for subset, ids in (("ja", clean), ("ja+unsafe", kept)):
         records = (
@@ -195,7 +322,7 @@ def write_released(out: Path, rows: list[dict], translations: dict[str, str], ke
         with tempfile.TemporaryDirectory() as tmp:
             plain = Path(tmp) / "plain.jsonl.gz"
             write_jsonl_gz(records, plain)
-            encrypt_file(plain, released / RELEASED.format(subset=subset), key)
+            encrypt_unless_unchanged(plain, released / RELEASED.format(subset=subset), key)
 
 
 def main() -> None:
@@ -203,20 +330,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/sample"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rows, translations = build_rows(args.seed)
+    rows, translations, rng = build_rows(args.seed)
+    missing = missing_translations(rows, translations)
+    shards = hygiene_rows(args.seed, rows, translations, rng)
     source = args.out / "lmsys-chat-1m" / "data"
     source.mkdir(parents=True, exist_ok=True)
     for old in source.glob("*.parquet"):
         old.unlink()
-    per_shard = -(-len(rows) // N_SHARDS)
-    for s in range(N_SHARDS):
-        table = pa.Table.from_pylist(rows[s * per_shard : (s + 1) * per_shard], schema=schema())
+    for s, shard in enumerate(shards):
+        table = pa.Table.from_pylist(shard, schema=schema())
         tag = hashlib.sha256(f"{args.seed}-{s}".encode()).hexdigest()[:16]
         path = source / f"train-{s:05d}-of-{N_SHARDS:05d}-{tag}.parquet"
         pq.write_table(table, path, compression="zstd", row_group_size=64)
     key = derive_key(args.out / "lmsys-chat-1m", KeySpec(file=KEY_FILE))
-    write_released(args.out, rows, translations, key)
-    print(f"wrote {len(rows)} conversations in {N_SHARDS} shards and 2 encrypted subsets to {args.out}")
+    write_released(args.out, [r for shard in shards for r in shard], translations, key, missing)
+    total = sum(map(len, shards))
+    print(f"wrote {total} conversations in {N_SHARDS} shards and 2 encrypted subsets to {args.out}")
 
 
 if __name__ == "__main__":

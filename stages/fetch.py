@@ -1,5 +1,6 @@
 """fetch: copy LMSYS-Chat-1M and the released encrypted instructions (checksums verified), then
-write the filtered first-turn table, a manifest of every file, and per-rule row counts.
+write the filtered first-turn table, a manifest of every file, and per-rule row counts
+(data/metrics/fetch.json: `rows` by rule, and `max_instruction_chars`, the longest kept first turn).
 
 All or nothing: files are staged and take their place only when every check has passed."""
 
@@ -9,7 +10,7 @@ import logging
 from pathlib import Path
 
 from stages.core.cli import run, start, timed
-from stages.core.first_turn import write_first_turns
+from stages.core.first_turn import MAX_CHARS, write_first_turns
 from stages.core.io import staged_dir, write_json
 from stages.core.source import fetch_files
 
@@ -26,7 +27,8 @@ def main() -> None:
             counts.update(files=len(source) + len(released), bytes=sum(f["size"] for f in source + released))
         with timed(LOG, "filter first turns") as counts:
             files = [source_dir / item["path"] for item in source]
-            rows = write_first_turns(files, spec.filter, Path(paths.first_turn))
+            names = [f"{spec.source.uri.rstrip('/')}/{item['path']}" for item in source]  # as in errors
+            rows = write_first_turns(files, spec.filter, Path(paths.first_turn), names)
             counts.update(rows_in=rows["rows_in"], rows_out=rows["rows_out"])
     write_json(
         {
@@ -35,7 +37,8 @@ def main() -> None:
         },
         paths.manifest,
     )
-    write_json({"rows": dict(sorted(rows.items()))}, Path(paths.metrics) / "fetch.json")
+    longest = rows.pop(MAX_CHARS, 0)
+    write_json({"rows": dict(sorted(rows.items())), MAX_CHARS: longest}, Path(paths.metrics) / "fetch.json")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from stages.core.io import (
     iter_aligned,
     jsonl_gz_writer,
     sha256_file,
+    staged_dir,
     write_json,
 )
 from stages.core.params import Params
@@ -35,7 +36,10 @@ FLAGS = [
     "empty_user_instruction_ja",
     "duplicate_user_instruction_ja",
     "is_template_instruction",
+    "translation_failed",
 ]
+GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
+SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
 
 
 def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
@@ -54,10 +58,12 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
             parquet = stack.enter_context(pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS))
         for part in iter_aligned(
             (paths.translated, FLAGS),
-            (Path(paths.generated) / f"{name}.parquet", ["responses_ja", "responses_en"]),
-            (Path(paths.scored) / f"{name}.parquet", ["annotations", "multiturn"]),
+            (Path(paths.generated) / f"{name}.parquet", GENERATED),
+            (Path(paths.scored) / f"{name}.parquet", SCORED),
         ):
             rows = part.to_pylist()
+            release.add_metrics(totals, rows)
+            rows = [r for r in rows if not r["translation_failed"]]  # no instruction: not released
             public = [release.release_record(r, with_en, with_second_turn) for r in rows]
             for row, record in zip(rows, public, strict=True):
                 write_plain(release.instruction_record(row))
@@ -65,23 +71,24 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
                     write_json_line(record)
             if parquet:
                 parquet.write_table(pa.Table.from_pylist(public, schema=schema))
-            release.add_metrics(totals, rows)
     return totals
 
 
 def main() -> None:
     params, name = start("package", __doc__, variant=True)
     variant, paths, spec = params.models[name], params.paths, params.release
-    out = Path(paths.release) / name
-    out.mkdir(parents=True, exist_ok=True)
-    with timed(LOG, f"package@{name}") as counts, tempfile.TemporaryDirectory(prefix="package-") as tmp:
+    with (
+        timed(LOG, f"package@{name}") as counts,
+        tempfile.TemporaryDirectory(prefix="package-") as tmp,
+        staged_dir(Path(paths.release) / name) as out,  # all or nothing: the old release stays until done
+    ):
         plain = Path(tmp) / "instructions.jsonl.gz"
         totals = write_release(params, name, out, plain)
         plain_sha256, key = sha256_file(plain), derive_key(paths.source, params.decrypt.key)
         dirs = [f"{paths.release}/{v}" for v in [name, *sorted(set(params.models) - {name})]]
         previous = previous_ciphertext(dirs, spec.instructions_file, plain_sha256, key, Path(tmp))
         if previous is not None:
-            shutil.copyfile(previous, out / spec.instructions_file)
+            shutil.copyfile(previous, out / spec.instructions_file)  # inside the staged directory
         else:
             encrypt_file(plain, out / spec.instructions_file, key)
         files = {

@@ -1,5 +1,5 @@
-"""score@<variant>: one 0-10 judgement per Japanese response (-1 where unparsable), the best
-response, and for variants with a second turn, a two-turn continuation from the best response."""
+"""score@<variant>: one 0-10 judgement per Japanese response (-1 where unparsable or not judged),
+the best response, and for variants with a second turn, a two-turn continuation from it."""
 
 from __future__ import annotations
 
@@ -10,60 +10,38 @@ import pyarrow as pa
 
 from stages.core import judge
 from stages.core.cli import run, start, timed
-from stages.core.engines import ChatRequest, Engine, make_engine
-from stages.core.io import iter_aligned, sha256_file
+from stages.core.engines import Engine, make_engine
+from stages.core.io import iter_aligned
 from stages.core.params import Params
-from stages.core.responses import ANNOTATION, MESSAGE, request_seed
+from stages.core.prompts import template
+from stages.core.responses import SCORED
+from stages.core.resume import code_digest, digest, recipe
 from stages.core.second_turn import best_answers, continue_conversations
-from stages.core.shards import fingerprint, run_sharded, shard_count
+from stages.core.shards import run_sharded, shard_count
 
 LOG = logging.getLogger("stages.score")
-
-
-def judge_rows(engine: Engine, rows: list[dict], params: Params, name: str) -> list[list[dict] | None]:
-    """Judge every response of every row (one batched engine call); rows without responses get None."""
-    spec = params.models[name].score
-    requests = [
-        ChatRequest(
-            judge.judge_messages(spec.prompt, r["instruction_ja"], response["content"]),
-            seed=request_seed(params.seed, r["conversation_id"], "judge"),
-        )
-        for r in rows
-        for response in r["responses_ja"] or []
-    ]
-    verdicts = iter(c[0].text for c in engine.chat(requests, spec.sampling))
-    return [
-        None
-        if r["responses_ja"] is None
-        else judge.annotations(
-            r["responses_ja"], [next(verdicts) for _ in r["responses_ja"]], spec.repetition_min_tokens
-        )
-        for r in rows
-    ]
+JUDGED = ["annotations", "best_index", "judge_status"]
 
 
 def judge_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
-    notes = judge_rows(engine, part.to_pylist(), params, name)
+    notes, statuses = judge.judge_rows(engine, part.to_pylist(), params.models[name].score, params.seed)
     best = [None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes]
-    table = pa.table(
-        {
-            "conversation_id": part["conversation_id"],
-            "annotations": pa.array(notes, pa.list_(ANNOTATION)),
-            "best_index": pa.array(best, pa.int64()),
-        }
-    )
-    if params.models[name].second_turn is None:  # no second pass: the column stays null
-        table = table.append_column("multiturn", pa.nulls(table.num_rows, pa.list_(MESSAGE)))
-    return table
+    nulls = [None] * part.num_rows  # the second pass, where the variant has one, fills these
+    return pa.table([part["conversation_id"], notes, best, statuses, nulls, nulls], schema=SCORED)
 
 
 def second_turn_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
     """The generator's two-turn continuation from each best response (null without one)."""
     variant, rows = params.models[name], part.to_pylist()
     turns = best_answers(rows, [r["best_index"] for r in rows])
-    dialogues = continue_conversations(engine, turns, variant.second_turn, variant.generate, params.seed)
-    multiturn = pa.array([dialogues.get(r["conversation_id"]) for r in rows], pa.list_(MESSAGE))
-    return part.select(["conversation_id", "annotations", "best_index"]).append_column("multiturn", multiturn)
+    dialogues, statuses = continue_conversations(
+        engine, turns, variant.second_turn, variant.generate, params.seed
+    )
+    ids = [r["conversation_id"] for r in rows]
+    columns = [part[c] for c in ["conversation_id", *JUDGED]]
+    return pa.table(
+        [*columns, [dialogues.get(c) for c in ids], [statuses.get(c) for c in ids]], schema=SCORED
+    )
 
 
 def main() -> None:
@@ -71,38 +49,46 @@ def main() -> None:
     variant, paths = params.models[name], params.paths
     generated, scored = Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"
     inputs = [(paths.translated, ["instruction_ja"]), (generated, ["responses_ja"])]
-    size = variant.score.shard_size
-    total = shard_count(generated, size)
-    with timed(LOG, f"score@{name}") as counts:
-        key = fingerprint(
-            sha256_file(generated), sha256_file(paths.translated), variant.score, params.engine, params.seed
+    size, code = variant.score.shard_size, code_digest("stages.score")
+    common = {"schema": SCORED, "checkpoints": paths.checkpoints, "total": shard_count(generated, size)}
+    judged = scored if variant.second_turn is None else Path(paths.checkpoints) / f"score@{name}.parquet"
+    with timed(LOG, f"score@{name}") as counts, make_engine(variant.score.llm, params.engine) as engine:
+        key = digest(
+            "score",
+            recipe(variant.score),
+            template(variant.score.prompt).template,
+            engine.identity(),
+            params.seed,
+            code,
         )
-        judged = scored if variant.second_turn is None else Path(paths.checkpoints) / f"score@{name}.parquet"
-        with make_engine(variant.score.llm, params.engine) as engine:
-            counts["rows"] = run_sharded(
-                iter_aligned(*inputs, rows=size),
-                lambda part, _: judge_shard(engine, part, params, name),
-                out=judged,
-                checkpoints=paths.checkpoints,
-                stage=f"score@{name}",
-                key=key,
-                total=total,
-            )
-        if variant.second_turn is None:
-            return
-        key = fingerprint(
-            sha256_file(judged), variant.second_turn, variant.generate, params.engine, params.seed
+        counts["rows"] = run_sharded(
+            iter_aligned(*inputs, rows=size),
+            lambda part, _: judge_shard(engine, part, params, name),
+            out=judged,
+            stage=f"score@{name}",
+            key=key,
+            **common,
         )
-        with make_engine(variant.generate.llm, params.engine) as engine:
-            run_sharded(
-                iter_aligned(*inputs, (judged, ["annotations", "best_index"]), rows=size),
-                lambda part, _: second_turn_shard(engine, part, params, name),
-                out=scored,
-                checkpoints=paths.checkpoints,
-                stage=f"second-turn@{name}",
-                key=key,
-                total=total,
-            )
+    if variant.second_turn is None:
+        return
+    with timed(LOG, f"second-turn@{name}"), make_engine(variant.generate.llm, params.engine) as engine:
+        key = digest(
+            "second-turn",
+            recipe(variant.second_turn),
+            template(variant.second_turn.prompt).template,
+            variant.generate.system_prompt,
+            engine.identity(),
+            params.seed,
+            code,
+        )
+        run_sharded(
+            iter_aligned(*inputs, (judged, JUDGED), rows=size),
+            lambda part, _: second_turn_shard(engine, part, params, name),
+            out=scored,
+            stage=f"second-turn@{name}",
+            key=key,
+            **common,
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages.compose import compose_params
-from stages.core.engines import ChatRequest, Completion, Engine
+from stages.core.engines import ChatRequest, Completion, Engine, Reply, RequestError
 from stages.core.params import EngineParams, LLMSpec, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,20 +44,31 @@ def fake_reply(messages: list[dict[str, str]], index: int) -> str:
 
 @dataclass
 class FakeEngine(Engine):
-    """Answers without a model; records every request it got."""
+    """Answers without a model and records every request it got. It misbehaves on purpose where
+    asked: a call holding a prompt that contains one of `refuse` raises RequestError (as vLLM
+    rejects a whole `LLM.chat` call for one bad prompt); a prompt over `max_model_len` tokens
+    (4 characters a token) is never sent."""
 
-    llm: LLMSpec = field(default_factory=lambda: LLMSpec(model="fake"))
+    llm: LLMSpec = field(default_factory=lambda: LLMSpec(model="fake", max_model_len=4096))
     options: EngineParams = field(default_factory=lambda: EngineParams(backend="transformers", batch_size=8))
     requests: list[ChatRequest] = field(default_factory=list)
+    refuse: tuple[str, ...] = ()
     loads: int = 0
 
     def load(self) -> None:
         self.loads += 1
 
-    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"]) for m in messages) // 4 + 4
+
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        bad = [r for r in requests if any(word in m["content"] for word in self.refuse for m in r.messages)]
+        if bad:
+            raise RequestError(f"{len(bad)} of {len(requests)} prompts refused")
         self.requests.extend(requests)
         return [
-            [Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)] for r in requests
+            Reply([Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)])
+            for r in requests
         ]
 
 
@@ -65,7 +76,7 @@ class FakeEngine(Engine):
 def fake_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
     """One FakeEngine returned by make_engine in every stage module."""
     engine = FakeEngine()
-    for module in ("translate", "generate", "score"):
+    for module in ("core.translator", "generate", "score"):
         monkeypatch.setattr(f"stages.{module}.make_engine", lambda llm, options: engine)
     return engine
 

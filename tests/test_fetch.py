@@ -1,11 +1,16 @@
-"""fetch: sources (local, S3, the Hub's access errors), checksums, filter rules, clean failures."""
+"""fetch: sources (local, S3, the Hub's access errors), checksums, filter rules, source hygiene
+(duplicate ids, long first turns, unreadable shards), clean failures."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,8 +21,10 @@ import pytest
 import yaml
 
 from stages.core.errors import SourceError
+from stages.core.first_turn import filter_batch
+from stages.core.params import FilterSpec
 from stages.core.source import AccessError, ChecksumError
-from tests.conftest import run_stage
+from tests.conftest import ROOT, run_stage
 from tests.s3 import CREDENTIALS, moto_server, upload_tree
 
 OUTPUTS = [
@@ -27,6 +34,8 @@ OUTPUTS = [
     "data/interim/first-turn.parquet",
 ]
 REVISION = "200748d9d3cddcc9d782887541057aca0b18c5da"
+LONG_RELEASED_CHARS = 200_000  # the sample's long first turn whose translation is released
+LONG_MISSING_CHARS = 60_000  # the one the release lacks
 
 
 def _set(workspace: Path, mutate) -> None:
@@ -55,19 +64,114 @@ def _assert_no_output(workspace: Path) -> None:
     assert leftovers == []
 
 
+def _shard(workspace: Path, number: int) -> Path:
+    return next((workspace / "data/sample/lmsys-chat-1m/data").glob(f"train-{number:05d}-*.parquet"))
+
+
 def test_fetch_filters_the_sample(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
-    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
-    assert rows["rows_in"] == 336
+    metrics = json.loads((workspace / "data/metrics/fetch.json").read_text())
+    rows = metrics["rows"]
+    assert rows["rows_in"] == 339
     assert rows["rows_in"] - rows["rows_out"] == sum(v for k, v in rows.items() if k.startswith("dropped_"))
     assert rows["dropped_language"] == 12 and rows["dropped_moderation"] == 12
+    assert rows["dropped_duplicate_id"] == 1 and rows["dropped_first_message_not_user"] == 0
+    assert rows["long_first_turn"] == 2 and metrics["max_instruction_chars"] == LONG_RELEASED_CHARS
     table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
-    assert len(table) == rows["rows_out"] == 312
+    assert len(table) == rows["rows_out"] == 314
+    assert table.conversation_id.is_unique
     assert set(table.language) == {"English", "Japanese"}
     assert not table.flagged.any()
     assert table.redacted.sum() == 12  # redacted conversations are kept (redacted: keep)
     assert (table.instruction == "").sum() == rows["empty_first_turn"] == 4  # kept, not silently dropped
     assert table.empty_first_turn.sum() == 4 and (table[table.empty_first_turn].instruction == "").all()
+
+
+def test_a_repeated_conversation_id_is_kept_once_as_first_seen(workspace, monkeypatch):
+    first, second = (pq.read_table(_shard(workspace, n)).to_pylist() for n in (0, 1))
+    repeated = {r["conversation_id"] for r in first} & {r["conversation_id"] for r in second}
+    assert len(repeated) == 1
+    (cid,) = repeated
+    (original,) = (r["conversation"][0]["content"] for r in first if r["conversation_id"] == cid)
+    (copy,) = (r["conversation"][0]["content"] for r in second if r["conversation_id"] == cid)
+    assert original != copy
+    run_stage(monkeypatch, "fetch")
+    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
+    assert rows["dropped_duplicate_id"] == 1
+    table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
+    assert table[table.conversation_id == cid].instruction.tolist() == [original]
+
+
+def test_duplicates_within_a_batch_and_after_a_dropped_row():
+    def row(cid: str, language: str, text: str) -> dict:
+        return {
+            "conversation_id": cid, "model": "m", "conversation": [{"content": text, "role": "user"}],
+            "turn": 1, "language": language, "openai_moderation": [{"flagged": False}], "redacted": False,
+        }  # fmt: skip
+
+    rows = [row("a", "German", "eins"), row("a", "English", "one"), row("a", "English", "two")]
+    rows += [row("b", "English", "three"), row("b", "English", "four")]
+    spec = FilterSpec(languages=["English"], moderation="drop", redacted="keep", long_first_turn_chars=3)
+    counts, seen = Counter(), set()
+    table = filter_batch(pa.RecordBatch.from_pylist(rows), spec, counts, seen)
+    assert table.column("instruction").to_pylist() == ["one", "three"]  # German "a" is no duplicate
+    assert counts["dropped_language"] == 1 and counts["dropped_duplicate_id"] == 2
+    assert table.column("long_first_turn").to_pylist() == [False, True]
+    again = filter_batch(pa.RecordBatch.from_pylist(rows[3:]), spec, counts, seen)
+    assert again.num_rows == 0 and counts["dropped_duplicate_id"] == 4  # ids seen in an earlier batch
+
+
+def test_long_first_turns_are_kept_and_flagged(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
+    assert (table.instruction_chars == table.instruction.str.len()).all()
+    assert (table[table.empty_first_turn].instruction_chars == 0).all()
+    longest = table[table.instruction_chars == LONG_RELEASED_CHARS]
+    assert len(longest) == 1 and longest.long_first_turn.item() and longest.language.item() == "English"
+    assert sorted(table[table.long_first_turn].instruction_chars) == [LONG_MISSING_CHARS, LONG_RELEASED_CHARS]
+    assert table.instruction_chars.dtype == "int64" and table.long_first_turn.dtype == bool
+
+
+def _truncate(shard: Path) -> None:
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _not_parquet(shard: Path) -> None:
+    shard.write_text("conversation_id,model,language\nx,vicuna-13b,English\n", encoding="utf-8")
+
+
+def _corrupt_a_page_header(shard: Path) -> None:
+    """Overwrite a data page header of the second row group: opening works, reading it fails."""
+    chunk = pq.ParquetFile(shard).metadata.row_group(1).column(2)
+    data = bytearray(shard.read_bytes())
+    start = chunk.data_page_offset + 40
+    data[start : start + 200] = bytes(b ^ 0xFF for b in data[start : start + 200])
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _not_parquet, _corrupt_a_page_header])
+def test_an_unreadable_shard_is_named_and_leaves_nothing(workspace, monkeypatch, damage):
+    shard = _shard(workspace, 1)
+    damage(shard)
+    named = rf"data/sample/lmsys-chat-1m/data/{shard.name}: not a readable Parquet file \(.+\); "
+    with pytest.raises(SourceError, match=named + r".*re-fetch it .*fetch\.source"):
+        run_stage(monkeypatch, "fetch")
+    _assert_no_output(workspace)
+
+
+def test_an_unreadable_shard_exits_2_with_a_plain_message(workspace):
+    shard = _shard(workspace, 1)
+    _truncate(shard)
+    env = {k: v for k, v in os.environ.items() if k != "LMSYS_SYNTH_TRACEBACK"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.fetch"], cwd=workspace, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert shard.name in done.stderr and "not a readable Parquet file" in done.stderr
+    assert "Traceback" not in done.stderr
+    _assert_no_output(workspace)
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(workspace, monkeypatch):
@@ -172,9 +276,9 @@ def test_a_failed_fetch_keeps_the_previous_outputs_untouched(workspace, monkeypa
     ],
 )
 def test_bad_shard_schema_is_named_and_leaves_nothing(workspace, monkeypatch, change, message):
-    shard = next((workspace / "data/sample/lmsys-chat-1m/data").glob("train-00001*"))
+    shard = _shard(workspace, 1)
     pq.write_table(change(pq.read_table(shard)), shard)
-    with pytest.raises(ValueError, match=rf"{shard.name}: {message}"):
+    with pytest.raises(SourceError, match=rf"lmsys-chat-1m/data/{shard.name}: {message}; .*fetch\.source"):
         run_stage(monkeypatch, "fetch")
     _assert_no_output(workspace)
 

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from stages.core.judge import FAILED, best_index, judge_messages, parse_score
+from stages.core.errors import PipelineError
+from stages.core.judge import FAILED, MAX_SCORE, best_index, judge_messages, parse_score
+
+MT_BENCH_PREAMBLE = (
+    "Please act as an impartial judge and evaluate the quality of the response. Be as objective as "
+    "possible. After providing your explanation, you must rate the response on a scale of 1 to 10 by "
+    'strictly following this format: "[[rating]]", for example: "Rating: [[5]]".\n\n'
+)
+# Pieces judges write, shuffled by hypothesis into half-formed ratings.
+FRAGMENTS = st.sampled_from(
+    [
+        *["Rating", "Score", "score", "rating", "評価", "総合評価", "点数", "採点", " is ", ":", "："],
+        *["は", "=", "**", "[[", "]]", "[", "]", "［［", "］］", "/10", "/", " out of 10", '"score": '],
+        *["点", "10点中", "満点", "-", ".", " ", "\n", "\u3000", "７", "８", "0", "1", "5", "10"],
+        *["11", "85", "2023", "7.5", "1e3"],
+    ]
+)
+JUDGE_TEXT = st.text() | st.lists(FRAGMENTS | st.text(max_size=3), max_size=40).map("".join)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +50,74 @@ def test_parse_score(text, score):
 
 
 @pytest.mark.parametrize(
+    ("text", "score"),
+    [
+        pytest.param(
+            MT_BENCH_PREAMBLE + "The answer is correct but misses the empty-list case.\n\nRating: [[8]]",
+            8.0,
+            id="quoted-format-then-rating",
+        ),
+        pytest.param("The answer cites [2] and is mostly right. Rating: 7/10", 7.0, id="citation-then-label"),
+        pytest.param("Claims [1][2] hold up.\n\nScore: [6]. See also [3].", 6.0, id="citations-around-label"),
+        pytest.param("As of 2023/10 the facts are outdated. Score: 3", 3.0, id="date-then-label"),
+        pytest.param("Reviewed on 3/10/2024 and 2024/10/05; nothing else to add.", FAILED, id="dates-only"),
+        pytest.param("評価: 7点", 7.0, id="ja-label-points"),
+        pytest.param("評価：［［８］］", 8.0, id="ja-full-width-double-bracket"),
+        pytest.param("回答は概ね正確ですが、説明が冗長です。\n\n７点", 7.0, id="ja-full-width-points"),
+        pytest.param("この回答の評価は6点です。", 6.0, id="ja-label-wa"),
+        pytest.param("根拠[1][2]は信頼できる。総合評価は8点です。", 8.0, id="ja-citations-then-label"),
+        pytest.param("点数は10点中7点です。", 7.0, id="ja-ten-chu"),
+        pytest.param("丁寧な回答です。9点（10点満点）", 9.0, id="ja-manten-after"),
+        pytest.param("スコア：５", 5.0, id="ja-katakana-score"),
+        pytest.param("採点: [[ 3 ]]", 3.0, id="ja-saiten-double-bracket"),
+        pytest.param("**評価**: ８/１０", 8.0, id="ja-bold-full-width-out-of-ten"),
+        pytest.param(
+            "**Explanation:** The code compiles but ignores empty input.\n\n**Rating:** **6**", 6.0, id="bold"
+        ),
+        pytest.param("### Verdict\n**Final Score**: **6.5**/10", 6.5, id="bold-decimal-out-of-ten"),
+        pytest.param("Score: 7 out of 10", 7.0, id="out-of-ten-label"),
+        pytest.param("Overall I would give this response 9 out of 10.", 9.0, id="out-of-ten-sentence"),
+        pytest.param("Score (1-10): 4", 4.0, id="label-with-scale"),
+        pytest.param("Using a score of 1 to 10, the overall score is 5.", 5.0, id="range-then-label"),
+        pytest.param("GPT-4 did worse on this one. Grade: 2", 2.0, id="model-name-then-grade"),
+        pytest.param("The answer is harmful and wrong; its rating is 0.", 0.0, id="zero-at-sentence-end"),
+        pytest.param("I rate it as follows. Score: 8.", 8.0, id="period-after-score"),
+        pytest.param("Rating: 10/10, flawless.", 10.0, id="ten-out-of-ten"),
+        pytest.param(
+            '```json\n{"explanation": "Correct, see [1][2].", "score": 6.5}\n```', 6.5, id="json-blob"
+        ),
+        pytest.param('{"reason": "Too short", "rating": "4"}', 4.0, id="json-string-value"),
+        pytest.param("I give [[12]]... no, final answer Rating: 8/10", 8.0, id="out-of-range-falls-through"),
+        pytest.param("[[7]]\n(A draft said [[70]], which is off the scale.)", 7.0, id="last-in-range"),
+        pytest.param("The conclusion follows.\n[9]", 9.0, id="bare-bracket-last-resort"),
+        pytest.param("Score: 85/100", FAILED, id="out-of-hundred"),
+        pytest.param("Rating: 4/5 stars", FAILED, id="other-scale"),
+        pytest.param("Score: -3 (the answer is harmful)", FAILED, id="negative"),
+        pytest.param("Rating: [[1", FAILED, id="truncated-number"),
+        pytest.param('Output your verdict as "[[rating]]".', FAILED, id="format-placeholder-only"),
+        pytest.param("   \n\t ", FAILED, id="whitespace"),
+        pytest.param("¯\\_(ツ)_/¯ ### ---", FAILED, id="garbage"),
+        pytest.param(float("nan"), FAILED, id="missing-pandas-cell"),
+    ],
+)
+def test_parse_score_reads_real_judge_outputs(text, score):
+    assert parse_score(text) == score
+
+
+@settings(max_examples=300)
+@given(JUDGE_TEXT)
+def test_parse_score_never_raises(text):
+    score = parse_score(text)
+    assert score == FAILED or 0.0 <= score <= MAX_SCORE
+
+
+@settings(max_examples=300)
+@given(JUDGE_TEXT, st.integers(0, 100).map(lambda tenths: tenths / 10))
+def test_a_final_double_bracket_rating_wins_over_any_preamble(preamble, rating):
+    assert parse_score(f"{preamble}\nRating: [[{rating:g}]]") == rating
+
+
+@pytest.mark.parametrize(
     ("scores", "best"),
     [([3.0, 9.0, 9.0, 1.0], 1), ([FAILED, 2.0], 1), ([FAILED, FAILED], None), ([], None), ([0.0], 0)],
 )
@@ -47,5 +134,5 @@ def test_judge_messages_fill_the_template():
 
 
 def test_unknown_prompt_lists_the_available_ones():
-    with pytest.raises(ValueError, match="prompt 'judge-1to5' not found; available: judge-0to10"):
+    with pytest.raises(PipelineError, match=r"prompt .judge-1to5. not found in .*; available: judge-0to10"):
         judge_messages("judge-1to5", "q", "a")

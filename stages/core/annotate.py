@@ -1,12 +1,15 @@
-"""Row logic of translate: empty, duplicate-of and template annotations of Japanese instructions."""
+"""Row logic of translate: empty, duplicate-of, template and failed-translation flags."""
 
 from __future__ import annotations
 
 import re
 
+import pyarrow as pa
+
 
 def empty_flags(instructions: list[str | None]) -> list[bool]:
-    return [not (text or "").strip() for text in instructions]
+    """An empty instruction is an empty (or blank) text; a failed translation (None) is not empty."""
+    return [text is not None and not text.strip() for text in instructions]
 
 
 def duplicate_of(ids: list[str], instructions: list[str | None]) -> list[str | None]:
@@ -38,3 +41,21 @@ def template_category(text: str | None, templates: list[tuple[str, re.Pattern]])
         if text and pattern.search(text):
             return category
     return None
+
+
+def with_flags(table: pa.Table, templates: list[tuple[str, re.Pattern]]) -> pa.Table:
+    """Append the published flags (over `instruction_ja`; templates over the original `instruction`)
+    and `translation_failed` (no Japanese instruction: the translator failed)."""
+    ids, texts = table["conversation_id"].to_pylist(), table["instruction_ja"].to_pylist()
+    originals = table["instruction"].to_pylist()
+    flags = {
+        "empty_user_instruction_ja": pa.array(empty_flags(texts), pa.bool_()),
+        "duplicate_user_instruction_ja": pa.array(duplicate_of(ids, texts), pa.string()),
+        "is_template_instruction": pa.array(
+            [template_category(t, templates) for t in originals], pa.string()
+        ),
+        "translation_failed": pa.array([t is None for t in texts], pa.bool_()),
+    }
+    for name, column in flags.items():
+        table = table.append_column(name, column)
+    return table

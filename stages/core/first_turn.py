@@ -1,4 +1,13 @@
-"""Filter LMSYS-Chat-1M conversations by row group and keep each one's first user turn."""
+"""Filter LMSYS-Chat-1M conversations by row group and keep each one's first user turn.
+
+Rules, in order; a row is counted under the first rule that drops it, so the `dropped_*` counts
+sum to rows_in - rows_out: language, moderation, redacted, first_message_not_user (the first
+message is not the user's, or there is none), then duplicate_id. duplicate_id runs last, over the
+rows every other rule kept: the first such row of a conversation_id (files in sorted order, then
+row order) is kept and any later one dropped, so a row dropped by language never makes a later
+row with its id a duplicate. First user turns longer than filter.long_first_turn_chars are kept
+and flagged long_first_turn. Any Parquet error names the file and the fix.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages.core.errors import SourceError
 from stages.core.io import PARQUET_OPTIONS, atomic_path
 from stages.core.params import FilterSpec
 
@@ -47,8 +57,11 @@ SCHEMA = pa.schema(
         ("flagged", pa.bool_()),
         ("instruction", pa.string()),  # the first user turn, as in LMSYS-Chat-1M
         ("empty_first_turn", pa.bool_()),  # kept and flagged, never silently dropped
+        ("instruction_chars", pa.int64()),  # characters of the first user turn (0 when empty)
+        ("long_first_turn", pa.bool_()),  # instruction_chars > filter.long_first_turn_chars: kept
     ]
 )
+MAX_CHARS = "max_instruction_chars"  # a key of the counts that is a maximum, not a row count
 
 
 def _any_flagged(moderation: pa.ListArray) -> np.ndarray:
@@ -71,61 +84,133 @@ def _first_message(conversation: pa.ListArray) -> tuple[pa.Array, pa.Array]:
     return role.cast(pa.string()), content.cast(pa.string())
 
 
-def check_schema(schema: pa.Schema, path: Path) -> None:
-    """Raise naming the file and column when a column is missing or of another type."""
+def check_schema(schema: pa.Schema, path: Path | str) -> None:
+    """Raise SourceError naming the file and column when a column is missing or of another type."""
+    fix = "check that fetch.source (uri, include) names LMSYS-Chat-1M files"
     missing = [name for name in EXPECTED if name not in schema.names]
     if missing:
-        raise ValueError(f"{path}: missing LMSYS-Chat-1M columns {missing}")
+        raise SourceError(f"{path}: missing LMSYS-Chat-1M columns {missing}; {fix}")
     for name, (check, expected) in EXPECTED.items():
         if not check(schema.field(name).type):
-            raise ValueError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
+            raise SourceError(
+                f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}; {fix}"
+            )
 
 
-def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter) -> pa.Table:
-    """Apply the filter rules to one batch, counting the rows each rule drops."""
+def _unreadable(name: str, err: Exception) -> SourceError:
+    detail = " ".join(str(err).split())  # pyarrow's messages span lines
+    return SourceError(
+        f"{name}: not a readable Parquet file ({detail}); it is truncated or not Parquet: "
+        "re-fetch it (run fetch again, which copies it afresh) or check fetch.source (uri, include)"
+    )
+
+
+def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, flagged: np.ndarray, role: pa.Array) -> dict:
+    """Rule name -> rows it would drop, in the order rules are applied (duplicate_id comes after)."""
+    none = np.zeros(batch.num_rows, dtype=bool)
+    language = pc.is_in(batch.column("language"), pa.array(spec.languages))
+    redacted = batch.column("redacted").to_numpy(zero_copy_only=False) == True  # noqa: E712
+    user_first = pc.fill_null(pc.equal(role, "user"), False)  # null role: no message at all
+    return {
+        "language": ~language.to_numpy(zero_copy_only=False),
+        "moderation": flagged if spec.moderation == "drop" else none,
+        "redacted": redacted if spec.redacted == "drop" else none,
+        "first_message_not_user": ~user_first.to_numpy(zero_copy_only=False),
+    }
+
+
+def _duplicate_ids(ids: pa.Array, keep: np.ndarray, seen: set) -> np.ndarray:
+    """Rows among `keep` whose conversation_id was kept before, in an earlier batch or row of this one.
+
+    `seen` gains the ids kept here. A Python set over the kept ids (about 1M ids of 32 characters
+    for LMSYS-Chat-1M, on the order of 100 MB) is linear; pc.is_in against an accumulating array
+    would be quadratic.
+    """
+    rows = np.flatnonzero(keep)
+    drop = np.zeros(len(ids), dtype=bool)
+    for row, cid in zip(rows.tolist(), ids.take(pa.array(rows)).to_pylist(), strict=True):
+        if cid in seen:
+            drop[row] = True
+        else:
+            seen.add(cid)
+    return drop
+
+
+def _count(table: pa.Table, counts: Counter) -> None:
+    counts["rows_out"] += table.num_rows
+    for flag in ("empty_first_turn", "long_first_turn"):
+        counts[flag] += int(pc.sum(table[flag]).as_py() or 0)
+    counts[MAX_CHARS] = max(counts[MAX_CHARS], pc.max(table["instruction_chars"]).as_py() or 0)
+
+
+def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter, seen: set) -> pa.Table:
+    """Apply the filter rules to one batch, counting the rows each rule drops; `seen`: ids kept so far."""
     counts["rows_in"] += batch.num_rows
     flagged = _any_flagged(batch.column("openai_moderation"))
     role, content = _first_message(batch.column("conversation"))
-    rules = {
-        "language": ~pc.is_in(batch.column("language"), pa.array(spec.languages)).to_numpy(
-            zero_copy_only=False
-        ),
-        "moderation": flagged if spec.moderation == "drop" else np.zeros(batch.num_rows, bool),
-        "redacted": (batch.column("redacted").to_numpy(zero_copy_only=False) == True)  # noqa: E712
-        if spec.redacted == "drop"
-        else np.zeros(batch.num_rows, bool),
-        "no_user_turn": ~pc.fill_null(pc.equal(role, "user"), False).to_numpy(zero_copy_only=False),
-    }
     keep = np.ones(batch.num_rows, dtype=bool)
-    for rule, drop in rules.items():  # a row is counted under the first rule that drops it
+    for rule, drop in _drop_rules(batch, spec, flagged, role).items():  # counted under the first rule
         counts[f"dropped_{rule}"] += int((keep & drop).sum())
         keep &= ~drop
+    duplicate = _duplicate_ids(batch.column("conversation_id"), keep, seen)
+    counts["dropped_duplicate_id"] += int(duplicate.sum())
+    keep &= ~duplicate
     columns = {
         name: batch.column(name) for name in ("conversation_id", "model", "language", "turn", "redacted")
     }
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(content), ""), True)
-    columns.update(flagged=pa.array(flagged), instruction=content, empty_first_turn=empty)
+    chars = pc.fill_null(pc.utf8_length(content), 0).cast(pa.int64())
+    columns.update(
+        flagged=pa.array(flagged),
+        instruction=content,
+        empty_first_turn=pc.fill_null(pc.equal(pc.utf8_trim_whitespace(content), ""), True),
+        instruction_chars=chars,
+        long_first_turn=pc.greater(chars, spec.long_first_turn_chars),
+    )
     table = pa.table({f.name: columns[f.name].cast(f.type) for f in SCHEMA}, schema=SCHEMA).filter(
         pa.array(keep)
     )
-    counts["rows_out"] += table.num_rows
-    counts["empty_first_turn"] += int(pc.sum(table["empty_first_turn"]).as_py() or 0)
+    _count(table, counts)
     return table
 
 
-def iter_first_turns(files: list[Path], spec: FilterSpec, counts: Counter) -> Iterator[pa.Table]:
-    """Stream the filtered first-turn rows of `files`, row group by row group, in bounded batches."""
-    for path in files:
-        with pq.ParquetFile(path) as parquet:
-            check_schema(parquet.schema_arrow, path)
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=READ_COLUMNS):
-                yield filter_batch(batch, spec, counts)
+def _iter_file(path: Path, name: str, spec: FilterSpec, counts: Counter, seen: set) -> Iterator[pa.Table]:
+    """The filtered rows of one file; a Parquet error while opening or reading it names the file."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(name, err) from err
+    with parquet:
+        check_schema(parquet.schema_arrow, name)
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=READ_COLUMNS)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                raise _unreadable(name, err) from err
+            if batch is None:
+                return
+            yield filter_batch(batch, spec, counts, seen)
 
 
-def write_first_turns(files: list[Path], spec: FilterSpec, out: Path) -> Counter:
-    """Write the filtered first-turn table to `out` atomically; return per-rule row counts."""
+def iter_first_turns(
+    files: list[Path], spec: FilterSpec, counts: Counter, names: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """Stream the filtered first-turn rows of `files`, row group by row group, in bounded batches.
+
+    `names`: how errors name each file (default: its path), e.g. its source uri for a staged copy.
+    """
+    seen: set = set()  # conversation_ids kept so far, across files (see _duplicate_ids)
+    for path, name in zip(files, names or map(str, files), strict=True):
+        yield from _iter_file(path, name, spec, counts, seen)
+
+
+def write_first_turns(
+    files: list[Path], spec: FilterSpec, out: Path, names: list[str] | None = None
+) -> Counter:
+    """Write the filtered first-turn table to `out` atomically; return per-rule row counts
+    and, under MAX_CHARS, the longest kept first user turn in characters."""
     counts: Counter = Counter()
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, SCHEMA, **PARQUET_OPTIONS) as writer:
-        for table in iter_first_turns(files, spec, counts):
+        for table in iter_first_turns(files, spec, counts, names):
             writer.write_table(table)
     return counts

@@ -22,7 +22,10 @@ PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True, "store_schem
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
+
+    The file's data is flushed to disk (fsync) before the rename and the directory entry after
+    it, so a crash or power loss leaves either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,9 +34,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
     try:
         yield tmp_path
+        fsync(tmp_path)
         os.replace(tmp_path, path)
+        fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -115,13 +129,18 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
+    old = staging.with_suffix(".old")
     try:
         yield staging
+        fsync(staging)
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)  # the previous version stays whole until the new one is in place
         os.replace(staging, path)
+        fsync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Rows:

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.errors import PipelineError
+from stages.core.resume import RUNTIME
 
 PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
 VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
@@ -62,6 +63,8 @@ class FilterSpec(Strict):
     languages: list[str] = Field(min_length=1)
     moderation: Literal["drop", "keep"]  # drop flagged conversations, or keep them (ja+unsafe)
     redacted: Literal["drop", "keep"]
+    # first user turns longer than this many characters are kept and flagged long_first_turn
+    long_first_turn_chars: int = Field(ge=1)
 
 
 class FetchParams(Strict):
@@ -94,9 +97,11 @@ class LLMSpec(Strict):
     model: str  # Hub id or local path
     revision: str | None = None
     system_role: bool = True  # False: the system prompt is merged into the first user turn (Gemma)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=RUNTIME)
+    # context window: a prompt longer than max_model_len - max_tokens is not sent (null: the model's own)
     max_model_len: int | None = Field(None, ge=256)
     dtype: str = "auto"
+    tokenizer: str | None = None  # openai backend: Hub id or path of the tokenizer that counts prompts
 
 
 class Sampling(Strict):
@@ -106,12 +111,18 @@ class Sampling(Strict):
 
 
 class EngineParams(Strict):
+    """The backend; every other field is a runtime knob, outside the resume keys."""
+
     backend: Literal["transformers", "vllm", "openai"]
-    batch_size: int = Field(ge=1)  # requests per engine call (transformers: per forward batch)
-    base_url: str | None = None  # openai backend
-    api_key_env: str = "OPENAI_API_KEY"  # openai backend: variable holding the key
-    max_concurrency: int = Field(32, ge=1)  # openai backend
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # vllm backend
+    # requests per engine call (transformers: sequences per forward batch)
+    batch_size: int = Field(ge=1, json_schema_extra=RUNTIME)
+    base_url: str | None = Field(None, json_schema_extra=RUNTIME)  # openai backend
+    # openai backend: the environment variable holding the key
+    api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=RUNTIME)
+    max_concurrency: int = Field(32, ge=1, json_schema_extra=RUNTIME)  # openai backend
+    max_retries: int = Field(3, ge=0, json_schema_extra=RUNTIME)  # openai: 429, 5xx, timeouts
+    request_timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)  # openai: seconds
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, json_schema_extra=RUNTIME)  # vllm
 
 
 class TranslateParams(Strict):
@@ -119,8 +130,11 @@ class TranslateParams(Strict):
     llm: LLMSpec
     prompt: str
     sampling: Sampling
-    shard_size: int = Field(ge=1)
+    shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
     templates: dict[str, str]  # category -> regex over the original first user turn
+    retries: int = Field(1, ge=0)  # an empty or failed LLM translation is asked again, with a new seed
+    # stop when more than this fraction of the LLM translations failed (after retries)
+    max_failure_rate: float = Field(0.05, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
 
 
 class GenerateParams(Strict):
@@ -129,15 +143,16 @@ class GenerateParams(Strict):
     n_en: int = Field(ge=0)
     system_prompt: str | None = None
     sampling: Sampling
-    shard_size: int = Field(ge=1)
+    shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
 
 
 class ScoreParams(Strict):
     llm: LLMSpec
     prompt: str
     sampling: Sampling
-    repetition_min_tokens: int = Field(ge=1)  # a response this long is flagged as repetitive
-    shard_size: int = Field(ge=1)
+    # a response of more than this many tokens is flagged as repetitive (published: > 2000)
+    repetition_threshold: int = Field(2000, ge=0)
+    shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
 
 
 class SecondTurnParams(Strict):

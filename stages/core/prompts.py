@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import functools
-from importlib import resources
+from pathlib import Path
 from string import Template
+
+from stages.core.errors import PipelineError
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def template(name: str) -> Template:
+    """Load stages/prompts/<name>.txt; an unknown name raises listing the available ones."""
+    path = PROMPT_DIR / f"{name}.txt"
+    if not path.is_file():
+        names = sorted(p.name.removesuffix(".txt") for p in PROMPT_DIR.iterdir() if p.name.endswith(".txt"))
+        raise PipelineError(f"prompt {name!r} not found in {PROMPT_DIR}; available: {', '.join(names)}")
+    return _load(path)
 
 
 @functools.cache
-def template(name: str) -> Template:
-    """Load stages/prompts/<name>.txt; an unknown name raises listing the available ones."""
-    folder = resources.files("stages") / "prompts"
-    path = folder / f"{name}.txt"
-    if not path.is_file():
-        names = sorted(p.name.removesuffix(".txt") for p in folder.iterdir() if p.name.endswith(".txt"))
-        raise ValueError(f"prompt {name!r} not found; available: {', '.join(names)}")
+def _load(path: Path) -> Template:
     return Template(path.read_text(encoding="utf-8").strip())
 
 

@@ -6,8 +6,9 @@ from collections import Counter
 
 import pyarrow as pa
 
-from stages.core.judge import FAILED
-from stages.core.responses import ANNOTATION, MESSAGE
+from stages.core.engines import FAILED as FAILED_REQUEST
+from stages.core.engines import TOO_LONG
+from stages.core.responses import ANNOTATION, MESSAGE, SCORE_FAILED
 
 
 def assistant(responses: list[dict] | None) -> list[dict] | None:
@@ -58,11 +59,14 @@ def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
 
 
 def add_metrics(totals: Counter, rows: list[dict]) -> None:
-    """Add one batch of rows to the running release counts."""
+    """Add one batch of rows (translation failures included) to the running release counts."""
+    failed = [r for r in rows if r["translation_failed"]]
+    rows = [r for r in rows if not r["translation_failed"]]
     scores = [a["preference_score"] for r in rows for a in (r["annotations"] or [])]
-    valid = [s for s in scores if s != FAILED]
+    valid = [s for s in scores if s != SCORE_FAILED]
     totals.update(
         instructions=len(rows),
+        translation_failed=len(failed),
         instructions_with_responses=sum(r["responses_ja"] is not None for r in rows),
         responses_ja=sum(len(r["responses_ja"] or []) for r in rows),
         responses_en=sum(len(r["responses_en"] or []) for r in rows),
@@ -73,6 +77,16 @@ def add_metrics(totals: Counter, rows: list[dict]) -> None:
         empty_instructions=sum(bool(r["empty_user_instruction_ja"]) for r in rows),
         duplicate_instructions=sum(r["duplicate_user_instruction_ja"] is not None for r in rows),
     )
+    statuses = {
+        "generate": [s for r in rows for s in (r["status_ja"], r["status_en"])],
+        "judge": [s for r in rows for s in (r["judge_status"] or [])],
+        "second_turn": [r["multiturn_status"] for r in rows if r["multiturn_status"]],
+    }
+    for stage, found in statuses.items():  # why requests have no answer: not sent, or failed
+        totals[f"{stage}_skipped_too_long"] += sum(s == TOO_LONG or s.endswith(TOO_LONG) for s in found if s)
+        totals[f"{stage}_failed_requests"] += sum(
+            s == FAILED_REQUEST or s.endswith(FAILED_REQUEST) for s in found if s
+        )
     totals["score_sum"] += sum(valid)
 
 

@@ -1,12 +1,15 @@
-"""Arrow types of the generate/score tables, and the conversion from engine completions."""
+"""Arrow types of the generate/score tables, and the row logic of asking for n responses per row."""
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import pyarrow as pa
 
-from stages.core.engines import Completion
+from stages.core.engines import ChatRequest, Completion, Engine
+from stages.core.params import GenerateParams
+from stages.core.prompts import with_system
 
 RESPONSE = pa.struct(
     [
@@ -25,7 +28,32 @@ ANNOTATION = pa.struct(
         ("preference_score", pa.float64()),
     ]
 )
+SCORE_FAILED = -1.0  # preference_score where the judge failed or its output holds no rating
+FIELDS = {"ja": "instruction_ja", "en": "instruction"}  # the instruction each language answers
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# generate's out: responses (null where not asked or none came back) and the request's status
+GENERATED = pa.schema(
+    [
+        ("conversation_id", pa.string()),
+        ("responses_ja", RESPONSES),
+        ("responses_en", RESPONSES),
+        ("status_ja", pa.string()),  # ok, skipped_too_long, failed; null: not asked
+        ("status_en", pa.string()),
+    ]
+)
+
+# score's out: the published annotations, the best response, each judge request's status, and
+# for variants with a second turn the continuation from the best response and its status
+SCORED = pa.schema(
+    [
+        ("conversation_id", pa.string()),
+        ("annotations", pa.list_(ANNOTATION)),
+        ("best_index", pa.int64()),
+        ("judge_status", pa.list_(pa.string())),
+        ("multiturn", pa.list_(MESSAGE)),
+        ("multiturn_status", pa.string()),
+    ]
+)
 
 
 def as_rows(completions: list[Completion]) -> list[dict]:
@@ -44,3 +72,39 @@ def request_seed(seed: int, conversation_id: str, purpose: str) -> int:
     """A per-request seed that depends only on the run seed, the conversation and the purpose."""
     digest = hashlib.sha256(f"{seed}:{conversation_id}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def eligible(row: dict) -> bool:
+    """Empty, duplicate and untranslated instructions get no responses."""
+    return (
+        not row["empty_user_instruction_ja"]
+        and row["duplicate_user_instruction_ja"] is None
+        and not row["translation_failed"]
+    )
+
+
+def respond(
+    engine: Engine, rows: list[dict], language: str, n: int, spec: GenerateParams, seed: int, counts: Counter
+) -> tuple[list[list[dict] | None], list[str | None]]:
+    """n responses to each eligible row's instruction in `language` (ja or en), and each request's
+    status (None: not asked). A request that was not sent or failed gets null responses; `counts`
+    adds one per status (`ja_ok`, `ja_skipped_too_long`, `ja_failed`, ...)."""
+    field = FIELDS[language]
+    todo = [r for r in rows if eligible(r)] if n else []
+    requests = [
+        ChatRequest(
+            with_system(spec.system_prompt, [{"role": "user", "content": r[field]}]),
+            n=n,
+            seed=request_seed(seed, r["conversation_id"], language),
+        )
+        for r in todo
+    ]
+    replies = dict(
+        zip((r["conversation_id"] for r in todo), engine.chat(requests, spec.sampling), strict=True)
+    )
+    counts.update(f"{language}_{reply.status}" for reply in replies.values())
+    found = [replies.get(r["conversation_id"]) for r in rows]
+    return (
+        [as_rows(reply.completions) if reply and reply.completions else None for reply in found],
+        [reply.status if reply else None for reply in found],
+    )

@@ -7,7 +7,7 @@ encrypted file; prepend `translated_conversation` to get the whole two-turn conv
 
 from __future__ import annotations
 
-from stages.core.engines import ChatRequest, Engine
+from stages.core.engines import OK, ChatRequest, Engine
 from stages.core.params import GenerateParams, SecondTurnParams
 from stages.core.prompts import user_turn, with_system
 from stages.core.responses import request_seed
@@ -19,31 +19,33 @@ def continue_conversations(
     spec: SecondTurnParams,
     generate: GenerateParams,
     seed: int,
-) -> dict[str, list[dict]]:
-    """Map conversation_id -> [assistant, user, assistant] for each (id, question, best answer)."""
+) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """For each (id, question, best answer): id -> [assistant, user, assistant] where both new turns
+    came back, and id -> status (ok, or which turn failed and why: `follow_up_failed`,
+    `follow_up_empty`, `answer_skipped_too_long`, ...)."""
     asks = [
         ChatRequest(user_turn(spec.prompt, question=q, answer=a), seed=request_seed(seed, c, "turn2-user"))
         for c, q, a in turns
     ]
-    follow_ups = [completions[0].text.strip() for completions in engine.chat(asks, spec.sampling)]
-    dialogues = {
-        c: [
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": a},
-            {"role": "user", "content": f},
-        ]
-        for (c, q, a), f in zip(turns, follow_ups, strict=True)
-        if f
-    }
+    dialogues, statuses = {}, {}
+    for (c, q, a), reply in zip(turns, engine.chat(asks, spec.sampling), strict=True):
+        follow_up = reply.completions[0].text.strip() if reply.completions else ""
+        statuses[c] = f"follow_up_{'empty' if reply.status == OK else reply.status}"
+        if follow_up:
+            dialogues[c] = [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": follow_up},
+            ]
     answers = [
         ChatRequest(with_system(generate.system_prompt, d), seed=request_seed(seed, c, "turn2"))
         for c, d in dialogues.items()
     ]
-    for (_, dialogue), completions in zip(
-        dialogues.items(), engine.chat(answers, spec.sampling), strict=True
-    ):
-        dialogue.append({"role": "assistant", "content": completions[0].text})
-    return {c: dialogue[1:] for c, dialogue in dialogues.items()}
+    for (c, dialogue), reply in zip(dialogues.items(), engine.chat(answers, spec.sampling), strict=True):
+        statuses[c] = OK if reply.completions else f"answer_{reply.status}"
+        if reply.completions:
+            dialogue.append({"role": "assistant", "content": reply.completions[0].text})
+    return {c: d[1:] for c, d in dialogues.items() if statuses[c] == OK}, statuses
 
 
 def best_answers(rows: list[dict], best: list[int | None]) -> list[tuple[str, str, str]]:

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
-from stages.core.engines.base import ChatRequest, Completion, Engine, apply_chat_rules
+from stages.core.engines.base import (
+    FAILED,
+    OK,
+    TOO_LONG,
+    ChatRequest,
+    Completion,
+    Engine,
+    Reply,
+    RequestError,
+    apply_chat_rules,
+)
+from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec
 
-__all__ = ["ChatRequest", "Completion", "Engine", "apply_chat_rules", "make_engine"]
+__all__ = [
+    "FAILED",
+    "OK",
+    "TOO_LONG",
+    "ChatRequest",
+    "Completion",
+    "Engine",
+    "Reply",
+    "RequestError",
+    "apply_chat_rules",
+    "make_engine",
+]
 
 
 def make_engine(llm: LLMSpec, options: EngineParams) -> Engine:
     """Return an (unloaded) engine for `llm` on the backend `options.backend`."""
     if options.backend == "transformers":
-        from stages.core.engines.hf import TransformersEngine as cls
+        from stages.core.engines.transformers import TransformersEngine as cls
     elif options.backend == "vllm":
         from stages.core.engines.vllm import VLLMEngine as cls
     elif options.backend == "openai":
         from stages.core.engines.openai import OpenAIEngine as cls
     else:
-        raise ValueError(f"engine.backend={options.backend!r}: allowed are transformers, vllm, openai")
+        raise PipelineError(f"engine.backend={options.backend!r}: allowed are transformers, vllm, openai")
     return cls(llm=llm, options=options)

@@ -1,13 +1,23 @@
-"""The engine contract: chat requests in, n completions with token counts out."""
+"""The engine contract: chat requests in, one Reply per request out (up to n completions with exact
+token counts, or the reason there are none); one bad request never fails the others."""
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import inspect
+import logging
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import ClassVar
 
 from stages.core.params import EngineParams, LLMSpec, Sampling
+from stages.core.resume import recipe
 
+LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
+OK, TOO_LONG, FAILED = "ok", "skipped_too_long", "failed"  # Reply.status
 
 
 @dataclass(frozen=True)
@@ -25,19 +35,40 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What came of one request: its completions (up to n), or none and why."""
+
+    completions: list[Completion]
+    status: str = OK  # OK, TOO_LONG (not sent) or FAILED (after the engine's retries)
+    detail: str | None = None  # the error or the token counts, for logs
+
+
+class RequestError(RuntimeError):
+    """The backend refused or could not answer the requests of one call; `chat` then isolates the
+    request at fault by splitting the call."""
+
+
 @dataclass
 class Engine(abc.ABC):
     """One model behind one backend. `load()` imports the heavy library and loads the model; it
     runs on the first `chat()` that has requests, so a resumed stage whose shards are all done
-    never loads a model. `chat()` is batched; subclasses implement `_chat()`."""
+    never loads a model. Subclasses implement `load`, `count_tokens` and `_chat`."""
 
     llm: LLMSpec
     options: EngineParams
+    LIBRARIES: ClassVar[tuple[str, ...]] = ()  # distributions that generate: their versions key results
     _loaded: bool = field(default=False, init=False, repr=False)
 
     @property
     def model_name(self) -> str:
         return self.llm.model
+
+    def identity(self) -> dict:
+        """What of the engine determines its output: backend, library and version, engine code, model."""
+        code = hashlib.sha256(Path(inspect.getfile(type(self))).read_bytes()).hexdigest()
+        versions = {name: _version(name) for name in self.LIBRARIES}
+        return {"backend": self.options.backend, "libraries": versions, "code": code, "llm": recipe(self.llm)}
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -45,17 +76,61 @@ class Engine(abc.ABC):
     def unload(self) -> None:  # noqa: B027 - engines without resources need no clean-up
         """Free the model (GPU memory, sessions)."""
 
-    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
-        """Return, for each request, its `n` completions in order."""
+    def context_length(self) -> int | None:
+        """Tokens of prompt plus completion the model takes (None: unknown, nothing is checked)."""
+        return self.llm.max_model_len
+
+    @abc.abstractmethod
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Prompt tokens of `messages` after the chat rules and template, with the model's tokenizer."""
+
+    def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        """One Reply per request, in order. A prompt that cannot fit `context_length - max_tokens`
+        is not sent (TOO_LONG); a request the backend fails loses only its own completions."""
         if not requests:
             return []
         if not self._loaded:
             self.load()
             self._loaded = True
-        return self._chat(requests, sampling)
+        replies: list[Reply | None] = [None] * len(requests)
+        limit, send = self.context_length(), []
+        budget = None if limit is None else limit - sampling.max_tokens
+        for i, request in enumerate(requests):
+            tokens = (
+                None if budget is None else self.count_tokens(apply_chat_rules(request.messages, self.llm))
+            )
+            if tokens is not None and tokens > budget:
+                replies[i] = Reply([], TOO_LONG, f"{tokens} prompt tokens > {limit} - {sampling.max_tokens}")
+            else:
+                send.append(i)
+        for i, reply in zip(send, self._isolated([requests[i] for i in send], sampling), strict=True):
+            replies[i] = self._checked(reply, requests[i])
+        return replies
+
+    def _isolated(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        """`_chat`, splitting a call the backend refused until the request at fault is alone."""
+        if not requests:
+            return []
+        try:
+            replies = self._chat(requests, sampling)
+        except RequestError as err:
+            if len(requests) == 1:
+                LOG.warning("%s: a request failed: %s", self.model_name, err)
+                return [Reply([], FAILED, str(err))]
+            half = len(requests) // 2
+            return self._isolated(requests[:half], sampling) + self._isolated(requests[half:], sampling)
+        if len(replies) != len(requests):
+            raise RuntimeError(f"{type(self).__name__} returned {len(replies)} replies to {len(requests)}")
+        return replies
+
+    @staticmethod
+    def _checked(reply: Reply, request: ChatRequest) -> Reply:
+        if len(reply.completions) > request.n:
+            raise RuntimeError(f"{len(reply.completions)} completions for a request of n={request.n}")
+        return reply
 
     @abc.abstractmethod
-    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]: ...
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]: ...
 
     def __enter__(self) -> Engine:
         return self
@@ -66,6 +141,13 @@ class Engine(abc.ABC):
             self._loaded = False
 
 
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def apply_chat_rules(messages: list[dict[str, str]], llm: LLMSpec) -> list[dict[str, str]]:
     """Adapt messages to the model: without a system role, the system text opens the first user turn."""
     if llm.system_role or not messages or messages[0]["role"] != "system":
@@ -74,6 +156,12 @@ def apply_chat_rules(messages: list[dict[str, str]], llm: LLMSpec) -> list[dict[
     if rest and rest[0]["role"] == "user":
         rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
     return rest
+
+
+def template_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template and a generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def missing_extra(library: str, extra: str) -> ImportError:

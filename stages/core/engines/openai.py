@@ -1,21 +1,40 @@
-"""Engine for any OpenAI-compatible server (`vllm serve`, hosted APIs), with bounded concurrency."""
+"""Engine for any OpenAI-compatible server (`vllm serve`, hosted APIs), with bounded concurrency.
+
+Each request runs on its own: an error after the client's retries (HTTP 4xx/5xx, timeout,
+connection, a malformed body) fails only that request. Per-choice token counts come from the
+returned logprobs (one entry per generated token); a server that returns none gets n single-choice
+requests, whose usage is exact."""
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
-from stages.core.engines.base import ChatRequest, Completion, Engine, apply_chat_rules, missing_extra
+from stages.core.engines.base import (
+    FAILED,
+    ChatRequest,
+    Completion,
+    Engine,
+    Reply,
+    apply_chat_rules,
+    missing_extra,
+    template_ids,
+)
+from stages.core.errors import PipelineError
 from stages.core.params import Sampling
 
-MAX_RETRIES = 5  # the client retries connection errors, 429 and 5xx with exponential backoff
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
 class OpenAIEngine(Engine):
+    LIBRARIES: ClassVar[tuple[str, ...]] = ()  # the server generates: its model id and revision key results
     _client: Any = field(default=None, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
+    _errors: tuple = field(default=(), init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -24,39 +43,85 @@ class OpenAIEngine(Engine):
             raise missing_extra("openai", "openai") from err
         key = os.environ.get(self.options.api_key_env)
         if not key:
-            raise ValueError(
+            raise PipelineError(
                 f"the openai engine needs an API key in ${self.options.api_key_env} "
                 "(engine.api_key_env names the variable)"
             )
-        self._client = openai.OpenAI(base_url=self.options.base_url, api_key=key, max_retries=MAX_RETRIES)
+        self._client = openai.OpenAI(
+            base_url=self.options.base_url,
+            api_key=key,
+            max_retries=self.options.max_retries,
+            timeout=self.options.request_timeout,
+        )
+        # after the client's own retries; a malformed body is an APIResponseValidationError
+        self._errors = (openai.APIError,)
+        if self.llm.max_model_len is not None:  # prompts are counted before sending
+            self._tokenizer = _tokenizer(self.llm.tokenizer or self.llm.model, self.llm.revision)
 
     def unload(self) -> None:
         if self._client is not None:
             self._client.close()
-        self._client = None
+        self._client = self._tokenizer = None
 
-    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(template_ids(self._tokenizer, messages))
+
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
             return list(pool.map(lambda r: self._one(r, sampling), requests))
 
-    def _one(self, request: ChatRequest, sampling: Sampling) -> list[Completion]:
-        response = self._client.chat.completions.create(
-            model=self.llm.model,
-            messages=apply_chat_rules(request.messages, self.llm),
-            n=request.n,
-            seed=request.seed,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-        )
-        usage = response.usage
-        per_choice = (usage.completion_tokens // max(1, len(response.choices))) if usage else 0
-        return [
-            Completion(
-                text=choice.message.content or "",
-                finish_reason="length" if choice.finish_reason == "length" else "stop",
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=per_choice,
+    def _one(self, request: ChatRequest, sampling: Sampling) -> Reply:
+        try:
+            response = self._client.chat.completions.create(
+                model=self.llm.model,
+                messages=apply_chat_rules(request.messages, self.llm),
+                n=request.n,
+                seed=request.seed,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                logprobs=True,
             )
-            for choice in response.choices
+        except self._errors as err:
+            LOG.warning(
+                "%s: a request failed after %d retries: %s", self.model_name, self.options.max_retries, err
+            )
+            return Reply([], FAILED, f"{type(err).__name__}: {err}")
+        choices = sorted(getattr(response, "choices", None) or [], key=lambda c: c.index)
+        usage = getattr(response, "usage", None)
+        if not choices or usage is None or any(c.message is None for c in choices):
+            return Reply([], FAILED, "malformed response: no choices, message or usage")
+        counted = [
+            len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
+            for c in choices
         ]
+        if None in counted and len(choices) > 1:  # no per-choice counts: ask one choice at a time
+            singles = [
+                self._one(replace(request, n=1, seed=request.seed + j), sampling) for j in range(request.n)
+            ]
+            return Reply([c for s in singles for c in s.completions], *_combined(singles))
+        return Reply(
+            [
+                Completion(
+                    text=c.message.content or "",
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens if tokens is None else tokens,
+                )
+                for c, tokens in zip(choices, counted, strict=True)
+            ]
+        )
+
+
+def _combined(replies: list[Reply]) -> tuple[str, str | None]:
+    """The status of n single-choice replies taken together: ok (up to n) unless every one failed."""
+    ok = [r for r in replies if r.completions]
+    return (replies[0].status, replies[0].detail) if not ok else (ok[0].status, None)
+
+
+def _tokenizer(name: str, revision: str | None) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise missing_extra("transformers (to count prompt tokens)", "cpu") from err
+    return AutoTokenizer.from_pretrained(name, revision=revision)

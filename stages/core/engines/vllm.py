@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from stages.core.engines.base import ChatRequest, Completion, Engine, apply_chat_rules, missing_extra
+from stages.core.engines.base import (
+    ChatRequest,
+    Completion,
+    Engine,
+    Reply,
+    RequestError,
+    apply_chat_rules,
+    missing_extra,
+    template_ids,
+)
 from stages.core.params import Sampling
 
 
 @dataclass
 class VLLMEngine(Engine):
+    LIBRARIES: ClassVar[tuple[str, ...]] = ("vllm",)
     _llm: Any = field(default=None, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -26,11 +37,18 @@ class VLLMEngine(Engine):
             dtype=self.llm.dtype,
             gpu_memory_utilization=self.options.gpu_memory_utilization,
         )
+        self._tokenizer = self._llm.get_tokenizer()
 
     def unload(self) -> None:
-        self._llm = None
+        self._llm = self._tokenizer = None
 
-    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
+    def context_length(self) -> int | None:
+        return self._llm.llm_engine.model_config.max_model_len
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(template_ids(self._tokenizer, messages))
+
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         from vllm import SamplingParams
 
         params = [
@@ -43,18 +61,25 @@ class VLLMEngine(Engine):
             )
             for r in requests
         ]
-        outputs = self._llm.chat(
-            [apply_chat_rules(r.messages, self.llm) for r in requests], sampling_params=params, use_tqdm=True
-        )
+        try:  # vLLM validates every prompt before generating and rejects the whole call for one
+            outputs = self._llm.chat(
+                [apply_chat_rules(r.messages, self.llm) for r in requests],
+                sampling_params=params,
+                use_tqdm=True,
+            )
+        except ValueError as err:
+            raise RequestError(str(err)) from err
         return [
-            [
-                Completion(
-                    text=o.text,
-                    finish_reason="length" if o.finish_reason == "length" else "stop",
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    completion_tokens=len(o.token_ids),
-                )
-                for o in out.outputs
-            ]
+            Reply(
+                [
+                    Completion(
+                        text=o.text,
+                        finish_reason="length" if o.finish_reason == "length" else "stop",
+                        prompt_tokens=len(out.prompt_token_ids or []),
+                        completion_tokens=len(o.token_ids),
+                    )
+                    for o in out.outputs
+                ]
+            )
             for out in outputs
         ]

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any
+from typing import Any, ClassVar
 
-from stages.core.engines.base import ChatRequest, Completion, Engine, apply_chat_rules, missing_extra
+from stages.core.engines.base import (
+    ChatRequest,
+    Completion,
+    Engine,
+    Reply,
+    apply_chat_rules,
+    missing_extra,
+    template_ids,
+)
 from stages.core.params import Sampling
 
 
 @dataclass
 class TransformersEngine(Engine):
+    LIBRARIES: ClassVar[tuple[str, ...]] = ("transformers", "torch")
     _model: Any = field(default=None, init=False, repr=False)
     _tokenizer: Any = field(default=None, init=False, repr=False)
 
@@ -33,8 +42,14 @@ class TransformersEngine(Engine):
     def unload(self) -> None:
         self._model = self._tokenizer = None
 
-    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[list[Completion]]:
-        results: list[list[Completion]] = []
+    def context_length(self) -> int | None:
+        return self.llm.max_model_len or getattr(self._model.config, "max_position_embeddings", None)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(template_ids(self._tokenizer, messages))
+
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        results: list[Reply] = []
         # Requests with the same n share a batch; batch_size counts sequences, not requests.
         for n, group in groupby(requests, key=lambda r: r.n):
             group = list(group)
@@ -43,7 +58,7 @@ class TransformersEngine(Engine):
                 results.extend(self._generate(group[start : start + step], n, sampling))
         return results
 
-    def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[list[Completion]]:
+    def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[Reply]:
         import torch
 
         texts = [
@@ -67,7 +82,7 @@ class TransformersEngine(Engine):
         new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         return [
-            [self._completion(new_tokens[i * n + j], prompt_lens[i]) for j in range(n)]
+            Reply([self._completion(new_tokens[i * n + j], prompt_lens[i]) for j in range(n)])
             for i in range(len(batch))
         ]
 

@@ -1,0 +1,105 @@
+"""The translator LLM: Japanese translations of the first turns the release lacks, in resumable
+shards. An empty or failed translation is a failed translation (asked again up to
+`translate.retries` times with a new seed), never an empty instruction."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.core.engines import OK, ChatRequest, Engine, make_engine
+from stages.core.io import read_table
+from stages.core.params import Params, TranslateParams
+from stages.core.prompts import template, user_turn
+from stages.core.responses import request_seed
+from stages.core.resume import code_digest, digest, recipe
+from stages.core.shards import run_sharded, slices
+
+LOG = logging.getLogger(__name__)
+EMPTY_OUTPUT = "empty_output"  # the translator answered with nothing
+EMPTY_SOURCE = "empty_source"  # an empty first turn: nothing to translate, the instruction is empty
+TRANSLATED = pa.schema(
+    [
+        ("conversation_id", pa.string()),
+        ("instruction_ja", pa.string()),  # null: the translation failed
+        ("translation_status", pa.string()),  # ok, skipped_too_long, failed, empty_output
+    ]
+)
+
+
+def translate_rows(
+    engine: Engine, rows: list[dict], spec: TranslateParams, seed: int
+) -> tuple[list[str | None], list[str]]:
+    """Each row's translation (None when it failed after the retries) and its final status."""
+    texts: list[str | None] = [None] * len(rows)
+    statuses = [""] * len(rows)
+    todo = list(range(len(rows)))
+    for attempt in range(spec.retries + 1):
+        requests = [
+            ChatRequest(
+                user_turn(spec.prompt, text=rows[i]["instruction"]),
+                seed=request_seed(seed, rows[i]["conversation_id"], f"translate:{attempt}"),
+            )
+            for i in todo
+        ]
+        retry = []
+        for i, reply in zip(todo, engine.chat(requests, spec.sampling), strict=True):
+            text = reply.completions[0].text.strip() if reply.completions else ""
+            statuses[i] = EMPTY_OUTPUT if reply.status == OK and not text else reply.status
+            texts[i] = text or None
+            if statuses[i] in ("failed", EMPTY_OUTPUT):
+                retry.append(i)
+        todo = retry
+    return texts, statuses
+
+
+def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | None, str]]:
+    """conversation_id -> (Japanese text or None, translation status) for each row of `table`:
+    its non-empty first turns (`instruction`) go to the translator LLM, its empty ones stay empty."""
+    spec, result = params.translate, {}
+    for cid in table.filter(table["empty_first_turn"])["conversation_id"].to_pylist():
+        result[cid] = ("", EMPTY_SOURCE)
+    table = table.filter(pc.invert(table["empty_first_turn"]))
+    if table.num_rows == 0:
+        return result
+    counts: Counter = Counter()
+
+    def shard(rows: pa.Table, _: int) -> pa.Table:
+        texts, statuses = translate_rows(engine, rows.to_pylist(), spec, params.seed)
+        counts.update(statuses)
+        return pa.table([rows["conversation_id"], texts, statuses], schema=TRANSLATED)
+
+    out = Path(params.paths.checkpoints) / "translate.parquet"
+    with make_engine(spec.llm, params.engine) as engine:
+        key = digest(
+            "translate",
+            recipe(spec.llm),
+            template(spec.prompt).template,
+            recipe(spec.sampling),
+            spec.retries,
+            engine.identity(),
+            params.seed,
+            code_digest(__name__),
+        )
+        run_sharded(
+            slices(table.select(["conversation_id", "instruction"]), spec.shard_size),
+            shard,
+            out=out,
+            schema=TRANSLATED,
+            checkpoints=params.paths.checkpoints,
+            stage="translate",
+            key=key,
+        )
+    LOG.info(
+        "translator LLM on %d first turns: %s (this run; finished shards reused)",
+        table.num_rows,
+        dict(counts),
+    )
+    done = read_table(out).to_pydict()
+    ids, texts, statuses = done["conversation_id"], done["instruction_ja"], done["translation_status"]
+    result.update(zip(ids, zip(texts, statuses, strict=True), strict=True))
+    return result

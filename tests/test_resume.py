@@ -1,0 +1,71 @@
+"""Resume keys: runtime knobs are out, code and inputs are in, and dvc.yaml lists every module a
+stage imports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from stages.core.params import EngineParams, LLMSpec
+from stages.core.resume import closure, code_digest, input_digest, recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_recipe_drops_runtime_knobs():
+    engine = EngineParams(backend="openai", batch_size=7, base_url="http://h:1/v1", max_concurrency=3)
+    assert recipe(engine) == {"backend": "openai"}
+    llm = recipe(LLMSpec(model="m", revision="r" * 40, tensor_parallel_size=8, max_model_len=8192))
+    assert "tensor_parallel_size" not in llm and llm["max_model_len"] == 8192 and llm["revision"] == "r" * 40
+
+
+def test_module_level_closure_leaves_engine_backends_to_the_engine_identity():
+    eager, lazy = closure("stages.generate"), closure("stages.generate", lazy=True)
+    assert {"stages.core.engines.base", "stages.core.resume", "stages.core.shards"} <= set(eager)
+    assert "stages.core.engines.vllm" not in eager and "stages.core.engines.vllm" in lazy
+    assert "stages.core.judge" in closure("stages.score") and "stages.core.judge" not in eager
+
+
+def test_code_digest_sees_an_edit_in_an_imported_module_only(tmp_path):
+    copy = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {m: code_digest(m, root=copy) for m in ("stages.score", "stages.generate")}
+    judge = copy / "core" / "judge.py"
+    judge.write_text(judge.read_text().replace("MAX_SCORE = 10.0", "MAX_SCORE = 10.0  # a fix"))
+    after = {m: code_digest(m, root=copy) for m in ("stages.score", "stages.generate")}
+    assert after["stages.score"] != before["stages.score"]
+    assert after["stages.generate"] == before["stages.generate"]  # generate does not import the judge
+
+
+def test_input_digest_is_the_content_not_the_chunking():
+    rows = {"conversation_id": ["a", "b", "c"], "responses": [[{"content": "x"}], None, []]}
+    one = pa.table(rows)
+    chunked = pa.concat_tables([one.slice(0, 1), one.slice(1, 2)])
+    assert chunked["conversation_id"].num_chunks == 2
+    assert input_digest(one) == input_digest(chunked)
+    rows["responses"][2] = [{"content": "y"}]
+    assert input_digest(pa.table(rows)) != input_digest(one)
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def test_dvc_yaml_lists_every_module_each_stage_imports():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        entry = re.search(r"python -m (stages\.\w+)", stage["cmd"])[1]
+        deps = stage["deps"]
+        files = [p.relative_to(ROOT).as_posix() for p in closure(entry, lazy=True).values()]
+        missing[name] = [f for f in files if not _covered(f, deps)]
+        texts = [(ROOT / f).read_text(encoding="utf-8") for f in files if not f.endswith("prompts.py")]
+        renders = any(re.search(r"\b(user_turn|template)\(", text) for text in texts)
+        if renders and not any(d == "stages/prompts" or d.startswith("stages/prompts/") for d in deps):
+            missing[name].append("stages/prompts")  # the prompt files it renders
+    assert missing == {name: [] for name in stages}
