@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class FakeEngine(Engine):
     options: EngineParams = field(default_factory=lambda: EngineParams(backend="transformers", batch_size=8))
     requests: list[ChatRequest] = field(default_factory=list)
     refuse: tuple[str, ...] = ()
+    delay: float = 0.0  # seconds each call takes, for tests that kill a stage mid-run
     loads: int = 0
 
     def load(self) -> None:
@@ -62,6 +64,7 @@ class FakeEngine(Engine):
         return sum(len(m["content"]) for m in messages) // 4 + 4
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        time.sleep(self.delay)
         bad = [r for r in requests if any(word in m["content"] for word in self.refuse for m in r.messages)]
         if bad:
             raise RequestError(f"{len(bad)} of {len(requests)} prompts refused")
@@ -76,8 +79,13 @@ class FakeEngine(Engine):
 def fake_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
     """One FakeEngine returned by make_engine in every stage module."""
     engine = FakeEngine()
+
+    def make_engine(llm: LLMSpec, options: EngineParams) -> FakeEngine:
+        engine.llm, engine.options = llm, options  # the identity of the model the stage asked for
+        return engine
+
     for module in ("core.translator", "generate", "score"):
-        monkeypatch.setattr(f"stages.{module}.make_engine", lambda llm, options: engine)
+        monkeypatch.setattr(f"stages.{module}.make_engine", make_engine)
     return engine
 
 

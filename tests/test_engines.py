@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import threading
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from stages.core.engines import ChatRequest, apply_chat_rules, make_engine
+from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, apply_chat_rules, make_engine
+from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
+from tests.conftest import FakeEngine
 
+SAMPLING = Sampling(temperature=0.0, max_tokens=8)
 TINY = str(Path(__file__).resolve().parent.parent / "data" / "sample" / "tiny-chat")
 
 
@@ -25,8 +31,8 @@ def test_transformers_engine_returns_n_completions_with_token_counts():
     with engine:
         first = engine.chat(requests, Sampling(temperature=0.8, max_tokens=6))
         again = engine.chat(requests, Sampling(temperature=0.8, max_tokens=6))
-    assert [len(c) for c in first] == [3] * 5
-    for completion in (c for group in first for c in group):
+    assert [(len(r.completions), r.status) for r in first] == [(3, "ok")] * 5
+    for completion in (c for reply in first for c in reply.completions):
         assert completion.finish_reason in ("stop", "length")
         assert 1 <= completion.completion_tokens <= 6
         assert completion.prompt_tokens > 3
@@ -52,7 +58,7 @@ def test_openai_engine_needs_its_key_variable(monkeypatch):
     pytest.importorskip("openai")
     monkeypatch.delenv("MY_SERVER_KEY", raising=False)
     options = EngineParams(backend="openai", batch_size=1, api_key_env="MY_SERVER_KEY")
-    with pytest.raises(ValueError, match=r"\$MY_SERVER_KEY"):
+    with pytest.raises(PipelineError, match=r"\$MY_SERVER_KEY"):
         make_engine(LLMSpec(model="m"), options).load()
 
 
@@ -63,82 +69,166 @@ def test_vllm_engine_on_a_gpu():
         EngineParams(backend="vllm", batch_size=8, gpu_memory_utilization=0.3),
     )
     with engine:
-        [group] = engine.chat(
+        [reply] = engine.chat(
             [ChatRequest([{"role": "user", "content": "こんにちは"}], n=4, seed=1)],
             Sampling(temperature=0.8, max_tokens=8),
         )
-    assert len(group) == 4 and all(c.completion_tokens >= 1 for c in group)
+    assert len(reply.completions) == 4 and all(c.completion_tokens >= 1 for c in reply.completions)
 
 
 class _ChatServer(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible /v1/chat/completions endpoint that records what it was asked."""
+    """An OpenAI-compatible /v1/chat/completions endpoint on 127.0.0.1 that records what it was asked
+    and misbehaves on purpose, by a word in the last message: REFUSE (HTTP 400, as for a prompt over
+    the context), FLAKY (HTTP 500 every time), SLOW (answers after 3 s), GARBAGE (a body that is not
+    JSON), NOCHOICES (JSON without choices), NOLOGPROBS (no per-token logprobs). Choice i of a good
+    answer has 5 + i tokens, each with its logprob."""
 
     seen: ClassVar[list[dict]] = []
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _ChatServer.seen.append({"path": self.path, "auth": self.headers["Authorization"], **body})
+        last = body["messages"][-1]["content"]
+        if "REFUSE" in last:
+            return self._send(
+                400, {"error": {"message": "maximum context length exceeded", "type": "invalid"}}
+            )
+        if "FLAKY" in last:
+            return self._send(500, {"error": {"message": "engine died", "type": "server_error"}})
+        if "SLOW" in last:
+            time.sleep(3)
+        if "GARBAGE" in last:
+            return self._send(200, b"<html>502 Bad Gateway</html>")
+        if "NOCHOICES" in last:
+            return self._send(
+                200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"]}
+            )
         choices = [
-            {
-                "index": i,
-                "finish_reason": "length" if i else "stop",
-                "message": {
-                    "role": "assistant",
-                    "content": f"answer {i} to {body['messages'][-1]['content']}",
-                },
-            }
+            self._choice(i, last, body.get("logprobs") and "NOLOGPROBS" not in last)
             for i in range(body.get("n", 1))
         ]
-        reply = json.dumps(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": 11,
-                    "completion_tokens": 6 * len(choices),
-                    "total_tokens": 11 + 6 * len(choices),
-                },
-            }
-        ).encode()
-        self.send_response(200)
+        tokens = sum(5 + i for i in range(len(choices)))
+        usage = {"prompt_tokens": 11, "completion_tokens": tokens, "total_tokens": 11 + tokens}
+        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": choices, "usage": usage})  # fmt: skip
+
+    @staticmethod
+    def _choice(i: int, last: str, logprobs: bool) -> dict:
+        tokens = [
+            {"token": f"t{k}", "logprob": -0.5, "bytes": None, "top_logprobs": []} for k in range(5 + i)
+        ]
+        return {
+            "index": i,
+            "finish_reason": "length" if i else "stop",
+            "message": {"role": "assistant", "content": f"answer {i} to {last}"},
+            "logprobs": {"content": tokens} if logprobs else None,
+        }
+
+    def _send(self, status: int, reply: dict | bytes) -> None:
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(reply)
+        self.wfile.write(data)
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-def test_openai_engine_against_a_local_server(monkeypatch):
-    pytest.importorskip("openai")
+@contextlib.contextmanager
+def _server(monkeypatch, **options) -> Iterator[EngineParams]:
+    """The misbehaving server on 127.0.0.1 and engine params that point at it (stopped after)."""
     _ChatServer.seen.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LOCAL_KEY", "sk-local")
+    url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
-        monkeypatch.setenv("LOCAL_KEY", "sk-local")
-        options = EngineParams(
-            backend="openai",
-            batch_size=4,
-            api_key_env="LOCAL_KEY",
-            base_url=f"http://127.0.0.1:{server.server_port}/v1",
-        )
-        gemma = LLMSpec(model="google/gemma-3-27b-it", system_role=False)
-        request = ChatRequest(
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "質問"}], n=2, seed=7
-        )
-        with make_engine(gemma, options) as engine:
-            [group] = engine.chat([request], Sampling(temperature=0.6, top_p=0.9, max_tokens=32))
+        yield EngineParams(backend="openai", batch_size=4, api_key_env="LOCAL_KEY", base_url=url, **options)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_openai_engine_against_a_local_server(monkeypatch):
+    pytest.importorskip("openai")
+    gemma = LLMSpec(model="google/gemma-3-27b-it", system_role=False)
+    request = ChatRequest(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "質問"}], n=2, seed=7
+    )
+    with _server(monkeypatch) as options, make_engine(gemma, options) as engine:
+        [reply] = engine.chat([request], Sampling(temperature=0.6, top_p=0.9, max_tokens=32))
     [sent] = _ChatServer.seen
     assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-local"
     assert sent["messages"] == [{"role": "user", "content": "Be brief.\n\n質問"}]  # Gemma: no system role
     assert (sent["model"], sent["n"], sent["seed"], sent["max_tokens"]) == ("google/gemma-3-27b-it", 2, 7, 32)
-    assert [c.text for c in group] == ["answer 0 to Be brief.\n\n質問", "answer 1 to Be brief.\n\n質問"]
-    assert [c.finish_reason for c in group] == ["stop", "length"]
-    assert all(c.prompt_tokens == 11 and c.completion_tokens == 6 for c in group)
+    assert reply.status == OK
+    assert [c.text for c in reply.completions] == [
+        "answer 0 to Be brief.\n\n質問",
+        "answer 1 to Be brief.\n\n質問",
+    ]
+    assert [c.finish_reason for c in reply.completions] == ["stop", "length"]
+    # exact per choice (from the logprobs), not the average of usage.completion_tokens = 11
+    assert [(c.prompt_tokens, c.completion_tokens) for c in reply.completions] == [(11, 5), (11, 6)]
+
+
+def test_openai_engine_isolates_each_failing_request(monkeypatch):
+    pytest.importorskip("openai")
+    words = ["fine", "REFUSE", "FLAKY", "SLOW", "GARBAGE", "NOCHOICES", "also fine"]
+    requests = [ChatRequest([{"role": "user", "content": w}], n=3, seed=i) for i, w in enumerate(words)]
+    with (
+        _server(monkeypatch, max_retries=1, request_timeout=1.0) as options,
+        make_engine(LLMSpec(model="m"), options) as engine,
+    ):
+        replies = engine.chat(requests, Sampling(temperature=0.6, max_tokens=32))
+    assert [r.status for r in replies] == [OK, FAILED, FAILED, FAILED, FAILED, FAILED, OK]
+    assert [len(r.completions) for r in replies] == [3, 0, 0, 0, 0, 0, 3]
+    assert "BadRequestError" in replies[1].detail and "InternalServerError" in replies[2].detail
+    assert "Timeout" in replies[3].detail and "malformed" in replies[5].detail
+    tries = [s["messages"][-1]["content"] for s in _ChatServer.seen]
+    assert tries.count("FLAKY") == 2 and tries.count("REFUSE") == 1  # 5xx retried once, 400 never
+
+
+def test_openai_engine_without_logprobs_asks_one_choice_at_a_time(monkeypatch):
+    pytest.importorskip("openai")
+    request = ChatRequest([{"role": "user", "content": "NOLOGPROBS please"}], n=3, seed=40)
+    with _server(monkeypatch) as options, make_engine(LLMSpec(model="m"), options) as engine:
+        [reply] = engine.chat([request], Sampling(temperature=0.6, max_tokens=32))
+    assert [(s["n"], s["seed"]) for s in _ChatServer.seen] == [(3, 40), (1, 40), (1, 41), (1, 42)]
+    assert [c.completion_tokens for c in reply.completions] == [5, 5, 5]  # each from its own usage
+
+
+def test_openai_engine_counts_prompts_with_the_tokenizer_and_sends_none_too_long(monkeypatch):
+    pytest.importorskip("openai")
+    llm = LLMSpec(model="served-name", tokenizer=TINY, max_model_len=256)
+    requests = [ChatRequest([{"role": "user", "content": t}]) for t in ("short", "long " * 2000)]
+    with _server(monkeypatch) as options, make_engine(llm, options) as engine:
+        replies = engine.chat(requests, Sampling(temperature=0.0, max_tokens=32))
+    assert [r.status for r in replies] == [OK, TOO_LONG]
+    assert [s["messages"][-1]["content"] for s in _ChatServer.seen] == ["short"]
+
+
+def test_transformers_engine_skips_a_prompt_too_long_for_the_model():
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32"), EngineParams(backend="transformers", batch_size=4)
+    )
+    long = "This sentence is written for the test. " * 5000  # 200,000 characters
+    requests = [ChatRequest([{"role": "user", "content": t}], seed=1) for t in ("短い質問", long, "もう一つ")]
+    with engine:
+        replies = engine.chat(requests, Sampling(temperature=0.0, max_tokens=4))
+    assert [r.status for r in replies] == [OK, TOO_LONG, OK]
+    assert replies[1].completions == [] and "> 4096 - 4" in replies[1].detail  # the model's own context
+
+
+def test_a_refused_request_fails_alone_and_its_batch_is_answered():
+    engine = FakeEngine(refuse=("BOOM",))
+    texts = [f"q{i}" for i in range(9)] + ["BOOM"] + [f"r{i}" for i in range(6)]
+    with engine:
+        replies = engine.chat([ChatRequest([{"role": "user", "content": t}], n=2) for t in texts], SAMPLING)
+    assert [r.status for r in replies].count(FAILED) == 1 and replies[9].status == FAILED
+    assert all(len(r.completions) == 2 for i, r in enumerate(replies) if i != 9)
+    assert sorted(r.messages[0]["content"] for r in engine.requests) == sorted(
+        t for t in texts if t != "BOOM"
+    )

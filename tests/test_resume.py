@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from stages.core.params import EngineParams, LLMSpec
 from stages.core.resume import closure, code_digest, input_digest, recipe
+from tests.conftest import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +72,87 @@ def test_dvc_yaml_lists_every_module_each_stage_imports():
         if renders and not any(d == "stages/prompts" or d.startswith("stages/prompts/") for d in deps):
             missing[name].append("stages/prompts")  # the prompt files it renders
     assert missing == {name: [] for name in stages}
+
+
+# The contract, stage by stage, with the FakeEngine: what makes requests happen and what does not.
+
+
+def _set(workspace: Path, mutate) -> None:
+    data = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8"))
+    mutate(data)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+
+
+@pytest.fixture
+def scored(workspace, monkeypatch, fake_engine):
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    for stage in ("generate", "score"):
+        run_stage(monkeypatch, stage, "gemma3")
+    return workspace
+
+
+def _rerun(monkeypatch, fake_engine, *stages: str) -> list:
+    """Run the gemma3 stages again; return the requests they made."""
+    before = len(fake_engine.requests)
+    for stage in stages:
+        run_stage(monkeypatch, stage, "gemma3")
+    return fake_engine.requests[before:]
+
+
+def test_runtime_knobs_reuse_every_finished_shard(scored, monkeypatch, fake_engine):
+    def tune(d):
+        d["engine"].update(batch_size=1, max_concurrency=2, base_url="http://10.0.0.9/v1", max_retries=9)
+        d["engine"].update(gpu_memory_utilization=0.5, request_timeout=5.0)
+        for role in ("generate", "score"):
+            d["models"]["gemma3"][role]["llm"]["tensor_parallel_size"] = 4
+
+    _set(scored, tune)
+    assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
+
+
+def test_an_upstream_edit_generate_does_not_read_reuses_every_response(scored, monkeypatch, fake_engine):
+    before = (scored / "data/generated/gemma3.parquet").read_bytes()
+    _set(scored, lambda d: d["translate"]["templates"].update({"greeting": "(?i)^hello"}))
+    run_stage(monkeypatch, "translate")
+    assert (
+        "greeting"
+        in pq.read_table(scored / "data/private/translated.parquet")["is_template_instruction"].to_pylist()
+    )
+    assert _rerun(monkeypatch, fake_engine, "generate") == []
+    assert (scored / "data/generated/gemma3.parquet").read_bytes() == before
+
+
+def test_a_judge_prompt_edit_rescores(scored, monkeypatch, fake_engine, tmp_path):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "stages" / "prompts", prompts)
+    judge = prompts / "judge-0to10.txt"
+    judge.write_text(judge.read_text(encoding="utf-8").replace("impartial judge", "impartial, strict judge"))
+    monkeypatch.setattr("stages.core.prompts.PROMPT_DIR", prompts)
+    judged = _rerun(monkeypatch, fake_engine, "generate", "score")
+    responses = sum(
+        len(r or [])
+        for r in pq.read_table(scored / "data/generated/gemma3.parquet")["responses_ja"].to_pylist()
+    )
+    assert len(judged) == responses > 0  # generate made none; every response was judged again
+    assert all("impartial, strict judge" in r.messages[0]["content"] for r in judged)
+
+
+def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_path):
+    copy = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    judge = copy / "core" / "judge.py"
+    judge.write_text(judge.read_text(encoding="utf-8") + "\n# a fix in the parser\n", encoding="utf-8")
+    monkeypatch.setattr("stages.core.resume.PACKAGE_DIR", copy)
+    requests = _rerun(monkeypatch, fake_engine, "generate", "score")
+    assert requests and all("impartial judge" in r.messages[0]["content"] for r in requests)
+
+
+def test_a_new_model_revision_regenerates(scored, monkeypatch, fake_engine):
+    _set(scored, lambda d: d["models"]["gemma3"]["generate"]["llm"].update(revision="a" * 40))
+    assert _rerun(monkeypatch, fake_engine, "generate")
+
+
+def test_a_new_engine_version_regenerates(scored, monkeypatch, fake_engine):
+    monkeypatch.setattr(type(fake_engine), "LIBRARIES", ("pyarrow",))
+    assert _rerun(monkeypatch, fake_engine, "generate")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -13,8 +18,11 @@ import pytest
 import yaml
 
 from stages.core.crypto import CryptoError, KeySpec, derive_key
+from stages.core.errors import PipelineError
 from stages.core.io import read_jsonl_gz, sha256_file
 from tests.conftest import run_stage
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC_FIELDS = [
     "conversation_id",
@@ -127,10 +135,23 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     home = upstream / "gnupg"
     home.mkdir(mode=0o700)
     by_hand = subprocess.run(  # users need nothing of ours to read the release
-        ["gpg", "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback",
-         "--passphrase-fd", "0", "--decrypt", str(out / ENCRYPTED)],
-        input=f"{key}\n".encode(), capture_output=True, check=True,
-    )  # fmt: skip
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--decrypt",
+            str(out / ENCRYPTED),
+        ],
+        input=f"{key}\n".encode(),
+        capture_output=True,
+        check=True,
+    )
     plain.write_bytes(by_hand.stdout)
     table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
     assert list(read_jsonl_gz(plain)) == [
@@ -238,3 +259,104 @@ def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstrea
     run_stage(monkeypatch, "generate", "gemma3")
     assert len(fake_engine.requests) == calls and fake_engine.loads == loads + 1  # nothing to do: no load
     assert (upstream / "data/generated/gemma3.parquet").read_bytes() == first
+
+
+def _generated(workspace, name: str) -> dict[str, dict]:
+    table = pq.read_table(workspace / "data/private/translated.parquet").to_pylist()
+    generated = pq.read_table(workspace / f"data/generated/{name}.parquet").to_pylist()
+    return {t["conversation_id"]: {**t, **g} for t, g in zip(table, generated, strict=True)}
+
+
+def test_one_failing_request_and_a_prompt_too_long_never_stop_a_stage(upstream, monkeypatch, fake_engine):
+    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    victim = next(
+        r
+        for r in table
+        if r["instruction_source"] == "released"
+        and r["duplicate_user_instruction_ja"] is None
+        and not r["empty_user_instruction_ja"]
+        and len(r["instruction_ja"]) < 1000
+    )
+    fake_engine.refuse = (victim["instruction_ja"],)  # the backend rejects any call holding this prompt
+    run_stage(monkeypatch, "generate", "gemma2")
+    rows = _generated(upstream, "gemma2")
+    assert rows[victim["conversation_id"]]["status_ja"] == "failed"
+    assert rows[victim["conversation_id"]]["responses_ja"] is None
+    assert rows[victim["conversation_id"]]["status_en"] == "ok"  # its English request was another one
+    longest = max(table, key=lambda r: len(r["instruction_ja"] or ""))
+    assert len(longest["instruction_ja"]) > 4096 * 4  # over the tiny model's context at 4 characters a token
+    assert rows[longest["conversation_id"]]["status_ja"] == "skipped_too_long"
+    answered = [r for r in rows.values() if r["status_ja"] == "ok"]
+    assert answered and all(len(r["responses_ja"]) == 6 for r in answered)
+    judged = answered[0]["responses_ja"][2]["content"]
+    assert sum(judged in (x["content"] for x in r["responses_ja"]) for r in answered) == 1
+    fake_engine.refuse = (f"[The Start of Assistant's Answer]\n{judged}\n",)  # one judge request fails
+    for stage in ("score", "package"):
+        run_stage(monkeypatch, stage, "gemma2")
+    metrics = json.loads((upstream / "data/metrics/package-gemma2.json").read_text())
+    assert metrics["generate_failed_requests"] == 1 and metrics["generate_skipped_too_long"] >= 1
+    assert metrics["judge_failed_requests"] == 1
+    assert metrics["responses_ja"] == 6 * len(answered)
+    records = {r["conversation_id"]: r for r in _release(upstream, "gemma2")}
+    assert records[victim["conversation_id"]]["synthesized_assistant_responses"] is None
+    failed = [
+        n
+        for r in records.values()
+        for n in r["synthesized_response_scoring_annotations"] or []
+        if n["judgement"] is None
+    ]
+    assert len(failed) == 1 and failed[0]["preference_score"] == -1
+
+
+def test_a_failed_llm_translation_is_not_an_empty_instruction(upstream):
+    table = pq.read_table(upstream / "data/private/translated.parquet").to_pandas()
+    llm = table[table.instruction_source == "llm"]
+    failed = llm[llm.translation_failed]
+    assert (failed.translation_status == "skipped_too_long").all() and len(failed) >= 1  # the long first turn
+    assert failed.instruction_ja.isna().all() and not failed.empty_user_instruction_ja.any()
+    assert (llm[~llm.translation_failed].translation_status.isin(["ok", "empty_source"])).all()
+
+
+def test_an_empty_translation_is_asked_again_then_counted_as_failed(workspace, monkeypatch, fake_engine):
+    for stage in ("fetch", "decrypt"):
+        run_stage(monkeypatch, stage)
+    _params(workspace, lambda d: d["translate"].update(retries=2, max_failure_rate=0.1))
+    monkeypatch.setattr(
+        "tests.conftest.fake_reply", lambda messages, index: "  "
+    )  # the translator says nothing
+    with pytest.raises(
+        PipelineError,
+        match=r"translate: 5 of 5 LLM translations failed \(100\.0% > translate\.max_failure_rate=0\.1\)",
+    ):
+        run_stage(monkeypatch, "translate")
+    asked = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
+    assert len(asked) == 4 * 3  # 4 short ones, each asked 3 times (the long one is never sent)
+    assert not (workspace / "data/private/translated.parquet").exists()
+
+
+def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, monkeypatch, fake_engine):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_ENGINE_DELAY": "0.5"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/run_with_fake_engine.py"), "generate", "gemma3"],
+        cwd=upstream,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    shards = upstream / "data/.checkpoints/generate@gemma3"
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("*/0000*.parquet"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(shards.glob("*/0000*.parquet"))
+    assert len(done) == 2 and not (upstream / "data/generated/gemma3.parquet").exists()
+    done[1].write_bytes(done[1].read_bytes()[:100])  # torn
+    fake_engine.requests.clear()
+    run_stage(monkeypatch, "generate", "gemma3")
+    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    first_shard = {r["instruction_ja"] for r in table[:64]}
+    asked = {r.messages[0]["content"] for r in fake_engine.requests}
+    assert not asked & first_shard  # shard 0 was reused
+    assert {r["instruction_ja"] for r in table[64:128] if r["instruction_source"] == "released"} & asked
+    assert pq.read_table(upstream / "data/generated/gemma3.parquet").num_rows == len(table)

@@ -7,6 +7,7 @@ requests, whose usage is exact."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,8 @@ class OpenAIEngine(Engine):
             max_retries=self.options.max_retries,
             timeout=self.options.request_timeout,
         )
-        # after the client's own retries; a malformed body is an APIResponseValidationError
-        self._errors = (openai.APIError,)
+        # after the client's own retries; a body that is not JSON fails the request too
+        self._errors = (openai.APIError, json.JSONDecodeError)
         if self.llm.max_model_len is not None:  # prompts are counted before sending
             self._tokenizer = _tokenizer(self.llm.tokenizer or self.llm.model, self.llm.revision)
 
