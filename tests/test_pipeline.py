@@ -75,14 +75,20 @@ def built(repo: Path) -> Path:
 
 def test_release_files_of_every_variant(built: Path):
     table = pq.read_table(built / "data/private/translated.parquet").to_pylist()
+    assert any(r["translation_failed"] for r in table)  # the 60,000-character turn: too long to translate
+    table = [r for r in table if not r["translation_failed"]]  # no Japanese instruction: not released
     key = derive_key(built / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
     for variant, (release_name, n_ja, n_en) in VARIANTS.items():
         out = built / "data/release" / variant
+        generated = pq.read_table(built / f"data/generated/{variant}.parquet").to_pandas()
+        status = dict(zip(generated.conversation_id, generated.status_ja, strict=True))
+        assert "skipped_too_long" in status.values()  # the 200,000-character turn, through the real engine
         records = list(read_jsonl_gz(out / f"{release_name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"))
         assert [r["conversation_id"] for r in records] == [r["conversation_id"] for r in table]
         for record, row in zip(records, table, strict=True):
             assert "translated_conversation" not in record
             skipped = row["empty_user_instruction_ja"] or row["duplicate_user_instruction_ja"] is not None
+            skipped = skipped or status[row["conversation_id"]] == "skipped_too_long"
             responses = record["synthesized_assistant_responses"]
             notes = record["synthesized_response_scoring_annotations"]
             if skipped:
@@ -154,7 +160,7 @@ def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
     instructions = {
         r["instruction_ja"] for r in pq.read_table(built / "data/private/translated.parquet").to_pylist()
     }
-    instructions = {t for t in instructions if len(t) >= 6}
+    instructions = {t for t in instructions if t and len(t) >= 6}  # None: a failed translation
     groups = _outs_by_remote(built)
     assert set(groups) == {"public", "private", "git"}
 
@@ -227,4 +233,5 @@ def test_package_encrypts_afresh_when_the_previous_release_cannot_be_read(built:
     assert after != before  # the dvc.lock's release is in no cache and the S3 remote is unreachable
     key = derive_key(copy / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
     decrypt_file(copy / "data/release/gemma3" / ENCRYPTED, tmp_path / "plain.jsonl.gz", key)
-    assert len(list(read_jsonl_gz(tmp_path / "plain.jsonl.gz"))) == 312
+    # 314 kept; the tiny model's 4 empty translations and the turn too long to translate are not released
+    assert len(list(read_jsonl_gz(tmp_path / "plain.jsonl.gz"))) == 309

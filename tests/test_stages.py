@@ -45,12 +45,12 @@ def upstream(workspace, monkeypatch, fake_engine):
 
 def test_decrypt_and_translate(upstream, fake_engine):
     released = pq.read_table(upstream / "data/private/instructions-ja.parquet")
-    assert released.num_rows == 306
+    assert released.num_rows == 307
     table = pq.read_table(upstream / "data/private/translated.parquet").to_pandas()
-    assert len(table) == 312
-    assert (table.instruction_source == "llm").sum() == 6  # the release lacks 6 kept conversations
+    assert len(table) == 314
+    assert (table.instruction_source == "llm").sum() == 7  # the release lacks 7 kept conversations
     translated = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
-    assert len(translated) == 4  # 6 missing, 2 of them empty: nothing to translate
+    assert len(translated) == 4  # 7 missing: 2 empty (nothing to translate), 1 too long (never sent)
     first = table.drop_duplicates("instruction_ja").set_index("instruction_ja").conversation_id
     for row in table[table.duplicate_user_instruction_ja.notna()].itertuples():
         assert row.duplicate_user_instruction_ja == first[row.instruction_ja] != row.conversation_id
@@ -69,7 +69,7 @@ def test_translate_missing_error_names_the_setting(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
     run_stage(monkeypatch, "decrypt")
     with pytest.raises(
-        ValueError, match=r"6 conversations have no released translation .* translate\.missing"
+        PipelineError, match=r"7 conversations have no released translation .* translate\.missing"
     ):
         run_stage(monkeypatch, "translate")
 
@@ -94,6 +94,10 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
     table = (
         pq.read_table(upstream / "data/private/translated.parquet").to_pandas().set_index("conversation_id")
     )
+    status = (
+        pq.read_table(upstream / "data/generated/gemma2.parquet").to_pandas().set_index("conversation_id")
+    )
+    table = table[~table.translation_failed]  # no Japanese instruction: not released
     records = _release(upstream, "gemma2")
     assert [r["conversation_id"] for r in records] == list(table.index)
     extra = ["synthesized_assistant_responses_en", "synthesized_multiturn_conversation"]
@@ -101,7 +105,7 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
         assert list(record) == PUBLIC_FIELDS + extra
         row = table.loc[record["conversation_id"]]
         skipped = row.empty_user_instruction_ja or pd.notna(row.duplicate_user_instruction_ja)
-        if skipped:
+        if skipped or status.status_ja[record["conversation_id"]] == "skipped_too_long":
             assert all(record[f] is None for f in PUBLIC_FIELDS[4:] + extra)
             continue
         responses, notes = (
@@ -154,6 +158,7 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     )
     plain.write_bytes(by_hand.stdout)
     table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    table = [r for r in table if not r["translation_failed"]]
     assert list(read_jsonl_gz(plain)) == [
         {
             "conversation_id": r["conversation_id"],
@@ -251,7 +256,7 @@ def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstrea
     loads, calls = fake_engine.loads, len(fake_engine.requests)
     first = (upstream / "data/generated/gemma3.parquet").read_bytes()
     shards = sorted((upstream / "data/.checkpoints/generate@gemma3").glob("*/0000*.parquet"))
-    assert len(shards) == 5  # 312 rows in shards of 64
+    assert len(shards) == 5  # 314 rows in shards of 64
     shards[-1].unlink()  # as if killed while writing the last shard
     run_stage(monkeypatch, "generate", "gemma3")
     assert len(fake_engine.requests) > calls and fake_engine.loads == loads + 1  # only the last shard ran
