@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from stages.core.cli import run, start, timed
 from stages.core.crypto import decrypt_file, derive_key
+from stages.core.errors import SourceError
 from stages.core.io import read_jsonl_gz, write_table
 
 LOG = logging.getLogger("stages.decrypt")
@@ -23,9 +24,9 @@ def instruction_rows(path: Path) -> list[dict]:
     for i, record in enumerate(read_jsonl_gz(path), 1):
         turns = record.get("translated_conversation") or []
         if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
-            raise ValueError(f"{path}: record {i} lacks conversation_id or a first user turn")
+            raise SourceError(f"{path}: record {i} lacks conversation_id or a first user turn")
         if record["conversation_id"] in seen:
-            raise ValueError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
+            raise SourceError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
         seen.add(record["conversation_id"])
         rows.append({"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]})
     return rows

@@ -365,3 +365,41 @@ def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, m
     assert not asked & first_shard  # shard 0 was reused
     assert {r["instruction_ja"] for r in table[64:128] if r["instruction_source"] == "released"} & asked
     assert pq.read_table(upstream / "data/generated/gemma3.parquet").num_rows == len(table)
+
+
+def _full_disk_while_copying(src, dst):
+    Path(dst).write_bytes(Path(src).read_bytes()[:100])
+    raise OSError(28, "No space left on device")
+
+
+def _full_disk_half_way(monkeypatch):
+    from stages.core import release
+
+    written, original = [], release.release_record
+
+    def record(*args):
+        written.append(1)
+        if len(written) > 100:
+            raise OSError(28, "No space left on device")
+        return original(*args)
+
+    monkeypatch.setattr("stages.core.release.release_record", record)
+
+
+@pytest.mark.parametrize("where", ["records", "reused ciphertext"])
+def test_a_failed_package_leaves_the_previous_release_whole(upstream, monkeypatch, where):
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma3")
+    out = upstream / "data/release/gemma3"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if where == "records":
+        _full_disk_half_way(monkeypatch)
+    else:  # the previous ciphertext is found (from the workspace) and copied
+        monkeypatch.setattr("stages.package.previous_ciphertext", lambda *a: out / ENCRYPTED)
+        monkeypatch.setattr("stages.package.shutil.copyfile", _full_disk_while_copying)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_stage(monkeypatch, "package", "gemma3")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in (upstream / "data/release").iterdir()) == [
+        "gemma3"
+    ]  # no partial or old dirs

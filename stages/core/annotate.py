@@ -6,6 +6,8 @@ import re
 
 import pyarrow as pa
 
+from stages.core.errors import PipelineError
+
 
 def empty_flags(instructions: list[str | None]) -> list[bool]:
     """An empty instruction is an empty (or blank) text; a failed translation (None) is not empty."""
@@ -31,7 +33,7 @@ def compile_templates(templates: dict[str, str]) -> list[tuple[str, re.Pattern]]
         try:
             compiled.append((category, re.compile(pattern)))
         except re.error as err:
-            raise ValueError(f"translate.templates[{category!r}]: bad regex {pattern!r}: {err}") from err
+            raise PipelineError(f"translate.templates[{category!r}]: bad regex {pattern!r}: {err}") from err
     return compiled
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.core.errors import SourceError
+
 CHUNK = 1 << 20
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True, "store_schema": True}
 
@@ -96,7 +98,7 @@ def read_jsonl_gz(path: str | os.PathLike) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {line_no} is not JSON: {err}") from err
+                    raise SourceError(f"{path}: line {line_no} is not JSON: {err}") from err
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -115,7 +117,7 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
 def align(base: pa.Table, other: pa.Table, columns: list[str], other_name: str) -> pa.Table:
     """Append `columns` of `other` to `base`; both must list the same conversations in the same order."""
     if not base["conversation_id"].equals(other["conversation_id"]):
-        raise ValueError(
+        raise SourceError(
             f"{other_name} lists other conversations than its input: re-run the stage that wrote it"
         )
     for column in columns:
@@ -178,11 +180,13 @@ def iter_aligned(
         for reader, columns in readers:
             other = reader.take(part.num_rows)
             if other is None or other.num_rows != part.num_rows:
-                raise ValueError(
+                raise SourceError(
                     f"{reader.path} has fewer rows than {first.path}: re-run the stage that wrote it"
                 )
             part = align(part, other, columns, str(reader.path))
         yield part
     for reader, _ in readers:
         if reader.take(1) is not None:
-            raise ValueError(f"{reader.path} has more rows than {first.path}: re-run the stage that wrote it")
+            raise SourceError(
+                f"{reader.path} has more rows than {first.path}: re-run the stage that wrote it"
+            )
