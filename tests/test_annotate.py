@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.annotate import compile_templates, duplicate_of, empty_flags, template_category
+from stages.core.errors import PipelineError
 from stages.core.params import load_params
 
 ROOT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -14,8 +15,8 @@ COMPANY = "Give me an introduction over {n} words for {name}, a chemical company
 ARTICLE = "Write an article about the {kind} of {chem} {n} words in {the}chemical industry"
 
 
-def test_empty_flags():
-    assert empty_flags(["こんにちは", "", "  \n", None]) == [False, True, True, True]
+def test_empty_flags_tell_an_empty_instruction_from_a_failed_translation():
+    assert empty_flags(["こんにちは", "", "  \n", None]) == [False, True, True, False]
 
 
 def test_duplicate_points_at_the_first_identical_instruction():
@@ -45,5 +46,5 @@ def test_template_categories_of_the_production_config(text, category):
 
 
 def test_bad_template_regex_names_the_category():
-    with pytest.raises(ValueError, match=r"translate\.templates\['broken'\]: bad regex"):
+    with pytest.raises(PipelineError, match=r"translate\.templates\['broken'\]: bad regex"):
         compile_templates({"broken": "(unclosed"})
