@@ -6,42 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pyarrow as pa
-
-from stages.core import judge
 from stages.core.cli import run, start, timed
-from stages.core.engines import Engine, make_engine
+from stages.core.engines import make_engine
 from stages.core.io import iter_aligned
-from stages.core.params import Params
+from stages.core.judge import judge_table
 from stages.core.prompts import template
-from stages.core.responses import SCORED
+from stages.core.responses import JUDGED, SCORED
 from stages.core.resume import code_digest, digest, recipe
-from stages.core.second_turn import best_answers, continue_conversations
+from stages.core.second_turn import second_turn_table
 from stages.core.shards import run_sharded, shard_count
 
 LOG = logging.getLogger("stages.score")
-JUDGED = ["annotations", "best_index", "judge_status"]
-
-
-def judge_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
-    notes, statuses = judge.judge_rows(engine, part.to_pylist(), params.models[name].score, params.seed)
-    best = [None if n is None else judge.best_index([x["preference_score"] for x in n]) for n in notes]
-    nulls = [None] * part.num_rows  # the second pass, where the variant has one, fills these
-    return pa.table([part["conversation_id"], notes, best, statuses, nulls, nulls], schema=SCORED)
-
-
-def second_turn_shard(engine: Engine, part: pa.Table, params: Params, name: str) -> pa.Table:
-    """The generator's two-turn continuation from each best response (null without one)."""
-    variant, rows = params.models[name], part.to_pylist()
-    turns = best_answers(rows, [r["best_index"] for r in rows])
-    dialogues, statuses = continue_conversations(
-        engine, turns, variant.second_turn, variant.generate, params.seed
-    )
-    ids = [r["conversation_id"] for r in rows]
-    columns = [part[c] for c in ["conversation_id", *JUDGED]]
-    return pa.table(
-        [*columns, [dialogues.get(c) for c in ids], [statuses.get(c) for c in ids]], schema=SCORED
-    )
 
 
 def main() -> None:
@@ -63,7 +38,7 @@ def main() -> None:
         )
         counts["rows"] = run_sharded(
             iter_aligned(*inputs, rows=size),
-            lambda part, _: judge_shard(engine, part, params, name),
+            lambda part, _: judge_table(engine, part, variant.score, params.seed),
             out=judged,
             stage=f"score@{name}",
             key=key,
@@ -83,7 +58,9 @@ def main() -> None:
         )
         run_sharded(
             iter_aligned(*inputs, (judged, JUDGED), rows=size),
-            lambda part, _: second_turn_shard(engine, part, params, name),
+            lambda part, _: second_turn_table(
+                engine, part, variant.second_turn, variant.generate, params.seed
+            ),
             out=scored,
             stage=f"second-turn@{name}",
             key=key,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.core.errors import PipelineError
-from stages.core.judge import FAILED, MAX_SCORE, best_index, judge_messages, parse_score
+from stages.core.judge import FAILED, MAX_SCORE, annotations, best_index, judge_messages, parse_score
 
 MT_BENCH_PREAMBLE = (
     "Please act as an impartial judge and evaluate the quality of the response. Be as objective as "
@@ -136,3 +136,20 @@ def test_judge_messages_fill_the_template():
 def test_unknown_prompt_lists_the_available_ones():
     with pytest.raises(PipelineError, match=r"prompt .judge-1to5. not found in .*; available: judge-0to10"):
         judge_messages("judge-1to5", "q", "a")
+
+
+def test_annotations_flag_more_than_the_threshold_and_keep_failed_requests_visible():
+    from stages.core.engines import FAILED as FAILED_REQUEST
+    from stages.core.engines import Completion, Reply
+
+    responses = [{"completion_tokens": n} for n in (2000, 2001, 12)]
+    replies = [
+        Reply([Completion("Rating: [[7]]", "stop", 9, 5)]),
+        Reply([Completion("garbage", "stop", 9, 1)]),
+        Reply([], FAILED_REQUEST, "HTTP 500"),
+    ]
+    notes = annotations(responses, replies, repetition_threshold=2000)
+    assert [n["repetition_flag"] for n in notes] == [False, True, False]  # > 2000, as published
+    assert [n["preference_score"] for n in notes] == [7.0, FAILED, FAILED]
+    assert [n["judgement"] for n in notes] == ["Rating: [[7]]", "garbage", None]
+    assert [n["response_token_length"] for n in notes] == [2000, 2001, 12]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import pyarrow as pa
+
 from stages.core.engines import ChatRequest, Engine, Reply
 from stages.core.params import ScoreParams
 from stages.core.prompts import user_turn
-from stages.core.responses import SCORE_FAILED, request_seed
+from stages.core.responses import SCORE_FAILED, SCORED, request_seed
 
 FAILED = SCORE_FAILED
 MAX_SCORE = 10.0
@@ -98,3 +100,11 @@ def judge_rows(engine: Engine, rows: list[dict], spec: ScoreParams, seed: int) -
         )
         statuses.append(None if mine is None else [reply.status for reply in mine])
     return notes, statuses
+
+
+def judge_table(engine: Engine, part: pa.Table, spec: ScoreParams, seed: int) -> pa.Table:
+    """One shard of score's out: annotations, best response and judge statuses of each row."""
+    notes, statuses = judge_rows(engine, part.to_pylist(), spec, seed)
+    best = [None if n is None else best_index([x["preference_score"] for x in n]) for n in notes]
+    nulls = [None] * part.num_rows  # the second pass, where the variant has one, fills these
+    return pa.table([part["conversation_id"], notes, best, statuses, nulls, nulls], schema=SCORED)

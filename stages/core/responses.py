@@ -55,6 +55,8 @@ SCORED = pa.schema(
     ]
 )
 
+JUDGED = ["annotations", "best_index", "judge_status"]  # what the judge pass adds, read by the second
+
 
 def as_rows(completions: list[Completion]) -> list[dict]:
     return [

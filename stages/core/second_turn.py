@@ -7,10 +7,12 @@ encrypted file; prepend `translated_conversation` to get the whole two-turn conv
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from stages.core.engines import OK, ChatRequest, Engine
 from stages.core.params import GenerateParams, SecondTurnParams
 from stages.core.prompts import user_turn, with_system
-from stages.core.responses import request_seed
+from stages.core.responses import JUDGED, SCORED, request_seed
 
 
 def continue_conversations(
@@ -55,3 +57,17 @@ def best_answers(rows: list[dict], best: list[int | None]) -> list[tuple[str, st
         for row, b in zip(rows, best, strict=True)
         if b is not None
     ]
+
+
+def second_turn_table(
+    engine: Engine, part: pa.Table, spec: SecondTurnParams, generate: GenerateParams, seed: int
+) -> pa.Table:
+    """One shard of score's out with the two-turn continuation from each best response (null without)."""
+    rows = part.to_pylist()
+    turns = best_answers(rows, [r["best_index"] for r in rows])
+    dialogues, statuses = continue_conversations(engine, turns, spec, generate, seed)
+    ids = [r["conversation_id"] for r in rows]
+    columns = [part[c] for c in ["conversation_id", *JUDGED]]
+    return pa.table(
+        [*columns, [dialogues.get(c) for c in ids], [statuses.get(c) for c in ids]], schema=SCORED
+    )
