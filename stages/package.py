@@ -20,6 +20,7 @@ from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import (
     PARQUET_OPTIONS,
+    RowGroups,
     atomic_path,
     iter_aligned,
     jsonl_gz_writer,
@@ -38,6 +39,7 @@ FLAGS = [
     "is_template_instruction",
     "translation_failed",
 ]
+ROW_GROUP = 2048  # rows per row group of the public Parquet file, whatever release.batch_rows is
 GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
 SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
 
@@ -55,11 +57,15 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
             write_json_line = stack.enter_context(jsonl_gz_writer(out / f"{stem}.jsonl.gz"))
         if "parquet" in spec.formats:
             tmp = stack.enter_context(atomic_path(out / f"{stem}.parquet"))
-            parquet = stack.enter_context(pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS))
+            parquet = RowGroups(
+                stack.enter_context(pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)), ROW_GROUP
+            )
+            stack.callback(parquet.close)
         for part in iter_aligned(
             (paths.translated, FLAGS),
             (Path(paths.generated) / f"{name}.parquet", GENERATED),
             (Path(paths.scored) / f"{name}.parquet", SCORED),
+            rows=spec.batch_rows,
         ):
             rows = part.to_pylist()
             release.add_metrics(totals, rows)
@@ -70,7 +76,7 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
                 if write_json_line:
                     write_json_line(record)
             if parquet:
-                parquet.write_table(pa.Table.from_pylist(public, schema=schema))
+                parquet.write(pa.Table.from_pylist(public, schema=schema))
     return totals
 
 

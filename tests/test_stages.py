@@ -403,3 +403,14 @@ def test_a_failed_package_leaves_the_previous_release_whole(upstream, monkeypatc
     assert sorted(p.name for p in (upstream / "data/release").iterdir()) == [
         "gemma3"
     ]  # no partial or old dirs
+
+
+def test_release_bytes_do_not_depend_on_the_batch_size(upstream, monkeypatch):
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma2")
+    out = upstream / "data/release/gemma2"
+    first = {p.name: p.read_bytes() for p in out.iterdir() if "synth" in p.name}
+    _params(upstream, lambda d: d["release"].update(batch_rows=7))  # a runtime knob: memory, not output
+    run_stage(monkeypatch, "package", "gemma2")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if "synth" in p.name} == first
+    assert pq.ParquetFile(out / "gemma2-lmsys-chat-1m-synth-ja+en.parquet").metadata.num_row_groups == 1

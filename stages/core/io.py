@@ -146,11 +146,15 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 class _Rows:
-    """Reads a Parquet file in pieces of exactly the requested number of rows."""
+    """Reads a Parquet file in pieces of exactly the requested number of rows.
 
-    def __init__(self, path: str | os.PathLike, columns: list[str]) -> None:
+    pyarrow is asked for batches of that size too: its default (65,536 rows) holds, for a table
+    of ten responses per row, gigabytes at a time, whatever the piece size."""
+
+    def __init__(self, path: str | os.PathLike, columns: list[str], rows: int) -> None:
         self.path = Path(path)
-        self._batches = pq.ParquetFile(self.path).iter_batches(columns=["conversation_id", *columns])
+        self._file = pq.ParquetFile(self.path)
+        self._batches = self._file.iter_batches(batch_size=rows, columns=["conversation_id", *columns])
         self._rest: pa.Table | None = None
 
     def take(self, n: int) -> pa.Table | None:
@@ -175,7 +179,8 @@ def iter_aligned(
     Every file must list the same conversations in the same order (conversation_id is checked),
     whatever its row groups; only one piece of each file is in memory at a time.
     """
-    first, readers = _Rows(*base), [(_Rows(path, columns), columns) for path, columns in others]
+    first = _Rows(*base, rows)
+    readers = [(_Rows(path, columns, rows), columns) for path, columns in others]
     while (part := first.take(rows)) is not None:
         for reader, columns in readers:
             other = reader.take(part.num_rows)
@@ -190,3 +195,26 @@ def iter_aligned(
             raise SourceError(
                 f"{reader.path} has more rows than {first.path}: re-run the stage that wrote it"
             )
+
+
+class RowGroups:
+    """Appends tables to a Parquet writer in row groups of exactly `rows` rows (the last one
+    shorter), so the file's bytes do not depend on how the caller batched its tables."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int) -> None:
+        self._writer, self._rows, self._pending = writer, rows, []
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        if sum(t.num_rows for t in self._pending) >= self._rows:
+            whole = pa.concat_tables(self._pending)
+            cut = whole.num_rows - whole.num_rows % self._rows
+            self._writer.write_table(whole.slice(0, cut), row_group_size=self._rows)
+            self._pending = [whole.slice(cut)]
+
+    def close(self) -> None:
+        """Write the last, shorter row group."""
+        rest = pa.concat_tables(self._pending) if self._pending else None
+        if rest is not None and rest.num_rows:
+            self._writer.write_table(rest)
+        self._pending = []

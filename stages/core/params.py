@@ -171,6 +171,8 @@ class ReleaseParams(Strict):
     file: str  # release file stem; {name} is the variant's release_name
     instructions_file: str  # the encrypted Japanese instructions
     formats: list[Literal["jsonl.gz", "parquet"]] = Field(min_length=1)
+    # rows package holds at a time (ten responses a row: about 1 kB of Python objects per response)
+    batch_rows: int = Field(1000, ge=1, json_schema_extra=RUNTIME)
 
 
 class Params(Strict):

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 PACKAGE = "stages"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `stages` package on disk
+DIGEST_ROWS = 512  # rows turned into Python objects at a time by input_digest
 RUNTIME = {"runtime": True}  # json_schema_extra of a params field that never changes results
 
 
@@ -121,6 +122,7 @@ def input_digest(table: pa.Table) -> str:
     digest_ = hashlib.sha256()
     for name in table.column_names:
         digest_.update(name.encode("utf-8") + b"\0")
-        data = json.dumps(table[name].to_pylist(), ensure_ascii=False, default=str)
-        digest_.update(data.encode("utf-8") + b"\0")
+        for start in range(0, table.num_rows, DIGEST_ROWS):  # a few rows at a time: bounded memory
+            for value in table[name].slice(start, DIGEST_ROWS).to_pylist():
+                digest_.update(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
     return digest_.hexdigest()[:32]

@@ -1,0 +1,172 @@
+"""Every CPU stage at production scale: time against a bare pyarrow read + write of the same data,
+peak RSS at N and N/10 rows (flatness), and a no-op `dvc repro` against a one-stage project.
+
+    python benchmarks/scale.py [--rows 1000000] [--stages fetch,translate,package] [--workdir DIR]
+
+For each size it generates production-shaped inputs (seeded): LMSYS-Chat-1M shards for fetch
+(benchmarks/fetch_filter.py's generator), a released translation of every kept first turn for
+translate, and for package ten Japanese responses per instruction with their annotations. Each
+stage runs as `python -m stages.<name>` in its own process, and so does each bare baseline (read
+the stage's input columns with pyarrow, write a table of the same size), so every peak RSS is one
+process's own. The last line is `worst ratio <x> peak_rss_mb <y>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.fetch_filter import child  # noqa: E402
+
+SHARDS = 6
+VARIANT = "gemma3"
+N_RESPONSES = 10
+# (input files, columns) a bare baseline reads for each stage; written back as one Parquet file
+BARE = {
+    "fetch": "lmsys-chat-1m/data/*.parquet",
+    "translate": "data/interim/first-turn.parquet data/private/instructions-ja.parquet",
+    "package": " ".join(
+        [
+            "data/private/translated.parquet",
+            f"data/generated/{VARIANT}.parquet",
+            f"data/scored/{VARIANT}.parquet",
+        ]
+    ),
+}
+BARE_CODE = """
+import glob, sys, pyarrow as pa, pyarrow.parquet as pq
+files = [f for pattern in sys.argv[1:] for f in sorted(glob.glob(pattern))]
+tables = [pq.read_table(f) for f in files]
+if len(tables) == 2:  # translate: the join it does
+    tables = [tables[0].join(tables[1], "conversation_id", join_type="left outer")]
+for i, table in enumerate(tables):
+    pq.write_table(table, f"bare-{i}.parquet", compression="zstd")
+"""
+
+
+def generate(work: Path, rows: int) -> None:
+    """LMSYS-shaped shards under `work`, composed params.yaml, and fetch's outputs."""
+    source = work / "lmsys-chat-1m" / "data"
+    source.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-rows // SHARDS)
+    for s in range(SHARDS):
+        path = source / f"train-{s:05d}-of-{SHARDS:05d}-bench.parquet"
+        n = min(per_shard, rows - s * per_shard)
+        child(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks/fetch_filter.py"),
+                "--generate",
+                str(n),
+                str(s),
+                str(path),
+            ],
+            ROOT,
+        )
+    overrides = [
+        f"fetch.source.uri={source.parent}",
+        f"fetch.released.uri={ROOT / 'data/sample/lmsys-chat-1m-synth'}",
+        f"decrypt.key.file=data/train-00000-of-{SHARDS:05d}-*.parquet",
+    ]
+    child(
+        [
+            sys.executable,
+            "-m",
+            "stages.compose",
+            "profile=sample",
+            *overrides,
+            "--out",
+            str(work / "params.yaml"),
+        ],
+        ROOT,
+    )
+
+
+def make_inputs(work: Path, stage: str) -> None:
+    """The inputs `stage` reads that no earlier benchmarked stage wrote (released translations,
+    responses and annotations), generated from the previous stage's output."""
+    if stage in ("translate", "package"):
+        child([sys.executable, "-m", "benchmarks.scale_data", stage, str(work)], ROOT)
+
+
+def run_stage(work: Path, stage: str) -> tuple[float, float]:
+    args = [sys.executable, "-m", f"stages.{stage}"] + ([VARIANT] if stage == "package" else [])
+    return child(args, work)
+
+
+def bare(work: Path, stage: str) -> tuple[float, float]:
+    return child([sys.executable, "-c", BARE_CODE, *(str(work / p) for p in BARE[stage].split())], work)
+
+
+def noop_repro(work: Path) -> tuple[float, float]:
+    """Seconds of a no-op `dvc repro package@<variant>` here, and of a one-stage project's."""
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    for name in ("dvc.yaml", "conf", "stages", ".dvcignore"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, work / name)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=work, check=True)
+    chain = ["fetch", "decrypt", "translate", f"generate@{VARIANT}", f"score@{VARIANT}", f"package@{VARIANT}"]
+    subprocess.run([*dvc, "commit", "-f", "-q", *chain], cwd=work, check=True, capture_output=True)
+    one = work / "one-stage"
+    one.mkdir()
+    (one / "in.txt").write_text("x\n")
+    (one / "dvc.yaml").write_text(
+        "stages:\n  copy:\n    cmd: cp in.txt out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n"
+    )
+    for args in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "repro", "-q"]):
+        subprocess.run(args, cwd=one, check=True, capture_output=True)
+    return child([*dvc, "repro", f"package@{VARIANT}"], work)[0], child([*dvc, "repro"], one)[0]
+
+
+def measure(work: Path, rows: int, stages: list[str]) -> dict[str, tuple[float, float, float, float]]:
+    """stage -> (stage seconds, stage peak RSS MB, bare seconds, bare peak RSS MB) at `rows`."""
+    generate(work, rows)
+    results = {}
+    for stage in ["fetch", "translate", "package"]:
+        make_inputs(work, stage)
+        seconds, rss = run_stage(work, stage)
+        if stage in stages:
+            results[stage] = (seconds, rss, *bare(work, stage))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--stages", default="fetch,translate,package")
+    parser.add_argument("--no-dvc", action="store_true", help="skip the no-op dvc repro comparison")
+    parser.add_argument("--workdir", type=Path, default=None, help="kept if given; a temporary dir otherwise")
+    args = parser.parse_args()
+    stages = args.stages.split(",")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        work = (args.workdir or Path(tmp)).resolve()
+        small = measure(work / "small", args.rows // 10, stages)
+        began = time.perf_counter()
+        large = measure(work / "large", args.rows, stages)
+        print(f"data: {args.rows:,} LMSYS-shaped rows ({time.perf_counter() - began:.0f} s with all stages)")
+        worst, peak = 0.0, 0.0
+        for stage, (seconds, rss, bare_s, bare_rss) in large.items():
+            ratio, small_rss = seconds / bare_s, small[stage][1]
+            worst, peak = max(worst, ratio), max(peak, rss)
+            print(
+                f"{stage:<10} {seconds:7.1f} s  bare {bare_s:6.1f} s  ratio {ratio:5.2f}  "
+                f"peak RSS {rss:6,.0f} MB "
+                f"(bare {bare_rss:6,.0f} MB; at {args.rows // 10:,} rows {small_rss:6,.0f} MB, "
+                f"growth {rss / small_rss - 1:+.0%})"
+            )
+        if not args.no_dvc:
+            ours, one = noop_repro(work / "large")
+            worst = max(worst, ours / one)
+            print(f"no-op dvc repro: {ours:.1f} s  one-stage project {one:.1f} s  ratio {ours / one:.2f}")
+        print(f"worst ratio {worst:.2f} peak_rss_mb {peak:.0f}")
+
+
+if __name__ == "__main__":
+    main()
