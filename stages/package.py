@@ -50,11 +50,12 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
     with_en, with_second_turn = variant.generate.n_en > 0, variant.second_turn is not None
     schema = release.public_schema(with_en, with_second_turn)
     stem, totals = spec.file.format(name=variant.release_name), Counter()
+    gz = {"level": spec.gzip_level, "threads": spec.gzip_threads}  # same bytes whatever the threads
     with contextlib.ExitStack() as stack:
-        write_plain = stack.enter_context(jsonl_gz_writer(plain))
+        write_plain = stack.enter_context(jsonl_gz_writer(plain, **gz))  # hashed in the manifest
         write_json_line = parquet = None
         if "jsonl.gz" in spec.formats:
-            write_json_line = stack.enter_context(jsonl_gz_writer(out / f"{stem}.jsonl.gz"))
+            write_json_line = stack.enter_context(jsonl_gz_writer(out / f"{stem}.jsonl.gz", **gz))
         if "parquet" in spec.formats:
             tmp = stack.enter_context(atomic_path(out / f"{stem}.parquet"))
             parquet = RowGroups(

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from stages.core.annotate import compile_templates, duplicate_of, empty_flags, template_category
+from stages.core.annotate import (
+    blank,
+    compile_templates,
+    first_occurrences,
+    template_categories,
+    template_category,
+)
 from stages.core.errors import PipelineError
 from stages.core.params import load_params
 
@@ -16,13 +24,22 @@ ARTICLE = "Write an article about the {kind} of {chem} {n} words in {the}chemica
 
 
 def test_empty_flags_tell_an_empty_instruction_from_a_failed_translation():
-    assert empty_flags(["こんにちは", "", "  \n", None]) == [False, True, True, False]
+    assert blank(pa.array(["こんにちは", "", "  \n", None])).to_pylist() == [False, True, True, False]
+
+
+def test_an_empty_instruction_is_one_that_python_strips_to_nothing():
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    near = ["\u200b", "\ufeff", "\u180e", "\x00", "\u3001"]  # not whitespace to Python
+    texts = [*spaces, *near, "".join(spaces), "\u3000あ\u3000", "\t\x1c\x85\u2029"]
+    assert blank(pa.array(texts)).to_pylist() == [not text.strip() for text in texts]
 
 
 def test_duplicate_points_at_the_first_identical_instruction():
-    ids = ["a", "b", "c", "d", "e", "f"]
-    texts = ["こんにちは", "光合成とは？", "こんにちは", "", "", "こんにちは"]
-    assert duplicate_of(ids, texts) == [None, None, "a", None, None, "a"]
+    texts = ["こんにちは", "光合成とは？", "こんにちは", "", "", "こんにちは", None, None]
+    table = pa.table(
+        {"row": [5, 1, 7, 2, 3, 9, 4, 6], "conversation_id": list("abcdefgh"), "instruction_ja": texts}
+    )  # in any order: the smallest row of each text is its first occurrence
+    assert first_occurrences(table).to_pylist() == [None, None, "a", None, "d", "a", None, None]
 
 
 @pytest.mark.parametrize(
@@ -43,6 +60,14 @@ def test_duplicate_points_at_the_first_identical_instruction():
 def test_template_categories_of_the_production_config(text, category):
     templates = compile_templates(load_params(ROOT_PARAMS).translate.templates)
     assert template_category(text, templates) == category
+
+
+def test_template_categories_of_a_batch_are_those_of_each_row():
+    templates = compile_templates({"a": r"^\s*give", "b": "words", "empty": "^"})
+    texts = ["give words", "  Give", "some words", "", None, "nothing", "give"]
+    expected = [template_category(text, templates) for text in texts]
+    assert template_categories(pa.array(texts, pa.string()), templates).to_pylist() == expected
+    assert expected == ["a", "empty", "b", None, None, "empty", "a"]
 
 
 def test_bad_template_regex_names_the_category():

@@ -185,7 +185,7 @@ def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
     path = tmp_path / "ja.jsonl.gz"
     write_jsonl_gz([record, record], path)
     with pytest.raises(ValueError, match="record 2 repeats conversation_id c1"):
-        instruction_rows(path)
+        list(instruction_rows(path))
 
 
 def _params(workspace, mutate) -> None:

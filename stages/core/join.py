@@ -1,0 +1,320 @@
+"""The join of translate in bounded memory: first-turn rows (LMSYS order) with their Japanese
+instructions (the release's own order), in first-turn order, with the first earlier row of each
+identical instruction. Neither table is ever loaded whole.
+
+DuckDB, under a memory limit and spilling to a scratch directory, joins the conversation_ids only:
+the unique-id check, the rows the release lacks, and each released row's place in first-turn
+order. The Japanese text then moves through two spills of Arrow IPC files, one part at a time:
+
+1. by a hash of the text, so that identical texts share a part, where sorting by (text, row)
+   finds each text's first occurrence (texts are compared whole: no digest stands for them);
+2. by row range: each range is put back in first-turn order and zipped with the first-turn rows.
+
+Peak memory is set by `rows` (BATCH_ROWS: one part or range in memory), not by the number of
+rows; the scratch directory (beside the output, removed at the end) holds up to about twice the
+Japanese text at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stages.core import annotate
+from stages.core.errors import SourceError
+from stages.core.io import PARQUET_OPTIONS, atomic_path
+
+T = TypeVar("T")
+_END = object()  # what next() returns at the end of an iterator
+BATCH_ROWS = 16_384  # rows of a part, a row range and an output row group: sets the peak memory
+# DuckDB's own limit (it spills to the scratch directory beyond it); one thread: its narrow joins
+# are quick, and each thread adds buffers that grow with the number of rows
+DUCKDB = {"memory_limit": "64MB", "threads": 1}
+READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer: a whole column chunk never is
+ID, TEXT = "conversation_id", "instruction_ja"
+IDS = pa.schema([("p", pa.int64()), (ID, pa.string()), ("has_text", pa.bool_())])
+PLACES = pa.schema([("row", pa.int64())])
+BY_TEXT = pa.schema([("row", pa.int64()), (ID, pa.string()), (TEXT, pa.string())])
+BY_ROW = pa.schema([("row", pa.int64()), (TEXT, pa.string()), ("duplicate_of", pa.string())])
+LLM_INPUT = pa.schema(  # the rows the release lacks, as translate_missing takes them (and their row)
+    [("row", pa.int64()), (ID, pa.string()), ("instruction", pa.string()), ("empty_first_turn", pa.bool_())]
+)
+LLM_ROWS = pa.schema(
+    [("row", pa.int64()), (ID, pa.string()), (TEXT, pa.string()), ("translation_status", pa.string())]
+)
+
+
+def read_batches(path: str | Path, columns: list[str] | None, rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file, a batch at a time."""
+    parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False)
+    return parquet.iter_batches(batch_size=rows, columns=columns)
+
+
+def rechunk(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly `rows` rows (the last one shorter) out of batches of any size."""
+    pending: list[pa.Table] = []
+    have = 0
+    for batch in batches:
+        pending.append(pa.Table.from_batches([batch]))
+        have += batch.num_rows
+        while have >= rows:
+            table = pa.concat_tables(pending)
+            yield table.slice(0, rows)
+            pending, have = [table.slice(rows)], have - rows
+    if have:
+        yield pa.concat_tables(pending)
+
+
+class Spill:
+    """Rows appended by key to `parts` Arrow IPC files, then read back one part at a time."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, parts: int) -> None:
+        directory.mkdir()
+        self.paths = [directory / f"{part:05d}.arrow" for part in range(parts)]
+        self._writers = [pa.ipc.new_stream(str(path), schema) for path in self.paths]
+
+    def write(self, table: pa.Table, keys: np.ndarray) -> None:
+        """Append each row of `table` to part keys[i] (0 <= key < parts)."""
+        order = np.argsort(keys, kind="stable")
+        bounds = np.searchsorted(keys[order], np.arange(len(self.paths) + 1))
+        table = table.take(order)
+        for part in np.flatnonzero(np.diff(bounds)):
+            self._writers[part].write_table(table.slice(bounds[part], bounds[part + 1] - bounds[part]))
+
+    def parts(self) -> Iterator[pa.Table]:
+        """Each part in key order, whole; its file is removed once read."""
+        for writer in self._writers:
+            writer.close()
+        for path in self.paths:
+            with pa.OSFile(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            path.unlink()
+            yield table
+
+
+def read_rows(path: str | Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """The given rows (ascending) of a Parquet file, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(path)
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    ends = np.cumsum(sizes, dtype=np.int64)
+    pieces = [parquet.schema_arrow.empty_table().select(columns)]
+    for group in np.unique(np.searchsorted(ends, rows, side="right")):
+        start = ends[group] - sizes[group]
+        local = rows[(rows >= start) & (rows < ends[group])] - start
+        pieces.append(parquet.read_row_group(group, columns).take(pa.array(local)))
+    return pa.concat_tables(pieces)
+
+
+def _may_hold_nulls(path: str | Path, column: str) -> bool:
+    """Whether the Parquet statistics leave room for a null in `column` (no statistics: yes)."""
+    meta = pq.ParquetFile(path).metadata
+    index = meta.schema.names.index(column)
+    stats = [meta.row_group(i).column(index).statistics for i in range(meta.num_row_groups)]
+    return any(s is None or not s.has_null_count or s.null_count > 0 for s in stats)
+
+
+def _released_ids(path: str | Path, rows: int) -> pa.RecordBatchReader:
+    """Each released row's position `p`, conversation_id and whether it has a translation."""
+    nulls = _may_hold_nulls(path, TEXT)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        start = 0
+        for batch in read_batches(path, [ID, TEXT] if nulls else [ID], rows):
+            has_text = pc.is_valid(batch.column(TEXT)) if nulls else pa.repeat(True, batch.num_rows)
+            positions = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
+            yield pa.record_batch([positions, batch.column(ID), has_text], schema=IDS)
+            start += batch.num_rows
+
+    return pa.RecordBatchReader.from_batches(IDS, batches())
+
+
+def llm_rows(missing: pa.Table, answers: dict[str, tuple[str | None, str]]) -> pa.Table:
+    """The missing rows the translator LLM answered (`answers`: conversation_id -> (text or None,
+    status)), in first-turn order; a missing row without an answer is dropped from the output."""
+    ids, rows = missing[ID].to_pylist(), missing["row"].to_pylist()
+    found = [(row, cid, *answers[cid]) for row, cid in zip(rows, ids, strict=True) if cid in answers]
+    columns = list(zip(*found, strict=True)) if found else [()] * len(LLM_ROWS)
+    return pa.table([pa.array(c, f.type) for c, f in zip(columns, LLM_ROWS, strict=True)], schema=LLM_ROWS)
+
+
+def _in_order(placed: pa.Table, start: int, rows: int, released: Path) -> pa.Table:
+    """The placed rows of the range [start, start + rows) in row order (null where a row has none)."""
+    offsets = placed["row"].to_numpy() - start
+    index = np.full(rows, -1, dtype=np.int64)
+    index[offsets] = np.arange(len(offsets))
+    if np.count_nonzero(index >= 0) != len(offsets):
+        raise SourceError(f"{released} repeats conversation_ids: re-run decrypt, which rejects them")
+    return placed.take(pa.array(index, mask=index < 0))
+
+
+class TranslationJoin:
+    """One translate run's join: a scratch directory beside `out` (removed at the end) holding the
+    DuckDB database of the released conversation_ids and the spills."""
+
+    def __init__(self, first: str | Path, released: str | Path, out: str | Path, rows: int = BATCH_ROWS):
+        self.first, self.released, self.out, self.rows = Path(first), Path(released), Path(out), rows
+        self.rows_in = pq.ParquetFile(self.first).metadata.num_rows
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> TranslationJoin:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(
+            dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".join"
+        )
+        self.scratch = Path(self._stack.enter_context(scratch))
+        config = {**DUCKDB, "temp_directory": str(self.scratch / "duckdb")}
+        self.db = self._stack.enter_context(duckdb.connect(str(self.scratch / "ids.duckdb"), config=config))
+        self.db.register("released_ids", _released_ids(self.released, self.rows))
+        self.db.execute("CREATE TABLE released AS SELECT * FROM released_ids")
+        self.db.unregister("released_ids")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """A query of the DuckDB database, with $first: the first-turn Parquet file."""
+        return self.db.sql(query, params={"first": str(self.first)})
+
+    def repeated_ids(self) -> list[str]:
+        """Up to 5 conversation_ids that the first-turn table holds more than once."""
+        query = (
+            f"SELECT {ID} FROM read_parquet($first) GROUP BY {ID} HAVING count(*) > 1 ORDER BY {ID} LIMIT 5"
+        )
+        return [cid for (cid,) in self._sql(query).fetchall()]
+
+    def missing(self) -> pa.Table:
+        """The first-turn rows the release has no translation for (join.LLM_INPUT), in first-turn
+        order; only the row groups holding them are read."""
+        query = f"""SELECT f.file_row_number AS row FROM read_parquet($first, file_row_number = true) f
+            ANTI JOIN (SELECT {ID} FROM released WHERE has_text) r USING ({ID}) ORDER BY row"""
+        rows = self._sql(query).fetchnumpy()["row"].astype(np.int64)
+        table = read_rows(self.first, rows, LLM_INPUT.names[1:])
+        return pa.Table.from_arrays([pa.array(rows), *table.columns], schema=LLM_INPUT)
+
+    def _places(self) -> Path:
+        """An Arrow IPC file of each released row's row in first-turn order (null: no such row, or
+        no translation), in release order. DuckDB's work ends here: it is closed."""
+        query = f"""SELECT CASE WHEN r.has_text THEN f.file_row_number END AS row
+            FROM released r LEFT JOIN read_parquet($first, file_row_number = true) f USING ({ID})
+            ORDER BY r.p"""
+        path = self.scratch / "places.arrow"
+        with pa.ipc.new_stream(str(path), PLACES) as sink:
+            for batch in self._sql(query).to_arrow_reader(self.rows):
+                sink.write_batch(pa.record_batch(batch.columns, schema=PLACES))
+        self.db.close()  # before the text is read: its memory is not held while that runs
+        return path
+
+    def _released_rows(self, places: Path) -> Iterator[pa.Table]:
+        """The released translations with a first-turn row: (row, conversation_id, instruction_ja)."""
+        texts = rechunk(read_batches(self.released, [ID, TEXT], self.rows), self.rows)
+        with pa.OSFile(str(places)) as source:
+            rows = rechunk(pa.ipc.open_stream(source), self.rows)
+            for released, placed in prefetched(zip(texts, rows, strict=True)):
+                table = pa.table([placed["row"], released[ID], released[TEXT]], schema=BY_TEXT)
+                yield table.filter(pc.is_valid(table["row"]))
+
+    def _spill_by_text(self, llm: pa.Table, parts: int) -> Spill:
+        """Every translation (released and LLM) spilled by a hash of its text (DuckDB's hash)."""
+        places, spill = self._places(), Spill(self.scratch / "by-text", BY_TEXT, parts)
+        answered = llm.select(BY_TEXT.names).filter(pc.is_valid(llm[TEXT]))
+        with duckdb.connect(config=DUCKDB) as hasher:
+            for table in itertools.chain(self._released_rows(places), [answered]):
+                hasher.register("texts", table.select([TEXT]))
+                keys = hasher.sql(f"SELECT hash({TEXT}) % {parts} AS part FROM texts").fetchnumpy()["part"]
+                hasher.unregister("texts")
+                spill.write(table, keys.astype(np.int64))
+        return spill
+
+    def _spill_by_row(self, llm: pa.Table, parts: int) -> Spill:
+        """Every translation with its duplicate-of (first occurrence), spilled by row range."""
+        by_row = Spill(self.scratch / "by-row", BY_ROW, parts)
+        for part in prefetched(self._spill_by_text(llm, parts).parts()):
+            placed = pa.table([part["row"], part[TEXT], annotate.first_occurrences(part)], schema=BY_ROW)
+            by_row.write(placed, part["row"].to_numpy() // self.rows)
+        return by_row
+
+    def write(self, missing: pa.Table, llm: pa.Table, templates: list[tuple[str, re.Pattern]]) -> int:
+        """Write the translated table to `out` in first-turn order with its flags, a row range at a
+        time; `llm`: the LLM's answers (LLM_ROWS) for `missing` rows (a missing row without one is
+        dropped). Return the rows written."""
+        by_row = self._spill_by_row(llm, max(1, -(-self.rows_in // self.rows)))
+        schema = output_schema(pq.read_schema(self.first))
+        first = rechunk(read_batches(self.first, None, self.rows), self.rows)
+        lacking = missing["row"].to_numpy()
+        pairs = prefetched(zip(first, by_row.parts(), strict=False))
+        tables = (
+            self._batch(rows, placed, index * self.rows, lacking, llm, templates)
+            for index, (rows, placed) in enumerate(pairs)
+        )
+        return write_parquet(tables, schema, self.out)
+
+    def _batch(
+        self,
+        first: pa.Table,
+        placed: pa.Table,
+        start: int,
+        lacking: np.ndarray,
+        llm: pa.Table,
+        templates: list[tuple[str, re.Pattern]],
+    ) -> pa.Table:
+        """First-turn rows [start, start + n) with their translation, its source, the LLM's status
+        and the flags; rows the release lacks (`lacking`) that the LLM did not answer (`llm`) are
+        left out."""
+        placed = _in_order(placed, start, first.num_rows, self.released)
+        rows, answered_rows = np.arange(start, start + first.num_rows), llm["row"].to_numpy()
+        answered = np.isin(rows, answered_rows)
+        where = pa.array(np.searchsorted(answered_rows, rows), mask=~answered)
+        table = (
+            first.append_column(TEXT, placed[TEXT])
+            .append_column("instruction_source", pc.if_else(pa.array(answered), "llm", "released"))
+            .append_column("translation_status", llm["translation_status"].take(where))
+        )
+        keep = pa.array(answered | ~np.isin(rows, lacking))
+        return annotate.with_flags(table.filter(keep), placed["duplicate_of"].filter(keep), templates)
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """`items`, the next one made in a background thread while the caller works on this one."""
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(next, iterator, _END)
+        while (item := ahead.result()) is not _END:
+            ahead = pool.submit(next, iterator, _END)
+            yield item
+
+
+def write_parquet(tables: Iterable[pa.Table], schema: pa.Schema, out: Path) -> int:
+    """Write `tables` atomically to `out`, one row group each; a table is encoded in a background
+    thread while the next one is made. Return the rows written."""
+    rows = 0
+    with (
+        atomic_path(out) as tmp,
+        pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        done = pool.submit(int)  # a finished future: nothing is being written yet
+        for table in tables:
+            done.result()
+            done = pool.submit(writer.write_table, pa.Table.from_arrays(table.columns, schema=schema))
+            rows += table.num_rows
+        done.result()
+    return rows
+
+
+def output_schema(first: pa.Schema) -> pa.Schema:
+    """The translated table: the first-turn columns, the translation and the flags."""
+    extra = [(TEXT, pa.string()), ("instruction_source", pa.string()), ("translation_status", pa.string())]
+    return pa.schema([*first.remove_metadata(), *extra, *annotate.FLAGS])

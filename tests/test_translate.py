@@ -1,0 +1,116 @@
+"""The streaming join of translate (stages/core/join.py) with batches of a few rows, so that the
+batches, the spill parts and the row ranges really split: first-turn order, first occurrences
+across batch boundaries, rows the release lacks."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.core.annotate import compile_templates
+from stages.core.first_turn import SCHEMA
+from stages.core.join import TranslationJoin, llm_rows
+
+ROWS = 40
+TEXTS = ["こんにちは", "光合成とは？", "", "  ", "\u3000", "猫の名前を考えて", "こんにちは！"]
+LACKING = {
+    3: ("こんにちは", "ok"),
+    11: (None, "failed"),
+    17: ("", "empty_source"),
+    30: ("猫の名前を考えて", "ok"),
+}
+UNANSWERED = 25  # the release lacks it and the LLM has no answer: it is left out
+
+
+def _first_turn(ids: list[str]) -> pa.Table:
+    rows = [
+        {
+            "conversation_id": cid,
+            "model": "m",
+            "language": "Japanese",
+            "turn": 1,
+            "redacted": False,
+            "flagged": False,
+            "instruction": f"question {i}",
+            "empty_first_turn": False,
+            "instruction_chars": 10,
+            "long_first_turn": False,
+        }
+        for i, cid in enumerate(ids)
+    ]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _expected_duplicates(ids: list[str], texts: list[str | None]) -> list[str | None]:
+    """The published rule, row by row: the first earlier row with the identical non-empty text."""
+    first: dict[str, str] = {}
+    out: list[str | None] = []
+    for cid, text in zip(ids, texts, strict=True):
+        if text is None or not text.strip():
+            out.append(None)
+            continue
+        out.append(first.get(text))
+        first.setdefault(text, cid)
+    return out
+
+
+def _inputs(tmp_path) -> tuple[list[str], list[str | None]]:
+    """A first-turn table of ROWS rows and a release in reverse order (so that a text's first
+    occurrence in first-turn order comes last in the release), lacking the LACKING rows and
+    UNANSWERED."""
+    ids = [f"c{i:03d}" for i in range(ROWS)]
+    texts = [TEXTS[(i * 5) % len(TEXTS)] for i in range(ROWS)]
+    pq.write_table(_first_turn(ids), tmp_path / "first.parquet", row_group_size=7)
+    released = [(ids[i], texts[i]) for i in reversed(range(ROWS)) if i not in LACKING and i != UNANSWERED]
+    released += [("not-in-first-turn", "こんにちは"), (ids[11], None)]  # a null text: lacking too
+    table = pa.table(
+        {"conversation_id": [c for c, _ in released], "instruction_ja": [t for _, t in released]}
+    )
+    pq.write_table(table, tmp_path / "released.parquet", row_group_size=9)
+    for i, (text, _) in LACKING.items():
+        texts[i] = text
+    return ids, texts
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3, 8, 64])
+def test_streamed_duplicates_point_at_the_first_occurrence_across_batches(tmp_path, batch_rows):
+    ids, texts = _inputs(tmp_path)
+    out = tmp_path / "out" / "translated.parquet"
+    with TranslationJoin(tmp_path / "first.parquet", tmp_path / "released.parquet", out, batch_rows) as join:
+        missing = join.missing()
+        assert missing["row"].to_pylist() == sorted([*LACKING, UNANSWERED])
+        answers = {ids[i]: answer for i, answer in LACKING.items()}
+        written = join.write(missing, llm_rows(missing, answers), compile_templates({}))
+    kept = [i for i in range(ROWS) if i != UNANSWERED]
+    table = pq.read_table(out)
+    assert written == table.num_rows == len(kept)
+    assert pq.ParquetFile(out).metadata.num_row_groups == -(-ROWS // batch_rows)
+    assert table["conversation_id"].to_pylist() == [ids[i] for i in kept]
+    assert table["instruction_ja"].to_pylist() == [texts[i] for i in kept]
+    assert table["duplicate_user_instruction_ja"].to_pylist() == _expected_duplicates(
+        [ids[i] for i in kept], [texts[i] for i in kept]
+    )
+    dups = table["duplicate_user_instruction_ja"].to_pylist()
+    assert dups[0] is None and dups[kept.index(35)] == "c000"  # こんにちは: the first row wins
+    assert dups[kept.index(3)] == "c000"  # an LLM translation is a duplicate of a released one
+    assert dups[kept.index(30)] == "c001"  # and the other way round
+    assert dups[kept.index(11)] is None and dups[kept.index(2)] is None  # failed, empty: never
+    assert table["empty_user_instruction_ja"].to_pylist() == [
+        texts[i] is not None and not texts[i].strip() for i in kept
+    ]
+    assert table["translation_failed"].to_pylist() == [texts[i] is None for i in kept]
+    sources = table["instruction_source"].to_pylist()
+    assert sources == ["llm" if i in LACKING else "released" for i in kept]
+    assert list(out.parent.iterdir()) == [out]  # the scratch directory is gone
+
+
+def test_repeated_first_turn_ids_are_named(tmp_path):
+    pq.write_table(_first_turn(["a", "b", "a", "c", "b"]), tmp_path / "first.parquet")
+    pq.write_table(
+        pa.table({"conversation_id": ["a"], "instruction_ja": ["x"]}), tmp_path / "released.parquet"
+    )
+    with TranslationJoin(
+        tmp_path / "first.parquet", tmp_path / "released.parquet", tmp_path / "o.parquet"
+    ) as join:
+        assert join.repeated_ids() == ["a", "b"]
