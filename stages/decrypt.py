@@ -37,10 +37,10 @@ def instruction_rows(path: Path) -> Iterator[dict]:
 
 def write_instructions(rows: Iterable[dict], out: Path) -> int:
     """Write the rows to `out` in row groups of ROW_GROUP rows, atomically; return how many."""
-    count = 0
+    count, rows = 0, iter(rows)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, SCHEMA, **PARQUET_OPTIONS) as writer:
-        for batch in itertools.batched(rows, ROW_GROUP):
-            writer.write_table(pa.Table.from_pylist(list(batch), schema=SCHEMA))
+        while batch := list(itertools.islice(rows, ROW_GROUP)):
+            writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
             count += len(batch)
     return count
 
