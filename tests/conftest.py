@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.compose import compose_params
 from stages.core.engines import ChatRequest, Completion, Engine, Reply, RequestError
@@ -96,6 +97,14 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "params.yaml").write_text(compose_params(["profile=sample"]), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def set_params(workspace: Path, mutate) -> None:
+    """Edit the workspace's params.yaml in place: `mutate` changes the loaded mapping."""
+    path = workspace / "params.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    mutate(data)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
 
 def run_stage(monkeypatch: pytest.MonkeyPatch, module: str, *args: str) -> None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import set_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,12 +23,6 @@ def _run(workspace: Path, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
-def _set(workspace: Path, mutate) -> None:
-    data = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8"))
-    mutate(data)
-    (workspace / "params.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-
-
 def _plain(done: subprocess.CompletedProcess, *words: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -37,13 +32,13 @@ def _plain(done: subprocess.CompletedProcess, *words: str) -> None:
 
 
 def test_a_mistyped_params_key_names_the_key(workspace):
-    _set(workspace, lambda d: d["models"]["gemma3"]["generate"]["sampling"].update(temprature=0.7))
+    set_params(workspace, lambda d: d["models"]["gemma3"]["generate"]["sampling"].update(temprature=0.7))
     done = _run(workspace, "stages.generate", "gemma3")
     _plain(done, "models.gemma3.generate.sampling.temprature: Extra inputs are not permitted")
 
 
 def test_a_wrong_type_names_the_key_and_value(workspace):
-    _set(workspace, lambda d: d["engine"].update(backend="tgi"))
+    set_params(workspace, lambda d: d["engine"].update(backend="tgi"))
     _plain(_run(workspace, "stages.fetch"), "engine.backend", "'transformers', 'vllm' or 'openai'", "'tgi'")
 
 
@@ -66,12 +61,12 @@ def test_an_unknown_key_is_refused_at_compose_time(workspace):
 
 def test_a_wrong_key_names_the_file(workspace):
     assert _run(workspace, "stages.fetch").returncode == 0
-    _set(workspace, lambda d: d["decrypt"]["key"].update(file="data/train-00001-of-00002-*.parquet"))
+    set_params(workspace, lambda d: d["decrypt"]["key"].update(file="data/train-00001-of-00002-*.parquet"))
     _plain(_run(workspace, "stages.decrypt"), "gpg could not decrypt", "jsonl.gz.gpg")
 
 
 def test_a_missing_token_says_how_to_get_access(workspace):
-    _set(
+    set_params(
         workspace,
         lambda d: d["fetch"]["source"].update(uri="hf://datasets/lmsys/lmsys-chat-1m", revision="a" * 40),
     )
@@ -84,6 +79,6 @@ def test_a_missing_token_says_how_to_get_access(workspace):
 
 @pytest.mark.parametrize("flag", ["1", "yes"])
 def test_the_traceback_is_there_when_asked_for(workspace, flag):
-    _set(workspace, lambda d: d["engine"].update(backend="tgi"))
+    set_params(workspace, lambda d: d["engine"].update(backend="tgi"))
     done = _run(workspace, "stages.fetch", LMSYS_SYNTH_TRACEBACK=flag)
     assert done.returncode != 0 and "Traceback" in done.stderr and "ParamsError" in done.stderr

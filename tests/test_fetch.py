@@ -18,13 +18,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from stages.core.errors import SourceError
 from stages.core.first_turn import filter_batch
 from stages.core.params import FilterSpec
 from stages.core.source import AccessError, ChecksumError
-from tests.conftest import ROOT, run_stage
+from tests.conftest import ROOT, run_stage, set_params
 from tests.s3 import CREDENTIALS, moto_server, upload_tree
 
 OUTPUTS = [
@@ -36,13 +35,6 @@ OUTPUTS = [
 REVISION = "200748d9d3cddcc9d782887541057aca0b18c5da"
 LONG_RELEASED_CHARS = 200_000  # the sample's long first turn whose translation is released
 LONG_MISSING_CHARS = 60_000  # the one the release lacks
-
-
-def _set(workspace: Path, mutate) -> None:
-    path = workspace / "params.yaml"
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    mutate(data)
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
 
 def _outputs(workspace: Path) -> dict[str, bytes]:
@@ -196,7 +188,7 @@ def test_pinned_checksums_pass(workspace, monkeypatch):
         f["path"]: f["sha256"]
         for f in json.loads((workspace / "data/raw/manifest.json").read_text())["source"]["files"]
     }
-    _set(workspace, lambda d: d["fetch"]["source"].update(sha256=pins))
+    set_params(workspace, lambda d: d["fetch"]["source"].update(sha256=pins))
     run_stage(monkeypatch, "fetch")
 
 
@@ -205,7 +197,7 @@ def test_moderation_keep_and_redacted_drop(workspace, monkeypatch):
         d["fetch"]["filter"].update(moderation="keep", redacted="drop")
         d["decrypt"]["subset"] = "ja+unsafe"
 
-    _set(workspace, mutate)
+    set_params(workspace, mutate)
     run_stage(monkeypatch, "fetch")
     rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
     assert rows["dropped_moderation"] == 0 and rows["dropped_redacted"] == 12
@@ -233,7 +225,9 @@ def test_local_directory_and_s3_give_identical_outputs(workspace, monkeypatch):
             ("released", "s3://synth/lmsys-chat-1m-synth"),
         ):
             options = {"endpoint_url": endpoint}
-            _set(workspace, lambda d, k=key, u=uri, o=options: d["fetch"][k].update(uri=u, storage_options=o))
+            set_params(
+                workspace, lambda d, k=key, u=uri, o=options: d["fetch"][k].update(uri=u, storage_options=o)
+            )
         shutil.rmtree(workspace / "data/raw")
         run_stage(monkeypatch, "fetch")
     from_s3 = _outputs(workspace)
@@ -246,7 +240,7 @@ def test_local_directory_and_s3_give_identical_outputs(workspace, monkeypatch):
 
 def test_checksum_mismatch_names_file_and_hashes_and_leaves_nothing(workspace, monkeypatch):
     name = next((workspace / "data/sample/lmsys-chat-1m/data").glob("train-00001*")).name
-    _set(workspace, lambda d: d["fetch"]["source"]["sha256"].update({f"data/{name}": "0" * 64}))
+    set_params(workspace, lambda d: d["fetch"]["source"]["sha256"].update({f"data/{name}": "0" * 64}))
     with pytest.raises(ChecksumError, match=rf"data/{name}: sha256 is [0-9a-f]{{64}} but params pin 0{{64}}"):
         run_stage(monkeypatch, "fetch")
     _assert_no_output(workspace)
@@ -255,7 +249,7 @@ def test_checksum_mismatch_names_file_and_hashes_and_leaves_nothing(workspace, m
 def test_a_failed_fetch_keeps_the_previous_outputs_untouched(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
     before = _outputs(workspace)
-    _set(workspace, lambda d: d["fetch"]["released"].update(include=["dataset/nothing-*.gpg"]))
+    set_params(workspace, lambda d: d["fetch"]["released"].update(include=["dataset/nothing-*.gpg"]))
     with pytest.raises(SourceError, match="no file under data/sample/lmsys-chat-1m-synth matches"):
         run_stage(monkeypatch, "fetch")
     assert _outputs(workspace) == before
@@ -285,7 +279,7 @@ def test_bad_shard_schema_is_named_and_leaves_nothing(workspace, monkeypatch, ch
 
 def _use_hub(workspace: Path, endpoint: str | None = None) -> None:
     options = {"endpoint": endpoint} if endpoint else {}
-    _set(
+    set_params(
         workspace,
         lambda d: d["fetch"]["source"].update(
             uri="hf://datasets/lmsys/lmsys-chat-1m", revision=REVISION, storage_options=options

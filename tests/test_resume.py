@@ -14,7 +14,7 @@ import yaml
 
 from stages.core.params import EngineParams, LLMSpec
 from stages.core.resume import closure, code_digest, input_digest, recipe
-from tests.conftest import run_stage
+from tests.conftest import run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,6 @@ def test_dvc_yaml_lists_every_module_each_stage_imports():
 # The contract, stage by stage, with the FakeEngine: what makes requests happen and what does not.
 
 
-def _set(workspace: Path, mutate) -> None:
-    data = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8"))
-    mutate(data)
-    (workspace / "params.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-
-
 @pytest.fixture
 def scored(workspace, monkeypatch, fake_engine):
     for stage in ("fetch", "decrypt", "translate"):
@@ -107,13 +101,13 @@ def test_runtime_knobs_reuse_every_finished_shard(scored, monkeypatch, fake_engi
         for role in ("generate", "score"):
             d["models"]["gemma3"][role]["llm"]["tensor_parallel_size"] = 4
 
-    _set(scored, tune)
+    set_params(scored, tune)
     assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
 
 
 def test_an_upstream_edit_generate_does_not_read_reuses_every_response(scored, monkeypatch, fake_engine):
     before = (scored / "data/generated/gemma3.parquet").read_bytes()
-    _set(scored, lambda d: d["translate"]["templates"].update({"greeting": "(?i)^hello"}))
+    set_params(scored, lambda d: d["translate"]["templates"].update({"greeting": "(?i)^hello"}))
     run_stage(monkeypatch, "translate")
     assert (
         "greeting"
@@ -149,7 +143,7 @@ def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_
 
 
 def test_a_new_model_revision_regenerates(scored, monkeypatch, fake_engine):
-    _set(scored, lambda d: d["models"]["gemma3"]["generate"]["llm"].update(revision="a" * 40))
+    set_params(scored, lambda d: d["models"]["gemma3"]["generate"]["llm"].update(revision="a" * 40))
     assert _rerun(monkeypatch, fake_engine, "generate")
 
 

@@ -20,7 +20,7 @@ import yaml
 from stages.core.crypto import CryptoError, KeySpec, derive_key
 from stages.core.errors import PipelineError
 from stages.core.io import read_jsonl_gz, sha256_file
-from tests.conftest import run_stage
+from tests.conftest import run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,12 +188,6 @@ def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
         list(instruction_rows(path))
 
 
-def _params(workspace, mutate) -> None:
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    mutate(params)
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-
-
 def test_decrypt_both_released_subsets(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
     run_stage(monkeypatch, "decrypt")
@@ -203,7 +197,7 @@ def test_decrypt_both_released_subsets(workspace, monkeypatch):
         d["fetch"]["filter"]["moderation"] = "keep"
         d["decrypt"]["subset"] = "ja+unsafe"
 
-    _params(workspace, unsafe)
+    set_params(workspace, unsafe)
     run_stage(monkeypatch, "decrypt")
     both = pq.read_table(workspace / "data/private/instructions-ja.parquet")
     assert both.num_rows == ja.num_rows + 12  # the 12 moderation-flagged conversations
@@ -222,7 +216,7 @@ def test_decrypt_of_a_truncated_release_leaves_no_plaintext(workspace, monkeypat
 
 
 def test_subset_must_match_the_moderation_filter(workspace, monkeypatch):
-    _params(workspace, lambda d: d["fetch"]["filter"].update(moderation="keep"))
+    set_params(workspace, lambda d: d["fetch"]["filter"].update(moderation="keep"))
     with pytest.raises(
         ValueError, match=r"decrypt\.subset='ja' does not match fetch\.filter\.moderation='keep'"
     ):
@@ -325,7 +319,7 @@ def test_a_failed_llm_translation_is_not_an_empty_instruction(upstream):
 def test_an_empty_translation_is_asked_again_then_counted_as_failed(workspace, monkeypatch, fake_engine):
     for stage in ("fetch", "decrypt"):
         run_stage(monkeypatch, stage)
-    _params(workspace, lambda d: d["translate"].update(retries=2, max_failure_rate=0.1))
+    set_params(workspace, lambda d: d["translate"].update(retries=2, max_failure_rate=0.1))
     monkeypatch.setattr(
         "tests.conftest.fake_reply", lambda messages, index: "  "
     )  # the translator says nothing
@@ -410,7 +404,7 @@ def test_release_bytes_do_not_depend_on_the_batch_size(upstream, monkeypatch):
         run_stage(monkeypatch, stage, "gemma2")
     out = upstream / "data/release/gemma2"
     first = {p.name: p.read_bytes() for p in out.iterdir() if "synth" in p.name}
-    _params(upstream, lambda d: d["release"].update(batch_rows=7))  # a runtime knob: memory, not output
+    set_params(upstream, lambda d: d["release"].update(batch_rows=7))  # a runtime knob: memory, not output
     run_stage(monkeypatch, "package", "gemma2")
     assert {p.name: p.read_bytes() for p in out.iterdir() if "synth" in p.name} == first
     assert pq.ParquetFile(out / "gemma2-lmsys-chat-1m-synth-ja+en.parquet").metadata.num_row_groups == 1

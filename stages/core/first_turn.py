@@ -25,6 +25,7 @@ from stages.core.io import PARQUET_OPTIONS, atomic_path
 from stages.core.params import FilterSpec
 
 BATCH_ROWS = 16_384  # rows decoded at a time: memory stays flat whatever the shard or row group size
+READ_BUFFER = 1 << 20  # pages are read through a buffer: never a whole row group's column chunk at once
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -176,7 +177,7 @@ def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter, seen:
 def _iter_file(path: Path, name: str, spec: FilterSpec, counts: Counter, seen: set) -> Iterator[pa.Table]:
     """The filtered rows of one file; a Parquet error while opening or reading it names the file."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False)
     except (pa.ArrowException, OSError) as err:
         raise _unreadable(name, err) from err
     with parquet:
