@@ -27,7 +27,6 @@ from benchmarks.fetch_filter import child  # noqa: E402
 
 SHARDS = 6
 VARIANT = "gemma3"
-N_RESPONSES = 10
 # (input files, columns) a bare baseline reads for each stage; written back as one Parquet file
 BARE = {
     "fetch": "lmsys-chat-1m/data/*.parquet",

@@ -82,11 +82,9 @@ def add_metrics(totals: Counter, rows: list[dict]) -> None:
         "judge": [s for r in rows for s in (r["judge_status"] or [])],
         "second_turn": [r["multiturn_status"] for r in rows if r["multiturn_status"]],
     }
-    for stage, found in statuses.items():  # why requests have no answer: not sent, or failed
-        totals[f"{stage}_skipped_too_long"] += sum(s == TOO_LONG or s.endswith(TOO_LONG) for s in found if s)
-        totals[f"{stage}_failed_requests"] += sum(
-            s == FAILED_REQUEST or s.endswith(FAILED_REQUEST) for s in found if s
-        )
+    for stage, found in statuses.items():  # why requests have no answer (second turn: follow_up_failed...)
+        totals[f"{stage}_skipped_too_long"] += sum(s.endswith(TOO_LONG) for s in found if s)
+        totals[f"{stage}_failed_requests"] += sum(s.endswith(FAILED_REQUEST) for s in found if s)
     totals["score_sum"] += sum(valid)
 
 

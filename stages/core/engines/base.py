@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from stages.core.resume import recipe
@@ -53,11 +53,12 @@ class RequestError(RuntimeError):
 class Engine(abc.ABC):
     """One model behind one backend. `load()` imports the heavy library and loads the model; it
     runs on the first `chat()` that has requests, so a resumed stage whose shards are all done
-    never loads a model. Subclasses implement `load`, `count_tokens` and `_chat`."""
+    never loads a model. Subclasses implement `load` (setting `_tokenizer`) and `_chat`."""
 
     llm: LLMSpec
     options: EngineParams
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # distributions that generate: their versions key results
+    _tokenizer: Any = field(default=None, init=False, repr=False)  # set by load(); counts prompts
     _loaded: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -80,9 +81,11 @@ class Engine(abc.ABC):
         """Tokens of prompt plus completion the model takes (None: unknown, nothing is checked)."""
         return self.llm.max_model_len
 
-    @abc.abstractmethod
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        """Prompt tokens of `messages` after the chat rules and template, with the model's tokenizer."""
+        """Prompt tokens of `messages` (chat rules applied), rendered with the chat template of the
+        tokenizer that `load()` set."""
+        ids = self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
 
     def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         """One Reply per request, in order. A prompt that cannot fit `context_length - max_tokens`
@@ -156,12 +159,6 @@ def apply_chat_rules(messages: list[dict[str, str]], llm: LLMSpec) -> list[dict[
     if rest and rest[0]["role"] == "user":
         rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
     return rest
-
-
-def template_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` rendered with the tokenizer's chat template and a generation prompt."""
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def missing_extra(library: str, extra: str) -> ImportError:

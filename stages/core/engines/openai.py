@@ -22,7 +22,6 @@ from stages.core.engines.base import (
     Reply,
     apply_chat_rules,
     missing_extra,
-    template_ids,
 )
 from stages.core.errors import PipelineError
 from stages.core.params import Sampling
@@ -34,7 +33,6 @@ LOG = logging.getLogger(__name__)
 class OpenAIEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # the server generates: its model id and revision key results
     _client: Any = field(default=None, init=False, repr=False)
-    _tokenizer: Any = field(default=None, init=False, repr=False)
     _errors: tuple = field(default=(), init=False, repr=False)
 
     def load(self) -> None:
@@ -63,9 +61,6 @@ class OpenAIEngine(Engine):
         if self._client is not None:
             self._client.close()
         self._client = self._tokenizer = None
-
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(template_ids(self._tokenizer, messages))
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:

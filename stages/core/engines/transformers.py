@@ -13,7 +13,6 @@ from stages.core.engines.base import (
     Reply,
     apply_chat_rules,
     missing_extra,
-    template_ids,
 )
 from stages.core.params import Sampling
 
@@ -22,7 +21,6 @@ from stages.core.params import Sampling
 class TransformersEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("transformers", "torch")
     _model: Any = field(default=None, init=False, repr=False)
-    _tokenizer: Any = field(default=None, init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -44,9 +42,6 @@ class TransformersEngine(Engine):
 
     def context_length(self) -> int | None:
         return self.llm.max_model_len or getattr(self._model.config, "max_position_embeddings", None)
-
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(template_ids(self._tokenizer, messages))
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         results: list[Reply] = []

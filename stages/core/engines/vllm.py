@@ -13,7 +13,6 @@ from stages.core.engines.base import (
     RequestError,
     apply_chat_rules,
     missing_extra,
-    template_ids,
 )
 from stages.core.params import Sampling
 
@@ -22,7 +21,6 @@ from stages.core.params import Sampling
 class VLLMEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("vllm",)
     _llm: Any = field(default=None, init=False, repr=False)
-    _tokenizer: Any = field(default=None, init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -44,9 +42,6 @@ class VLLMEngine(Engine):
 
     def context_length(self) -> int | None:
         return self._llm.llm_engine.model_config.max_model_len
-
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(template_ids(self._tokenizer, messages))
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         from vllm import SamplingParams
