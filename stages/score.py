@@ -1,71 +1,120 @@
 """score@<variant>: one 0-10 judgement per Japanese response (-1 where unparsable or not judged),
-the best response, and for variants with a second turn, a two-turn continuation from it."""
+the best response, and for variants with a second turn, a two-turn continuation from it.
+
+Each model is loaded once: when the judge is the generator (Gemma-2), one engine serves both
+passes; when they differ, the judge pass runs in its own process (or its own Ray replicas), so its
+GPU memory is back before the generator loads."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from stages.core.cli import run, start, timed
-from stages.core.engines import make_engine
+from stages.core.executors import Executor, engine_pool, in_own_process
 from stages.core.io import iter_aligned
 from stages.core.judge import judge_table
+from stages.core.params import Params
 from stages.core.prompts import template
 from stages.core.responses import JUDGED, SCORED
 from stages.core.resume import code_digest, digest, recipe
 from stages.core.second_turn import second_turn_table
-from stages.core.shards import run_sharded, shard_count
+from stages.core.shards import shard_count
 
 LOG = logging.getLogger("stages.score")
 
 
-def main() -> None:
-    params, name = start("score", __doc__, variant=True)
-    variant, paths = params.models[name], params.paths
-    generated, scored = Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"
-    inputs = [(paths.translated, ["instruction_ja"]), (generated, ["responses_ja"])]
-    size, code = variant.score.shard_size, code_digest("stages.score")
-    common = {"schema": SCORED, "checkpoints": paths.checkpoints, "total": shard_count(generated, size)}
+def _files(params: Params, name: str) -> tuple[Path, Path, Path]:
+    """generate's out, the judge pass's out and score's out of variant `name`."""
+    paths, variant = params.paths, params.models[name]
+    scored = Path(paths.scored) / f"{name}.parquet"
     judged = scored if variant.second_turn is None else Path(paths.checkpoints) / f"score@{name}.parquet"
-    with timed(LOG, f"score@{name}") as counts, make_engine(variant.score.llm, params.engine) as engine:
+    return Path(paths.generated) / f"{name}.parquet", judged, scored
+
+
+def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
+    """Judge every Japanese response of variant `name` (on `pool`, or on an engine of its own)."""
+    variant, paths = params.models[name], params.paths
+    generated, judged, _ = _files(params, name)
+    size = variant.score.shard_size
+    with (
+        timed(LOG, f"score@{name}") as counts,
+        nullcontext(pool) if pool else engine_pool(variant.score.llm, params.engine) as pool,
+    ):
         key = digest(
             "score",
             recipe(variant.score),
             template(variant.score.prompt).template,
-            engine.identity(),
+            pool.identity(),
             params.seed,
-            code,
+            code_digest("stages.score"),
         )
-        counts["rows"] = run_sharded(
-            iter_aligned(*inputs, rows=size),
-            lambda part, _: judge_table(engine, part, variant.score, params.seed),
+        counts["rows"] = pool.run_sharded(
+            functools.partial(judge_table, spec=variant.score, seed=params.seed),
+            iter_aligned((paths.translated, ["instruction_ja"]), (generated, ["responses_ja"]), rows=size),
             out=judged,
+            schema=SCORED,
+            checkpoints=paths.checkpoints,
             stage=f"score@{name}",
             key=key,
-            **common,
+            total=shard_count(generated, size),
         )
-    if variant.second_turn is None:
-        return
-    with timed(LOG, f"second-turn@{name}"), make_engine(variant.generate.llm, params.engine) as engine:
+
+
+def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
+    """The generator's two-turn continuation from each best response, on `pool` (the generator's)."""
+    variant, paths = params.models[name], params.paths
+    generated, judged, scored = _files(params, name)
+    size = variant.score.shard_size
+    with timed(LOG, f"second-turn@{name}") as counts:
         key = digest(
             "second-turn",
             recipe(variant.second_turn),
             template(variant.second_turn.prompt).template,
             variant.generate.system_prompt,
-            engine.identity(),
+            pool.identity(),
             params.seed,
-            code,
+            code_digest("stages.score"),
         )
-        run_sharded(
-            iter_aligned(*inputs, (judged, JUDGED), rows=size),
-            lambda part, _: second_turn_table(
-                engine, part, variant.second_turn, variant.generate, params.seed
+        counts["rows"] = pool.run_sharded(
+            functools.partial(
+                second_turn_table, spec=variant.second_turn, generate=variant.generate, seed=params.seed
+            ),
+            iter_aligned(
+                (paths.translated, ["instruction_ja"]),
+                (generated, ["responses_ja"]),
+                (judged, JUDGED),
+                rows=size,
             ),
             out=scored,
+            schema=SCORED,
+            checkpoints=paths.checkpoints,
             stage=f"second-turn@{name}",
             key=key,
-            **common,
+            total=shard_count(generated, size),
         )
+
+
+def main() -> None:
+    params, name = start("score", __doc__, variant=True)
+    variant = params.models[name]
+    if variant.second_turn is None:
+        judge_pass(params, name)
+        return
+    judge, generator = variant.score.llm, variant.generate.llm
+    if recipe(judge) == recipe(generator):  # one model: one load serves both passes
+        with engine_pool(generator, params.engine) as pool:
+            judge_pass(params, name, pool)
+            second_turn_pass(params, name, pool)
+        return
+    if params.engine.executor == "local":
+        in_own_process(judge_pass, params, name, what=f"score@{name}: the judge pass ({judge.model})")
+    else:  # Ray: the judge's replicas end (and free their GPUs) when its pool closes
+        judge_pass(params, name)
+    with engine_pool(generator, params.engine) as pool:
+        second_turn_pass(params, name, pool)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
         engine.llm, engine.options = llm, options  # the identity of the model the stage asked for
         return engine
 
-    for module in ("core.translator", "generate", "score"):
-        monkeypatch.setattr(f"stages.{module}.make_engine", make_engine)
+    monkeypatch.setattr("stages.core.executors.make_engine", make_engine)
     return engine
 
 

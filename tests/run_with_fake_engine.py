@@ -7,12 +7,13 @@ import importlib
 import os
 import sys
 
+from stages.core import executors
 from stages.core.cli import run
 from tests.conftest import FakeEngine
 
 if __name__ == "__main__":
     stage = importlib.import_module(f"stages.{sys.argv[1]}")
     delay = float(os.environ.get("FAKE_ENGINE_DELAY", "0"))
-    stage.make_engine = lambda llm, options: FakeEngine(llm=llm, options=options, delay=delay)
+    executors.make_engine = lambda llm, options: FakeEngine(llm=llm, options=options, delay=delay)
     sys.argv = [f"stages.{sys.argv[1]}", *sys.argv[2:]]
     run(stage.main)

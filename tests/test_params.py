@@ -34,7 +34,7 @@ def test_production_composition_is_the_published_release():
     models = params.models
     assert set(models) == {"llama31", "gemma2", "gemma3"}
     expected = {
-        "llama31": ("meta-llama/Llama-3.1-405B-Instruct", 6, 1, False, "meta-llama/Llama-3.1-70B-Instruct"),
+        "llama31": ("meta-llama/Llama-3.1-405B-Instruct-FP8", 6, 1, False, "meta-llama/Llama-3.1-70B-Instruct"),
         "gemma2": ("google/gemma-2-27b-it", 6, 1, True, "google/gemma-2-27b-it"),
         "gemma3": ("google/gemma-3-27b-it", 10, 0, False, "google/gemma-3-27b-it"),
     }
@@ -103,3 +103,21 @@ def test_secrets_never_appear_in_conf_or_params():
     texts.append((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for text in texts:
         assert not re.search(r"(?i)(hf_[a-z0-9]{20,}|sk-[a-z0-9]{20,}|password\s*:|api_key\s*:)", text)
+
+
+def test_a_release_config_refuses_a_model_without_a_pinned_revision():
+    with pytest.raises(ParamsError, match=r"models.gemma3.score.llm.revision='main'.*google/gemma-3-27b-it"):
+        compose_params(["models.gemma3.score.llm.revision=main"])
+    data = yaml.safe_load(compose_params(["profile=sample"]))  # local model directories need no pin
+    assert validate(data).translate.llm.revision is None
+
+
+def test_every_production_model_fits_an_8x80gb_node_with_room_for_the_kv_cache():
+    params = validate(yaml.safe_load(compose_params([])))
+    for key, llm in params.llms().items():
+        billions = float(re.search(r"(\d+)[bB]-", llm.model).group(1))
+        fp8 = "FP8" in llm.model or llm.quantization == "fp8"
+        per_gpu = billions * (1 if fp8 else 2) / llm.gpus  # GB of weights on each GPU
+        assert llm.gpus <= 8, key
+        assert per_gpu <= 0.9 * 80 - 15, f"{key}: {per_gpu:.0f} GB of weights per GPU leaves no KV cache"
+        assert re.fullmatch(r"[0-9a-f]{40}", llm.revision), key

@@ -72,6 +72,18 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(path, columns=columns)
 
 
+def value_counts(path: str | os.PathLike, columns: list[str]) -> dict[str, int]:
+    """`<column>:<value>` -> rows, over the non-null values of string columns of a Parquet file."""
+    counts: dict[str, int] = {}
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        for column in columns:
+            for item in batch[column].value_counts().to_pylist():
+                if item["values"] is not None:
+                    name = f"{column}:{item['values']}"
+                    counts[name] = counts.get(name, 0) + item["counts"]
+    return counts
+
+
 @contextlib.contextmanager
 def jsonl_gz_writer(
     path: str | os.PathLike, level: int = GZIP_LEVEL, threads: int = 0

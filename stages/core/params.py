@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -94,14 +94,25 @@ class DecryptParams(Strict):
 
 
 class LLMSpec(Strict):
+    """A model and how it is placed: an engine replica takes tensor x pipeline parallel size GPUs."""
+
     model: str  # Hub id or local path
-    revision: str | None = None
+    revision: str | None = None  # a 40-hex Hub commit in release configs
     system_role: bool = True  # False: the system prompt is merged into the first user turn (Gemma)
     tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=RUNTIME)
+    pipeline_parallel_size: int = Field(1, ge=1, json_schema_extra=RUNTIME)
     # context window: a prompt longer than max_model_len - max_tokens is not sent (null: the model's own)
     max_model_len: int | None = Field(None, ge=256)
     dtype: str = "auto"
+    quantization: str | None = None  # vllm: e.g. fp8 (null: the checkpoint's own, if any)
+    # vllm: further vllm.LLM / EngineArgs arguments, checked against the installed vllm before loading.
+    # They may change outputs (kv_cache_dtype, ...), so they are part of the resume key.
+    engine_kwargs: dict[str, Any] = {}
     tokenizer: str | None = None  # openai backend: Hub id or path of the tokenizer that counts prompts
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class Sampling(Strict):
@@ -116,12 +127,26 @@ class EngineParams(Strict):
     backend: Literal["transformers", "vllm", "openai"]
     # requests per engine call (transformers: sequences per forward batch)
     batch_size: int = Field(ge=1, json_schema_extra=RUNTIME)
-    base_url: str | None = Field(None, json_schema_extra=RUNTIME)  # openai backend
+    # local: one engine in this process; ray: a pool of engine replicas (Ray actors) on a cluster
+    executor: Literal["local", "ray"] = Field("local", json_schema_extra=RUNTIME)
+    ray_address: str | None = Field(None, json_schema_extra=RUNTIME)  # null: a local Ray instance
+    # ray: engine replicas (null: as many as the cluster's GPUs hold, llm.gpus each; CPUs without GPUs)
+    replicas: int | None = Field(None, ge=1, json_schema_extra=RUNTIME)
+    # shards in flight per engine: the next shard's requests reach the engine before the last drains
+    shards_in_flight: int = Field(2, ge=1, json_schema_extra=RUNTIME)
+    # openai backend: one server, or several that requests are spread over
+    base_url: str | list[str] | None = Field(None, json_schema_extra=RUNTIME)
     # openai backend: the environment variable holding the key
     api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=RUNTIME)
-    max_concurrency: int = Field(32, ge=1, json_schema_extra=RUNTIME)  # openai backend
+    max_concurrency: int = Field(32, ge=1, json_schema_extra=RUNTIME)  # openai: requests in flight in all
     max_retries: int = Field(3, ge=0, json_schema_extra=RUNTIME)  # openai: 429, 5xx, timeouts
-    request_timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)  # openai: seconds
+    # openai: seconds per attempt; a request fails after (max_retries + 1) attempts of at most this
+    request_timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)
+
+    @property
+    def base_urls(self) -> list[str | None]:
+        return self.base_url if isinstance(self.base_url, list) else [self.base_url]
+
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, json_schema_extra=RUNTIME)  # vllm
 
 
@@ -209,6 +234,12 @@ class Params(Strict):
                         f"fetch.{key}.revision={spec.revision!r}: a release config must pin a 40-hex "
                         "commit, not a branch or tag"
                     )
+            for key, llm in self.llms().items():
+                if not Path(llm.model).exists() and not re.fullmatch(COMMIT, llm.revision or ""):
+                    raise ValueError(
+                        f"{key}.revision={llm.revision!r}: a release config must pin {llm.model} to a "
+                        "40-hex Hub commit, so that the release records which weights produced it"
+                    )
         wanted = "ja+unsafe" if self.fetch.filter.moderation == "keep" else "ja"
         if self.decrypt.subset != wanted:
             raise ValueError(
@@ -216,6 +247,14 @@ class Params(Strict):
                 f"{self.fetch.filter.moderation!r}: use {wanted!r}"
             )
         return self
+
+    def llms(self) -> dict[str, LLMSpec]:
+        """Every model the pipeline runs, by its params key."""
+        found = {"translate.llm": self.translate.llm}
+        for name, variant in self.models.items():
+            found[f"models.{name}.generate.llm"] = variant.generate.llm
+            found[f"models.{name}.score.llm"] = variant.score.llm
+        return found
 
     def variant(self, name: str) -> VariantParams:
         if name not in self.models:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 
 import pyarrow as pa
 
@@ -85,28 +84,44 @@ def eligible(row: dict) -> bool:
     )
 
 
-def respond(
-    engine: Engine, rows: list[dict], language: str, n: int, spec: GenerateParams, seed: int, counts: Counter
-) -> tuple[list[list[dict] | None], list[str | None]]:
-    """n responses to each eligible row's instruction in `language` (ja or en), and each request's
-    status (None: not asked). A request that was not sent or failed gets null responses; `counts`
-    adds one per status (`ja_ok`, `ja_skipped_too_long`, `ja_failed`, ...)."""
+def requests_for(
+    rows: list[dict], language: str, n: int, spec: GenerateParams, seed: int
+) -> tuple[list[int], list[ChatRequest]]:
+    """The positions of the rows asked in `language` (ja or en) and their requests for n responses."""
     field = FIELDS[language]
-    todo = [r for r in rows if eligible(r)] if n else []
-    requests = [
+    todo = [i for i, r in enumerate(rows) if eligible(r)] if n else []
+    return todo, [
         ChatRequest(
-            with_system(spec.system_prompt, [{"role": "user", "content": r[field]}]),
+            with_system(spec.system_prompt, [{"role": "user", "content": rows[i][field]}]),
             n=n,
-            seed=request_seed(seed, r["conversation_id"], language),
+            seed=request_seed(seed, rows[i]["conversation_id"], language),
         )
-        for r in todo
+        for i in todo
     ]
-    replies = dict(
-        zip((r["conversation_id"] for r in todo), engine.chat(requests, spec.sampling), strict=True)
-    )
-    counts.update(f"{language}_{reply.status}" for reply in replies.values())
-    found = [replies.get(r["conversation_id"]) for r in rows]
-    return (
-        [as_rows(reply.completions) if reply and reply.completions else None for reply in found],
-        [reply.status if reply else None for reply in found],
+
+
+def generate_table(engine: Engine, part: pa.Table, spec: GenerateParams, seed: int) -> pa.Table:
+    """One shard of generate's out: n_ja and n_en responses to each eligible row, asked in one call
+    (so a batched engine sees both languages at once), and each request's status (None: not asked).
+    A request that was not sent or failed gets null responses."""
+    rows = part.to_pylist()
+    asked = {
+        lang: requests_for(rows, lang, n, spec, seed) for lang, n in (("ja", spec.n_ja), ("en", spec.n_en))
+    }
+    replies = iter(engine.chat([r for _, requests in asked.values() for r in requests], spec.sampling))
+    columns = []
+    for todo, _ in asked.values():
+        found = [None] * len(rows)
+        for i in todo:
+            found[i] = next(replies)
+        columns.append(
+            (
+                [as_rows(reply.completions) if reply and reply.completions else None for reply in found],
+                [reply.status if reply else None for reply in found],
+            )
+        )
+    (ja, status_ja), (en, status_en) = columns
+    return pa.table(
+        [part["conversation_id"], pa.array(ja, RESPONSES), pa.array(en, RESPONSES), status_ja, status_en],
+        schema=GENERATED,
     )

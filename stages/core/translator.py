@@ -4,20 +4,21 @@ shards. An empty or failed translation is a failed translation (asked again up t
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.core.engines import OK, ChatRequest, Engine, make_engine
-from stages.core.io import read_table
+from stages.core.engines import OK, ChatRequest, Engine
+from stages.core.executors import engine_pool
+from stages.core.io import read_table, value_counts
 from stages.core.params import Params, TranslateParams
 from stages.core.prompts import template, user_turn
 from stages.core.responses import request_seed
 from stages.core.resume import code_digest, digest, recipe
-from stages.core.shards import run_sharded, slices
+from stages.core.shards import slices
 
 LOG = logging.getLogger(__name__)
 EMPTY_OUTPUT = "empty_output"  # the translator answered with nothing
@@ -57,6 +58,12 @@ def translate_rows(
     return texts, statuses
 
 
+def translate_table(engine: Engine, rows: pa.Table, spec: TranslateParams, seed: int) -> pa.Table:
+    """One shard of the translator's out: each row's translation and its status."""
+    texts, statuses = translate_rows(engine, rows.to_pylist(), spec, seed)
+    return pa.table([rows["conversation_id"], texts, statuses], schema=TRANSLATED)
+
+
 def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | None, str]]:
     """conversation_id -> (Japanese text or None, translation status) for each row of `table`:
     its non-empty first turns (`instruction`) go to the translator LLM, its empty ones stay empty."""
@@ -66,28 +73,21 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
     table = table.filter(pc.invert(table["empty_first_turn"]))
     if table.num_rows == 0:
         return result
-    counts: Counter = Counter()
-
-    def shard(rows: pa.Table, _: int) -> pa.Table:
-        texts, statuses = translate_rows(engine, rows.to_pylist(), spec, params.seed)
-        counts.update(statuses)
-        return pa.table([rows["conversation_id"], texts, statuses], schema=TRANSLATED)
-
     out = Path(params.paths.checkpoints) / "translate.parquet"
-    with make_engine(spec.llm, params.engine) as engine:
+    with engine_pool(spec.llm, params.engine) as pool:
         key = digest(
             "translate",
             recipe(spec.llm),
             template(spec.prompt).template,
             recipe(spec.sampling),
             spec.retries,
-            engine.identity(),
+            pool.identity(),
             params.seed,
             code_digest(__name__),
         )
-        run_sharded(
+        pool.run_sharded(
+            functools.partial(translate_table, spec=spec, seed=params.seed),
             slices(table.select(["conversation_id", "instruction"]), spec.shard_size),
-            shard,
             out=out,
             schema=TRANSLATED,
             checkpoints=params.paths.checkpoints,
@@ -95,9 +95,9 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
             key=key,
         )
     LOG.info(
-        "translator LLM on %d first turns: %s (this run; finished shards reused)",
+        "translator LLM on %d first turns: %s",
         table.num_rows,
-        dict(counts),
+        value_counts(out, ["translation_status"]),
     )
     done = read_table(out).to_pydict()
     ids, texts, statuses = done["conversation_id"], done["instruction_ja"], done["translation_status"]

@@ -4,9 +4,12 @@ token counts, or the reason there are none); one bad request never fails the oth
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import inspect
 import logging
+import os
+import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,13 +56,19 @@ class RequestError(RuntimeError):
 class Engine(abc.ABC):
     """One model behind one backend. `load()` imports the heavy library and loads the model; it
     runs on the first `chat()` that has requests, so a resumed stage whose shards are all done
-    never loads a model. Subclasses implement `load` (setting `_tokenizer`) and `_chat`."""
+    never loads a model. Subclasses implement `load` (setting `_tokenizer`) and `_chat`.
+
+    `chat` may be called from several threads (one per shard in flight): an engine whose backend
+    batches across calls (CONCURRENT) takes them at once, any other runs them one at a time."""
 
     llm: LLMSpec
     options: EngineParams
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # distributions that generate: their versions key results
+    CONCURRENT: ClassVar[bool] = False  # whether `_chat` may run in several threads at once
     _tokenizer: Any = field(default=None, init=False, repr=False)  # set by load(); counts prompts
     _loaded: bool = field(default=False, init=False, repr=False)
+    _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _call_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -92,9 +101,15 @@ class Engine(abc.ABC):
         is not sent (TOO_LONG); a request the backend fails loses only its own completions."""
         if not requests:
             return []
-        if not self._loaded:
-            self.load()
-            self._loaded = True
+        with self._load_lock:
+            if not self._loaded:
+                LOG.info("loading %s (%s) in process %d", self.model_name, self.options.backend, os.getpid())
+                self.load()
+                self._loaded = True
+        with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
+            return self._chat_loaded(requests, sampling)
+
+    def _chat_loaded(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
         limit, send = self.context_length(), []
         budget = None if limit is None else limit - sampling.max_tokens

@@ -1,4 +1,6 @@
-"""Engine for any OpenAI-compatible server (`vllm serve`, hosted APIs), with bounded concurrency.
+"""Engine for any OpenAI-compatible server (`vllm serve`, hosted APIs): the async client on one
+event loop, at most `engine.max_concurrency` requests in flight, each sent to the least busy of the
+servers `engine.base_url` lists.
 
 Each request runs on its own: an error after the client's retries (HTTP 4xx/5xx, timeout,
 connection, a malformed body) fails only that request. Per-choice token counts come from the
@@ -7,10 +9,11 @@ requests, whose usage is exact."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -32,7 +35,11 @@ LOG = logging.getLogger(__name__)
 @dataclass
 class OpenAIEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # the server generates: its model id and revision key results
-    _client: Any = field(default=None, init=False, repr=False)
+    CONCURRENT: ClassVar[bool] = True  # every shard in flight shares the servers and the concurrency bound
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _servers: list[_Server] = field(default_factory=list, init=False, repr=False)
+    _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _errors: tuple = field(default=(), init=False, repr=False)
 
     def load(self) -> None:
@@ -46,43 +53,76 @@ class OpenAIEngine(Engine):
                 f"the openai engine needs an API key in ${self.options.api_key_env} "
                 "(engine.api_key_env names the variable)"
             )
-        self._client = openai.OpenAI(
-            base_url=self.options.base_url,
-            api_key=key,
-            max_retries=self.options.max_retries,
-            timeout=self.options.request_timeout,
-        )
         # after the client's own retries; a body that is not JSON fails the request too
         self._errors = (openai.APIError, json.JSONDecodeError)
         if self.llm.max_model_len is not None:  # prompts are counted before sending
             self._tokenizer = _tokenizer(self.llm.tokenizer or self.llm.model, self.llm.revision)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
+        self._thread.start()
+
+        async def clients() -> None:
+            self._slots = asyncio.Semaphore(self.options.max_concurrency)
+            self._servers = [
+                _Server(
+                    openai.AsyncOpenAI(
+                        base_url=url,
+                        api_key=key,
+                        max_retries=self.options.max_retries,
+                        timeout=self.options.request_timeout,
+                    )
+                )
+                for url in self.options.base_urls
+            ]
+
+        asyncio.run_coroutine_threadsafe(clients(), self._loop).result()
 
     def unload(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = self._tokenizer = None
+        if self._loop is None:
+            return
+
+        async def close() -> None:
+            for server in self._servers:
+                await server.client.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._loop = self._thread = self._tokenizer = None
+        self._servers = []
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
-        with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
-            return list(pool.map(lambda r: self._one(r, sampling), requests))
+        async def every() -> list[Reply]:
+            return list(await asyncio.gather(*(self._one(r, sampling) for r in requests)))
 
-    def _one(self, request: ChatRequest, sampling: Sampling) -> Reply:
-        try:
-            response = self._client.chat.completions.create(
-                model=self.llm.model,
-                messages=apply_chat_rules(request.messages, self.llm),
-                n=request.n,
-                seed=request.seed,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                logprobs=True,
-            )
-        except self._errors as err:
-            LOG.warning(
-                "%s: a request failed after %d retries: %s", self.model_name, self.options.max_retries, err
-            )
-            return Reply([], FAILED, f"{type(err).__name__}: {err}")
+        return asyncio.run_coroutine_threadsafe(every(), self._loop).result()
+
+    async def _one(self, request: ChatRequest, sampling: Sampling) -> Reply:
+        async with self._slots:
+            server = min(self._servers, key=lambda s: s.in_flight)  # the least busy server
+            server.in_flight += 1
+            try:
+                response = await server.client.chat.completions.create(
+                    model=self.llm.model,
+                    messages=apply_chat_rules(request.messages, self.llm),
+                    n=request.n,
+                    seed=request.seed,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    logprobs=True,
+                )
+            except self._errors as err:
+                LOG.warning(
+                    "%s: a request failed after %d retries: %s",
+                    self.model_name,
+                    self.options.max_retries,
+                    err,
+                )
+                return Reply([], FAILED, f"{type(err).__name__}: {err}")
+            finally:
+                server.in_flight -= 1
         choices = sorted(getattr(response, "choices", None) or [], key=lambda c: c.index)
         usage = getattr(response, "usage", None)
         if not choices or usage is None or any(c.message is None for c in choices):
@@ -92,10 +132,10 @@ class OpenAIEngine(Engine):
             for c in choices
         ]
         if None in counted and len(choices) > 1:  # no per-choice counts: ask one choice at a time
-            singles = [
-                self._one(replace(request, n=1, seed=request.seed + j), sampling) for j in range(request.n)
-            ]
-            return Reply([c for s in singles for c in s.completions], *_combined(singles))
+            singles = await asyncio.gather(
+                *(self._one(replace(request, n=1, seed=request.seed + j), sampling) for j in range(request.n))
+            )
+            return Reply([c for s in singles for c in s.completions], *_combined(list(singles)))
         return Reply(
             [
                 Completion(
@@ -107,6 +147,12 @@ class OpenAIEngine(Engine):
                 for c, tokens in zip(choices, counted, strict=True)
             ]
         )
+
+
+@dataclass
+class _Server:
+    client: Any
+    in_flight: int = 0
 
 
 def _combined(replies: list[Reply]) -> tuple[str, str | None]:
