@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint format params sample clean-data
+.PHONY: install demo test lint format params sample clean-data check-vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,ray,test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,6 +28,12 @@ test: install lint  ## ruff, then the test suite
 lint: install
 	ruff check .
 	ruff format --check .
+
+# Not part of `make test`: vllm is a large CUDA install. Needs no GPU; loads no model.
+check-vllm:  ## check the vllm engine's arguments against the vllm that pip installs (own venv, .venv-vllm)
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet -e '.[vllm,test]'
+	.venv-vllm/bin/python -m pytest tests/test_vllm_api.py -q
 
 format: install
 	ruff check --fix .

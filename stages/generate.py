@@ -38,6 +38,7 @@ def main() -> None:
             schema=GENERATED,
             checkpoints=paths.checkpoints,
             stage=f"generate@{name}",
+            role="generate",
             key=key,
             total=shard_count(paths.translated, spec.shard_size),
         )

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from stages.core import release
 from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
+from stages.core.executors import engine_roles
 from stages.core.io import (
     PARQUET_OPTIONS,
     RowGroups,
@@ -105,7 +106,17 @@ def main() -> None:
         }
         files[spec.instructions_file]["plaintext_sha256"] = plain_sha256
         metrics = release.release_metrics(totals)
-        manifest = {"variant": name, "release_name": variant.release_name, "files": files, "metrics": metrics}
+        manifest = {
+            "variant": name,
+            "release_name": variant.release_name,
+            "producers": release.producers(
+                engine_roles(
+                    [Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"]
+                )
+            ),
+            "files": files,
+            "metrics": metrics,
+        }
         write_json(manifest, out / "manifest.json")
         write_json(metrics, Path(paths.metrics) / f"package-{name}.json")
         counts.update(rows_in=totals["instructions"], rows_out=totals["instructions"])

@@ -58,6 +58,7 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
             schema=SCORED,
             checkpoints=paths.checkpoints,
             stage=f"score@{name}",
+            role="judge",
             key=key,
             total=shard_count(generated, size),
         )
@@ -92,6 +93,8 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
             schema=SCORED,
             checkpoints=paths.checkpoints,
             stage=f"second-turn@{name}",
+            role="second_turn",
+            carry=judged,
             key=key,
             total=shard_count(generated, size),
         )

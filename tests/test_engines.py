@@ -196,7 +196,7 @@ def test_openai_engine_without_logprobs_asks_one_choice_at_a_time(monkeypatch):
     request = ChatRequest([{"role": "user", "content": "NOLOGPROBS please"}], n=3, seed=40)
     with _server(monkeypatch) as options, make_engine(LLMSpec(model="m"), options) as engine:
         [reply] = engine.chat([request], Sampling(temperature=0.6, max_tokens=32))
-    assert [(s["n"], s["seed"]) for s in _ChatServer.seen][0] == (3, 40)
+    assert (_ChatServer.seen[0]["n"], _ChatServer.seen[0]["seed"]) == (3, 40)
     assert sorted((s["n"], s["seed"]) for s in _ChatServer.seen[1:]) == [(1, 40), (1, 41), (1, 42)]
     assert [c.completion_tokens for c in reply.completions] == [5, 5, 5]  # each from its own usage
 

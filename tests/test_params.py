@@ -34,7 +34,13 @@ def test_production_composition_is_the_published_release():
     models = params.models
     assert set(models) == {"llama31", "gemma2", "gemma3"}
     expected = {
-        "llama31": ("meta-llama/Llama-3.1-405B-Instruct-FP8", 6, 1, False, "meta-llama/Llama-3.1-70B-Instruct"),
+        "llama31": (
+            "meta-llama/Llama-3.1-405B-Instruct-FP8",
+            6,
+            1,
+            False,
+            "meta-llama/Llama-3.1-70B-Instruct",
+        ),
         "gemma2": ("google/gemma-2-27b-it", 6, 1, True, "google/gemma-2-27b-it"),
         "gemma3": ("google/gemma-3-27b-it", 10, 0, False, "google/gemma-3-27b-it"),
     }

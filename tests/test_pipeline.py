@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -104,6 +105,12 @@ def test_release_files_of_every_variant(built: Path):
             r["instruction_ja"] for r in table
         ]
         plain.unlink()
+        producers = json.loads((out / "manifest.json").read_text())["producers"]
+        roles = {"generate", "judge"} | ({"second_turn"} if variant == "gemma2" else set())
+        assert set(producers["models"]) == roles
+        assert {m["libraries"]["transformers"] for m in producers["models"].values()} == {
+            metadata.version("transformers")
+        }
 
 
 def test_second_repro_runs_nothing(built: Path):

@@ -175,6 +175,13 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     generated = [r for r in records if r["synthesized_assistant_responses"] is not None]
     assert generated and all(len(r["synthesized_assistant_responses"]) == 10 for r in generated)
     assert manifest["metrics"]["responses_ja"] == 10 * len(generated)
+    producers = manifest["producers"]
+    assert producers["project"]["name"] == "lmsys-chat-1m-synth" and producers["project"]["version"]
+    assert set(producers["models"]) == {"generate", "judge"}  # gemma3 has no second turn
+    for role in producers["models"].values():
+        assert role["model"] == "data/sample/tiny-chat" and role["revision"] is None
+        assert role["engine"] == "transformers"
+        assert isinstance(role["libraries"], dict)  # the fake engine uses none
 
 
 def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):

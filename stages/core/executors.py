@@ -15,9 +15,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages.core.cli import LOG_FORMAT, run
 from stages.core.engines import Engine, make_engine
@@ -28,7 +30,8 @@ from stages.core.shards import run_sharded
 
 LOG = logging.getLogger(__name__)
 Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
-ENGINE_METADATA = b"lmsys_synth.engine"  # Parquet metadata key: the engine identity that produced a file
+# Parquet metadata keys `lmsys_synth.engine.<role>`: the identity of the engine that filled a file
+ENGINE_METADATA = "lmsys_synth.engine."
 
 
 class Executor(abc.ABC):
@@ -48,9 +51,13 @@ class Executor(abc.ABC):
     def close(self) -> None:  # noqa: B027 - nothing to free by default
         """Free the engines (and their GPUs)."""
 
-    def run_sharded(self, work: Work, shards: Any, **kwargs: Any) -> int:
-        """`shards.run_sharded` with `work` on this executor's engines; `out` records the engine."""
-        metadata = {ENGINE_METADATA: json.dumps(self.identity(), sort_keys=True).encode()}
+    def run_sharded(
+        self, work: Work, shards: Any, *, role: str, carry: str | Path | None = None, **kwargs: Any
+    ) -> int:
+        """`shards.run_sharded` with `work` on this executor's engines. `out` records this engine's
+        identity as `role` (and the roles recorded in the Parquet file `carry`, an input)."""
+        metadata = engines_of(carry) if carry else {}
+        metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
         return run_sharded(
             shards,
             lambda shard, _: self.submit(work, shard),
@@ -58,6 +65,21 @@ class Executor(abc.ABC):
             metadata=metadata,
             **kwargs,
         )
+
+
+def engines_of(path: str | Path) -> dict[bytes, bytes]:
+    """The engine identities recorded in a Parquet file's metadata, by key."""
+    metadata = pq.read_schema(path).metadata or {}
+    return {k: v for k, v in metadata.items() if k.startswith(ENGINE_METADATA.encode())}
+
+
+def engine_roles(paths: list[str | Path]) -> dict[str, dict]:
+    """role -> the engine identity recorded in the Parquet files `paths` (the release manifest's)."""
+    return {
+        k.decode().removeprefix(ENGINE_METADATA): json.loads(v)
+        for p in paths
+        for k, v in engines_of(p).items()
+    }
 
 
 class LocalExecutor(Executor):

@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from stages.core.engines import FAILED as FAILED_REQUEST
 from stages.core.engines import TOO_LONG
+from stages.core.engines.base import distribution_version
 from stages.core.responses import ANNOTATION, MESSAGE, SCORE_FAILED
 
 
@@ -58,6 +59,9 @@ def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+PROJECT = "lmsys-chat-1m-synth"
+
+
 def add_metrics(totals: Counter, rows: list[dict]) -> None:
     """Add one batch of rows (translation failures included) to the running release counts."""
     failed = [r for r in rows if r["translation_failed"]]
@@ -94,3 +98,22 @@ def release_metrics(totals: Counter) -> dict:
     scored = totals["judgements"] - totals["judgements_failed"]
     metrics["mean_preference_score"] = round(totals["score_sum"] / scored, 4) if scored else None
     return metrics
+
+
+def producers(engines: dict[str, dict]) -> dict:
+    """What produced a release: this project's version, and per role (generate, judge, second_turn)
+    the model, its revision and placement, and the engine with its library versions."""
+    return {
+        "project": {"name": PROJECT, "version": distribution_version(PROJECT)},
+        "models": {
+            role: {
+                "model": engine["llm"]["model"],
+                "revision": engine["llm"]["revision"],
+                "dtype": engine["llm"]["dtype"],
+                "quantization": engine["llm"].get("quantization"),
+                "engine": engine["backend"],
+                "libraries": engine["libraries"],
+            }
+            for role, engine in sorted(engines.items())
+        },
+    }

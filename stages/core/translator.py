@@ -92,6 +92,7 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
             schema=TRANSLATED,
             checkpoints=params.paths.checkpoints,
             stage="translate",
+            role="translate",
             key=key,
         )
     LOG.info(

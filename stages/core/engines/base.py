@@ -77,7 +77,7 @@ class Engine(abc.ABC):
     def identity(self) -> dict:
         """What of the engine determines its output: backend, library and version, engine code, model."""
         code = hashlib.sha256(Path(inspect.getfile(type(self))).read_bytes()).hexdigest()
-        versions = {name: _version(name) for name in self.LIBRARIES}
+        versions = {name: distribution_version(name) for name in self.LIBRARIES}
         return {"backend": self.options.backend, "libraries": versions, "code": code, "llm": recipe(self.llm)}
 
     @abc.abstractmethod
@@ -159,7 +159,7 @@ class Engine(abc.ABC):
             self._loaded = False
 
 
-def _version(distribution: str) -> str | None:
+def distribution_version(distribution: str) -> str | None:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

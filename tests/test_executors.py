@@ -1,0 +1,185 @@
+"""Executors: the Ray pool gives the local executor's output, a worker killed mid-run costs only its
+shards, checkpoints live on S3 as well as on disk, and score loads each distinct model once."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.core.executors import ENGINE_METADATA, engine_pool
+from stages.core.params import EngineParams, LLMSpec, Sampling
+from stages.core.responses import GENERATED, generate_table
+from stages.core.shards import slices
+from tests.conftest import ROOT, SAMPLE, run_stage, set_params
+from tests.s3 import CREDENTIALS, moto_server
+
+TINY_LLM = LLMSpec(model=str(SAMPLE / "tiny-chat"), max_model_len=4096, dtype="float32")
+
+
+def _rows(n: int) -> pa.Table:
+    return pa.table(
+        {
+            "conversation_id": [f"c{i:03d}" for i in range(n)],
+            "instruction": [f"Say something about number {i}." for i in range(n)],
+            "instruction_ja": [f"数字{i}について何か言ってください。" for i in range(n)],
+            "empty_user_instruction_ja": [i == 3 for i in range(n)],
+            "duplicate_user_instruction_ja": [None] * n,
+            "translation_failed": [False] * n,
+        }
+    )
+
+
+def _spec():
+    from stages.core.params import GenerateParams
+
+    return GenerateParams(
+        llm=TINY_LLM,
+        n_ja=2,
+        n_en=1,
+        sampling=Sampling(temperature=0.7, max_tokens=6),
+        shard_size=4,
+    )
+
+
+def _generate(options: EngineParams, tmp: Path, work=None) -> pa.Table:
+    spec, out = _spec(), tmp / "out.parquet"
+    with engine_pool(spec.llm, options) as pool:
+        pool.run_sharded(
+            work or functools.partial(generate_table, spec=spec, seed=7),
+            slices(_rows(12), spec.shard_size),
+            out=out,
+            schema=GENERATED,
+            checkpoints=tmp / "checkpoints",
+            stage="generate@t",
+            key="k",
+        )
+    return pq.read_table(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_replicas_give_the_local_executors_output(tmp_path, ray_local):
+    local = _generate(EngineParams(backend="transformers", batch_size=8), tmp_path / "local")
+    ray = _generate(
+        EngineParams(backend="transformers", batch_size=8, executor="ray", replicas=2), tmp_path / "ray"
+    )
+    assert ray.equals(local)
+    assert local["status_ja"].to_pylist().count("ok") == 11  # row 3 has an empty instruction
+    assert b'"backend": "transformers"' in ray.schema.metadata[ENGINE_METADATA]
+
+
+def kill_once(engine, shard: pa.Table, *, marks: str, victim: str, spec, seed: int) -> pa.Table:
+    """generate_table, recording each computation; the first time it meets `victim`, the worker
+    process is killed (SIGKILL) mid-shard."""
+    first = shard["conversation_id"][0].as_py()
+    Path(marks, f"{first}.{os.getpid()}.{len(os.listdir(marks))}").touch()
+    if first == victim and not Path(marks, "killed").exists():
+        Path(marks, "killed").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return generate_table(engine, shard, spec, seed)
+
+
+def test_a_ray_worker_killed_mid_run_costs_only_its_shards(tmp_path, ray_local):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    options = EngineParams(
+        backend="transformers", batch_size=8, executor="ray", replicas=2, shards_in_flight=1
+    )
+    work = functools.partial(kill_once, marks=str(marks), victim="c004", spec=_spec(), seed=7)
+    got = _generate(options, tmp_path / "ray", work)
+    assert got.equals(_generate(EngineParams(backend="transformers", batch_size=8), tmp_path / "local"))
+    runs = [p.name.split(".")[0] for p in marks.iterdir() if p.name != "killed"]
+    assert sorted(runs) == ["c000", "c004", "c004", "c008"]  # only the killed shard ran twice
+
+
+def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with moto_server() as endpoint:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckpt")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        calls = []
+
+        def counted(engine, shard, **kw):
+            calls.append(shard["conversation_id"][0].as_py())
+            return generate_table(engine, shard, **kw)
+
+        spec = _spec()
+        options = EngineParams(backend="transformers", batch_size=8)
+        for _ in range(2):
+            with engine_pool(spec.llm, options) as pool:
+                pool.run_sharded(
+                    functools.partial(counted, spec=spec, seed=7),
+                    slices(_rows(8), spec.shard_size),
+                    out=tmp_path / "out.parquet",
+                    schema=GENERATED,
+                    checkpoints="s3://ckpt/checkpoints",
+                    stage="generate@t",
+                    key="k",
+                )
+        keys = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="ckpt")["Contents"]
+    assert calls == ["c000", "c004"]  # the second run read both shards back from S3
+    assert sorted(k["Key"] for k in keys) == [
+        "checkpoints/generate@t/k/00000.parquet",
+        "checkpoints/generate@t/k/00001.parquet",
+    ]
+
+
+def test_gemma2_score_loads_its_one_model_once(workspace, monkeypatch, fake_engine):
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    run_stage(monkeypatch, "generate", "gemma2")
+    fake_engine.loads = 0
+    run_stage(monkeypatch, "score", "gemma2")  # the judge pass, then the second turn, same model
+    assert fake_engine.loads == 1
+    purposes = {m["content"][:40] for r in fake_engine.requests for m in r.messages[-1:]}
+    assert any("impartial judge" in p or "Please act" in p for p in purposes)
+    scored = pq.read_table(workspace / "data/scored/gemma2.parquet")
+    assert scored["multiturn_status"].to_pylist().count("ok") > 0
+
+
+def test_a_judge_other_than_the_generator_runs_in_its_own_process(workspace, monkeypatch, fake_engine, capfd):
+    """Each distinct model is loaded once, the judge in a process of its own (its memory goes back
+    to the system before the generator loads); here the judge is the real tiny model."""
+
+    def judge_other(data):
+        data["models"]["gemma2"]["generate"]["n_ja"] = 1  # fewer judge requests for the real model
+        judge = data["models"]["gemma2"]["score"]
+        judge["llm"]["max_model_len"] = 2048  # another model recipe than the generator's
+        judge["sampling"]["max_tokens"] = 1
+
+    set_params(workspace, judge_other)
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    run_stage(monkeypatch, "generate", "gemma2")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    fake_engine.loads = 0
+    run_stage(monkeypatch, "score", "gemma2")
+    # this process made an engine for the generator only (the random tiny judge rated nothing, so the
+    # second turn had no best response to continue and never needed to load it)
+    assert (fake_engine.llm.max_model_len, fake_engine.loads) == (4096, 0)
+    loads = re.findall(r"loading (\S+) \(transformers\) in process (\d+)", capfd.readouterr().err)
+    assert [model for model, _ in loads] == ["data/sample/tiny-chat"]  # the judge, in the child
+    assert int(loads[0][1]) != os.getpid()
+    scored = pq.read_table(workspace / "data/scored/gemma2.parquet")
+    assert set(scored["judge_status"].combine_chunks().flatten().to_pylist()) == {"ok"}
