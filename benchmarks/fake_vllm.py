@@ -240,6 +240,9 @@ class FakeVLLMServer:
         return _json(body, status=status, headers=headers)
 
     def _count(self, status: int) -> None:
+        now = time.monotonic()  # the busy window: from the first reply to the last
+        self._stats.setdefault("first_at", now)
+        self._stats["last_at"] = now
         self._stats["requests"] += 1
         self._stats["by_status"][status] = self._stats["by_status"].get(status, 0) + 1
 
