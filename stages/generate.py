@@ -36,7 +36,7 @@ def main() -> None:
             iter_aligned((paths.translated, COLUMNS), rows=spec.shard_size),
             out=out,
             schema=GENERATED,
-            checkpoints=paths.checkpoints,
+            checkpoints=paths.shards,
             stage=f"generate@{name}",
             role="generate",
             key=key,

@@ -183,3 +183,14 @@ def test_a_judge_other_than_the_generator_runs_in_its_own_process(workspace, mon
     assert int(loads[0][1]) != os.getpid()
     scored = pq.read_table(workspace / "data/scored/gemma2.parquet")
     assert set(scored["judge_status"].combine_chunks().flatten().to_pylist()) == {"ok"}
+
+
+def test_paths_checkpoint_store_moves_the_shards_of_every_engine_stage(workspace, monkeypatch, fake_engine):
+    store = workspace / "shared-store"
+    set_params(workspace, lambda data: data["paths"].update(checkpoint_store=str(store)))
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    run_stage(monkeypatch, "generate", "gemma3")
+    run_stage(monkeypatch, "score", "gemma3")
+    assert {p.name for p in store.iterdir()} == {"translate", "generate@gemma3", "score@gemma3"}
+    assert not list((workspace / "data/.checkpoints").glob("*@gemma3"))  # intermediate files only

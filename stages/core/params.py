@@ -39,7 +39,13 @@ class Paths(Strict):
     generated: str  # directory: <variant>.parquet
     scored: str  # directory: <variant>.parquet
     release: str  # directory: <variant>/
-    checkpoints: str  # shard checkpoints of long stages (not a DVC out)
+    checkpoints: str  # shard checkpoints and intermediate files of long stages (not a DVC out)
+    checkpoint_store: str | None = None  # shard checkpoints elsewhere: an fsspec URL (null: checkpoints)
+
+    @property
+    def shards(self) -> str:
+        """Where finished shards are checkpointed."""
+        return self.checkpoint_store or self.checkpoints
 
 
 class SourceSpec(Strict):

@@ -90,7 +90,7 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
             slices(table.select(["conversation_id", "instruction"]), spec.shard_size),
             out=out,
             schema=TRANSLATED,
-            checkpoints=params.paths.checkpoints,
+            checkpoints=params.paths.shards,
             stage="translate",
             role="translate",
             key=key,
