@@ -192,11 +192,6 @@ def test_feeder_fails_only_the_request_the_engine_rejects(feeders):
     assert [prompt for prompt, _ in engine.added] == ["good 0", "good 1", "good 2", "later"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stages/core/engines/vllm.py _Feeder._run steps the engine when add_request rejected every "
-    "request it took while idle; vLLM's multiprocess LLMEngine.step() then blocks forever",
-)
 def test_feeder_never_steps_an_idle_engine(feeders):
     engine = FakeLLMEngine()
     feeder = feeders(engine)
@@ -299,6 +294,7 @@ def stub_vllm(monkeypatch) -> StubVLLM:
         "vllm.engine.arg_utils": {"EngineArgs": EngineArgs},
         "vllm.distributed": {},
         "vllm.distributed.parallel_state": {"cleanup_dist_env_and_memory": cleanup_dist_env_and_memory},
+        "vllm.sampling_params": {"RequestOutputKind": types.SimpleNamespace(FINAL_ONLY="final_only")},
     }
     for name, attributes in modules.items():
         module = types.ModuleType(name)
@@ -338,7 +334,14 @@ def test_vllm_engine_routes_replies_skips_too_long_and_fails_rejected(stub_vllm,
     [fake] = stub_vllm.engines
     assert [prompt for prompt, _ in fake.added] == ["user: first", "user: second", "user: Be brief.\n\nHi"]
     assert [p.kwargs for p in fake.params] == [
-        {"n": n, "seed": seed, "temperature": 0.6, "top_p": 0.9, "max_tokens": 16}
+        {
+            "n": n,
+            "seed": seed,
+            "temperature": 0.6,
+            "top_p": 0.9,
+            "max_tokens": 16,
+            "output_kind": "final_only",
+        }
         for n, seed in [(3, 0), (3, 3), (1, 9)]
     ]
     assert stub_vllm.built == [

@@ -59,6 +59,7 @@ def _generate(options: EngineParams, tmp: Path, work=None) -> pa.Table:
             checkpoints=tmp / "checkpoints",
             stage="generate@t",
             key="k",
+            role="generate",
         )
     return pq.read_table(out)
 
@@ -83,7 +84,7 @@ def test_ray_replicas_give_the_local_executors_output(tmp_path, ray_local):
     )
     assert ray.equals(local)
     assert local["status_ja"].to_pylist().count("ok") == 11  # row 3 has an empty instruction
-    assert b'"backend": "transformers"' in ray.schema.metadata[ENGINE_METADATA]
+    assert b'"backend": "transformers"' in ray.schema.metadata[f"{ENGINE_METADATA}generate".encode()]
 
 
 def kill_once(engine, shard: pa.Table, *, marks: str, victim: str, spec, seed: int) -> pa.Table:
@@ -136,6 +137,7 @@ def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
                     checkpoints="s3://ckpt/checkpoints",
                     stage="generate@t",
                     key="k",
+                    role="generate",
                 )
         keys = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="ckpt")["Contents"]
     assert calls == ["c000", "c004"]  # the second run read both shards back from S3

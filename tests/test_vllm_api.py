@@ -210,13 +210,6 @@ def test_the_engine_builds_sampling_params_and_reads_request_outputs(engine, rec
     assert all(isinstance(p, vllm.SamplingParams) for p in recorder.params)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stages/core/engines/vllm.py: the feeder adds requests with SamplingParams' default output_kind "
-    "CUMULATIVE (LLM._add_request sets FINAL_ONLY); for n > 1 vLLM's finished output then holds only the "
-    "last child's completion",
-)
 def test_the_feeder_asks_for_final_outputs_with_all_n_completions(engine, recorder):
     from vllm.v1.engine.parallel_sampling import ParentRequest
 
@@ -236,13 +229,6 @@ def test_the_feeder_asks_for_final_outputs_with_all_n_completions(engine, record
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stages/core/engines/vllm.py _Feeder._take catches (ValueError, TypeError), but vLLM 0.33 "
-    "refuses a request with VLLMValidationError (an Exception, not a ValueError): the feeder dies and "
-    "every request in flight fails",
-)
 def test_a_request_vllm_refuses_fails_alone(engine):
     requests = [
         ChatRequest([{"role": "user", "content": t}], seed=i) for i, t in enumerate(["a", "b ☠", "c"])

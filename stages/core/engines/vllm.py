@@ -91,6 +91,7 @@ class VLLMEngine(Engine):
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         futures = []
         for r in requests:
@@ -98,7 +99,11 @@ class VLLMEngine(Engine):
                 apply_chat_rules(r.messages, self.llm), tokenize=True, add_generation_prompt=True
             )
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            params = SamplingParams(**sampling_arguments(r, sampling))
+            # all n completions at the end, as LLM.chat asks (the default streams them, and with n > 1
+            # the finished output would hold only the last sample)
+            params = SamplingParams(
+                **sampling_arguments(r, sampling), output_kind=RequestOutputKind.FINAL_ONLY
+            )
             futures.append(self._feeder.submit({"prompt_token_ids": ids}, params))
         return [_reply(f) for f in futures]
 
@@ -136,17 +141,24 @@ def _reply(future: Future) -> Reply:
     except _Rejected as err:  # vLLM refused the request before generating (validation)
         LOG.warning("a request failed: %s", err)
         return Reply([], FAILED, str(err))
+    done = [o for o in out.outputs if o.finish_reason in FINISHED]  # not "abort" or "error"
+    if not done:
+        reasons = sorted({str(o.finish_reason) for o in out.outputs})
+        return Reply([], FAILED, f"vLLM ended every completion with {', '.join(reasons)}")
     return Reply(
         [
             Completion(
                 text=o.text,
-                finish_reason="length" if o.finish_reason == "length" else "stop",
+                finish_reason=o.finish_reason,
                 prompt_tokens=len(out.prompt_token_ids or []),
                 completion_tokens=len(o.token_ids),
             )
-            for o in out.outputs
+            for o in done
         ]
     )
+
+
+FINISHED = ("stop", "length")  # vLLM's finish reasons of a completion that came back whole
 
 
 class _Rejected(RuntimeError):
@@ -162,18 +174,22 @@ class _Feeder:
         self._pending: dict[str, Future] = {}
         self._ids = itertools.count()
         self._dead: BaseException | None = None
+        self._gate = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="vllm-feeder", daemon=True)
         self._thread.start()
 
     def submit(self, prompt: dict, params: Any) -> Future:
         future: Future = Future()
-        if self._dead is not None:
-            raise RuntimeError(f"the vLLM engine has stopped: {self._dead!r}")
-        self._inbox.put((prompt, params, future))
+        with self._gate:  # never queued after the feeder stopped taking requests
+            if self._dead is not None:
+                raise RuntimeError(f"the vLLM engine has stopped: {self._dead!r}")
+            self._inbox.put((prompt, params, future))
         return future
 
     def close(self) -> None:
-        self._inbox.put(None)
+        with self._gate:
+            if self._dead is None:
+                self._inbox.put(None)
         self._thread.join()
 
     def _take(self, item: tuple | None) -> bool:
@@ -183,8 +199,8 @@ class _Feeder:
         request_id = str(next(self._ids))
         try:
             self._engine.add_request(request_id, prompt, params)
-        except (ValueError, TypeError) as err:
-            future.set_exception(_Rejected(str(err)))
+        except Exception as err:
+            future.set_exception(_Rejected(f"{type(err).__name__}: {err}"))
         else:
             self._pending[request_id] = future
         return True
@@ -193,6 +209,7 @@ class _Feeder:
         try:
             while True:
                 if not self._pending and not self._take(self._inbox.get()):
+                    self._stop(RuntimeError("closed"))
                     return  # idle and asked to stop
                 while True:  # everything that arrived joins the next step
                     try:
@@ -201,21 +218,28 @@ class _Feeder:
                         break
                     if not self._take(item):
                         self._drain()
+                        self._stop(RuntimeError("closed"))
                         return
-                self._step()
+                if self._pending:  # an idle engine's step() blocks until a request arrives
+                    self._step()
         except BaseException as err:  # the engine died: every waiting request learns why
-            self._dead = err
             for future in self._pending.values():
                 future.set_exception(err)
             self._pending.clear()
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[2].set_exception(err)
+            self._stop(err)
             raise
+
+    def _stop(self, why: BaseException) -> None:
+        """Take no more requests; those already queued fail with `why`."""
+        with self._gate:
+            self._dead = why
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(why)
 
     def _step(self) -> None:
         for out in self._engine.step():
