@@ -17,9 +17,9 @@ One figure per line:
 from __future__ import annotations
 
 import argparse
-import functools
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -38,7 +38,7 @@ from benchmarks.fake_vllm import FakeVLLMServer, Faults  # noqa: E402
 from stages.compose import compose_params  # noqa: E402
 from stages.core.responses import requests_for  # noqa: E402
 
-print = functools.partial(print, flush=True)  # noqa: A001 - figures appear as they are measured
+print = functools.partial(print, flush=True)  # figures appear as they are measured
 VARIANT = "gemma3"
 MODEL = "google/gemma-3-27b-it"  # the production generator and judge of gemma3: the served name
 CONCURRENCY = 64  # requests in flight, pipeline and bare client alike
