@@ -29,7 +29,10 @@ def main() -> None:
     params, name = start("generate", __doc__, variant=True)
     spec, paths = params.models[name].generate, params.paths
     out = Path(paths.generated) / f"{name}.parquet"
-    with timed(LOG, f"generate@{name}") as counts, engine_pool(spec.llm, params.engine) as pool:
+    with (
+        timed(LOG, f"generate@{name}") as counts,
+        engine_pool(spec.llm, params.engine, params.paths.response_cache) as pool,
+    ):
         key = digest("generate", recipe(spec), pool.identity(), params.seed, code_digest("stages.generate"))
         counts["rows"] = pool.run_sharded(
             functools.partial(generate_table, spec=spec, seed=params.seed),

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 from stages.core import release
 from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
-from stages.core.executors import engine_roles
 from stages.core.io import (
     PARQUET_OPTIONS,
     RowGroups,
     atomic_path,
+    engine_roles,
     iter_aligned,
     jsonl_gz_writer,
     sha256_file,

@@ -41,7 +41,9 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
     size = variant.score.shard_size
     with (
         timed(LOG, f"score@{name}") as counts,
-        nullcontext(pool) if pool else engine_pool(variant.score.llm, params.engine) as pool,
+        nullcontext(pool)
+        if pool
+        else engine_pool(variant.score.llm, params.engine, params.paths.response_cache) as pool,
     ):
         key = digest(
             "score",
@@ -108,7 +110,7 @@ def main() -> None:
         return
     judge, generator = variant.score.llm, variant.generate.llm
     if recipe(judge) == recipe(generator):  # one model: one load serves both passes
-        with engine_pool(generator, params.engine) as pool:
+        with engine_pool(generator, params.engine, params.paths.response_cache) as pool:
             judge_pass(params, name, pool)
             second_turn_pass(params, name, pool)
         return
@@ -116,7 +118,7 @@ def main() -> None:
         in_own_process(judge_pass, params, name, what=f"score@{name}: the judge pass ({judge.model})")
     else:  # Ray: the judge's replicas end (and free their GPUs) when its pool closes
         judge_pass(params, name)
-    with engine_pool(generator, params.engine) as pool:
+    with engine_pool(generator, params.engine, params.paths.response_cache) as pool:
         second_turn_pass(params, name, pool)
 
 

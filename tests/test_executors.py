@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.executors import ENGINE_METADATA, engine_pool
+from stages.core.executors import engine_pool
+from stages.core.io import ENGINE_METADATA
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from stages.core.responses import GENERATED, generate_table
 from stages.core.shards import slices

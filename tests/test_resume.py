@@ -138,6 +138,13 @@ def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_
     judge = copy / "core" / "judge.py"
     judge.write_text(judge.read_text(encoding="utf-8") + "\n# a fix in the parser\n", encoding="utf-8")
     monkeypatch.setattr("stages.core.resume.PACKAGE_DIR", copy)
+    shards = scored / "data/.checkpoints/score@gemma3"
+    before = {p.name for p in shards.iterdir()}
+    # the judge's requests did not change: its shards are rebuilt from the cached judgements
+    assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
+    assert {p.name for p in shards.iterdir()} != before
+    judge.write_text(judge.read_text(encoding="utf-8") + "# another fix\n", encoding="utf-8")
+    set_params(scored, lambda d: d["engine"].update(cache="off"))  # without the cache, they are asked again
     requests = _rerun(monkeypatch, fake_engine, "generate", "score")
     assert requests and all("impartial judge" in r.messages[0]["content"] for r in requests)
 

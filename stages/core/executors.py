@@ -19,27 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from stages.core.cache import ResponseCache
 from stages.core.cli import LOG_FORMAT, run
 from stages.core.engines import Engine, make_engine
 from stages.core.engines.base import missing_extra
 from stages.core.errors import PipelineError
+from stages.core.io import ENGINE_METADATA, engines_of
 from stages.core.params import EngineParams, LLMSpec
 from stages.core.shards import run_sharded
 
 LOG = logging.getLogger(__name__)
 Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
-# Parquet metadata keys `lmsys_synth.engine.<role>`: the identity of the engine that filled a file
-ENGINE_METADATA = "lmsys_synth.engine."
 
 
 class Executor(abc.ABC):
-    """Runs work on engines for `llm`; `capacity` shards may be in flight at once."""
+    """Runs work on engines for `llm`; `capacity` shards may be in flight at once. Each engine
+    answers what it can from the response cache file `cache` (engine.cache says how)."""
 
-    def __init__(self, llm: LLMSpec, options: EngineParams) -> None:
-        self.llm, self.options = llm, options
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        self.llm, self.options, self.cache = llm, options, cache
         self.capacity = options.shards_in_flight
+
+    def cache_counts(self) -> dict[str, int]:
+        """Requests answered from the response cache, and those sent, so far."""
+        return {}
 
     def identity(self) -> dict:
         """What of the engine determines results (for resume keys and the release manifest)."""
@@ -58,37 +62,26 @@ class Executor(abc.ABC):
         identity as `role` (and the roles recorded in the Parquet file `carry`, an input)."""
         metadata = engines_of(carry) if carry else {}
         metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
-        return run_sharded(
+        rows = run_sharded(
             shards,
             lambda shard, _: self.submit(work, shard),
             window=self.capacity,
             metadata=metadata,
             **kwargs,
         )
-
-
-def engines_of(path: str | Path) -> dict[bytes, bytes]:
-    """The engine identities recorded in a Parquet file's metadata, by key."""
-    metadata = pq.read_schema(path).metadata or {}
-    return {k: v for k, v in metadata.items() if k.startswith(ENGINE_METADATA.encode())}
-
-
-def engine_roles(paths: list[str | Path]) -> dict[str, dict]:
-    """role -> the engine identity recorded in the Parquet files `paths` (the release manifest's)."""
-    return {
-        k.decode().removeprefix(ENGINE_METADATA): json.loads(v)
-        for p in paths
-        for k, v in engines_of(p).items()
-    }
+        if counts := self.cache_counts():
+            LOG.info("%s: response cache: %s", kwargs.get("stage", role), counts)
+        return rows
 
 
 class LocalExecutor(Executor):
     """One engine in this process; `shards_in_flight` threads give it the next shard's requests
     (and read and write shards) while it finishes the last."""
 
-    def __init__(self, llm: LLMSpec, options: EngineParams) -> None:
-        super().__init__(llm, options)
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        super().__init__(llm, options, cache)
         self.engine = make_engine(llm, options)
+        self.engine.cache = ResponseCache(cache, options.cache) if cache else None
         self._threads = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="shard")
 
     def identity(self) -> dict:
@@ -97,32 +90,45 @@ class LocalExecutor(Executor):
     def submit(self, work: Work, shard: pa.Table) -> Future:
         return self._threads.submit(work, self.engine, shard)
 
+    def cache_counts(self) -> dict[str, int]:
+        return self.engine.cache.counts() if self.engine.cache else {}
+
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
         self.engine.__exit__(None, None, None)
+        if self.engine.cache:
+            self.engine.cache.close()
 
 
 class Replica:
     """A Ray actor that owns one engine (loaded on its first request) and runs work on it."""
 
-    def __init__(self, llm: LLMSpec, options: EngineParams) -> None:
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.engine = make_engine(llm, options)
+        self.engine.cache = ResponseCache(cache, options.cache) if cache else None
 
     def run(self, work: Work, shard: pa.Table) -> pa.Table:
         return work(self.engine, shard)
 
+    def cache_counts(self) -> dict[str, int]:
+        return self.engine.cache.counts() if self.engine.cache else {}
+
     def close(self) -> None:
         self.engine.__exit__(None, None, None)
+        if self.engine.cache:
+            self.engine.cache.close()
 
 
 class RayExecutor(Executor):
     """`replicas` Ray actors, each owning one engine and the GPUs it needs (tensor x pipeline
     parallel size; none for the openai and transformers backends). A shard goes to the least busy
-    replica. Ray restarts a replica whose process dies and retries its shards there."""
+    replica. Ray restarts a replica whose process dies and retries its shards there. Each replica
+    opens the response cache file on its own host (SQLite: safe for several processes on one host,
+    not over a network filesystem; `python -m stages.core.cache merge` joins the hosts' files)."""
 
-    def __init__(self, llm: LLMSpec, options: EngineParams) -> None:
-        super().__init__(llm, options)
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        super().__init__(llm, options, cache)
         try:
             import ray
         except ImportError as err:
@@ -147,7 +153,7 @@ class RayExecutor(Executor):
             max_task_retries=-1,  # ... and its unfinished shards are retried on it
             max_concurrency=options.shards_in_flight,
         )
-        self._actors = [actor.remote(llm, options) for _ in range(replicas)]
+        self._actors = [actor.remote(llm, options, str(cache) if cache else None) for _ in range(replicas)]
         self._busy = [0] * replicas
         self._lock = threading.Lock()
         self.capacity = replicas * options.shards_in_flight
@@ -165,6 +171,13 @@ class RayExecutor(Executor):
         with self._lock:
             self._busy[i] -= 1
 
+    def cache_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counts in self._ray.get([a.cache_counts.remote() for a in self._actors]):
+            for name, value in counts.items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
     def close(self) -> None:
         """Close each engine, then end the actors' processes, which returns their GPUs."""
         ray = self._ray
@@ -179,9 +192,10 @@ class RayExecutor(Executor):
 
 
 @contextmanager
-def engine_pool(llm: LLMSpec, options: EngineParams) -> Iterator[Executor]:
-    """The executor `engine.executor` names, for `llm`; its engines are freed on exit."""
-    executor = (RayExecutor if options.executor == "ray" else LocalExecutor)(llm, options)
+def engine_pool(llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> Iterator[Executor]:
+    """The executor `engine.executor` names, for `llm`, answering from the response cache file
+    `cache` where it can; its engines are freed on exit."""
+    executor = (RayExecutor if options.executor == "ray" else LocalExecutor)(llm, options, cache)
     try:
         yield executor
     finally:

@@ -72,6 +72,25 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(path, columns=columns)
 
 
+# Parquet metadata keys `lmsys_synth.engine.<role>`: the identity of the engine that filled a file
+ENGINE_METADATA = "lmsys_synth.engine."
+
+
+def engines_of(path: str | Path) -> dict[bytes, bytes]:
+    """The engine identities recorded in a Parquet file's metadata, by key."""
+    metadata = pq.read_schema(path).metadata or {}
+    return {k: v for k, v in metadata.items() if k.startswith(ENGINE_METADATA.encode())}
+
+
+def engine_roles(paths: list[str | Path]) -> dict[str, dict]:
+    """role -> the engine identity recorded in the Parquet files `paths` (the release manifest's)."""
+    return {
+        k.decode().removeprefix(ENGINE_METADATA): json.loads(v)
+        for p in paths
+        for k, v in engines_of(p).items()
+    }
+
+
 def value_counts(path: str | os.PathLike, columns: list[str]) -> dict[str, int]:
     """`<column>:<value>` -> rows, over the non-null values of string columns of a Parquet file."""
     counts: dict[str, int] = {}

@@ -41,6 +41,7 @@ class Paths(Strict):
     release: str  # directory: <variant>/
     checkpoints: str  # shard checkpoints and intermediate files of long stages (not a DVC out)
     checkpoint_store: str | None = None  # shard checkpoints elsewhere: an fsspec URL (null: checkpoints)
+    response_cache: str  # the response cache, a SQLite file (stages/core/cache.py; not a DVC out)
 
     @property
     def shards(self) -> str:
@@ -140,6 +141,8 @@ class EngineParams(Strict):
     replicas: int | None = Field(None, ge=1, json_schema_extra=RUNTIME)
     # shards in flight per engine: the next shard's requests reach the engine before the last drains
     shards_in_flight: int = Field(2, ge=1, json_schema_extra=RUNTIME)
+    # the response cache: read-write (answer from it, store new answers), read, or off
+    cache: Literal["off", "read", "read-write"] = Field("read-write", json_schema_extra=RUNTIME)
     # openai backend: one server, or several that requests are spread over
     base_url: str | list[str] | None = Field(None, json_schema_extra=RUNTIME)
     # openai backend: the environment variable holding the key

@@ -74,7 +74,7 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
     if table.num_rows == 0:
         return result
     out = Path(params.paths.checkpoints) / "translate.parquet"
-    with engine_pool(spec.llm, params.engine) as pool:
+    with engine_pool(spec.llm, params.engine, params.paths.response_cache) as pool:
         key = digest(
             "translate",
             recipe(spec.llm),

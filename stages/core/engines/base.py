@@ -10,11 +10,12 @@ import inspect
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stages.core.cache import ResponseCache, engine_identity, request_key
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from stages.core.resume import recipe
 
@@ -69,6 +70,7 @@ class Engine(abc.ABC):
     _loaded: bool = field(default=False, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _call_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    cache: ResponseCache | None = field(default=None, init=False, repr=False)  # set by the executor
 
     @property
     def model_name(self) -> str:
@@ -97,17 +99,47 @@ class Engine(abc.ABC):
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
 
     def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
-        """One Reply per request, in order. A prompt that cannot fit `context_length - max_tokens`
-        is not sent (TOO_LONG); a request the backend fails loses only its own completions."""
+        """One Reply per request, in order. A request the response cache holds is answered from it;
+        the others are sent: a prompt that cannot fit `context_length - max_tokens` is not
+        (TOO_LONG), and a request the backend fails loses only its own completions. Complete answers
+        (n completions) go into the cache."""
         if not requests:
             return []
+        replies: list[Reply | None] = [None] * len(requests)
+        keys: list[bytes] = []
+        if self.cache is not None and self.cache.enabled:
+            identity = self.cache_identity()
+            settings = recipe(sampling)
+            keys = [
+                request_key(identity, apply_chat_rules(r.messages, self.llm), settings, r.n, r.seed)
+                for r in requests
+            ]
+            for i, completions in _found(keys, self.cache.get_many(keys)):
+                replies[i] = Reply([Completion(**c) for c in completions])
+        todo = [i for i, reply in enumerate(replies) if reply is None]
+        if not todo:
+            return replies  # every answer was cached: the model is never loaded
         with self._load_lock:
             if not self._loaded:
                 LOG.info("loading %s (%s) in process %d", self.model_name, self.options.backend, os.getpid())
                 self.load()
                 self._loaded = True
         with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
-            return self._chat_loaded(requests, sampling)
+            sent = self._chat_loaded([requests[i] for i in todo], sampling)
+        for i, reply in zip(todo, sent, strict=True):
+            replies[i] = reply
+        if keys:
+            self.cache.put_many(
+                (keys[i], [asdict(c) for c in replies[i].completions])
+                for i in todo
+                if replies[i].status == OK and len(replies[i].completions) == requests[i].n
+            )
+        return replies
+
+    def cache_identity(self) -> bytes:
+        """The part of a cache key that names the engine: backend, library versions and model."""
+        versions = {name: distribution_version(name) for name in self.LIBRARIES}
+        return engine_identity(self.options.backend, versions, recipe(self.llm))
 
     def _chat_loaded(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
@@ -157,6 +189,10 @@ class Engine(abc.ABC):
         if self._loaded:
             self.unload()
             self._loaded = False
+
+
+def _found(keys: list[bytes], hits: dict[bytes, list]) -> list[tuple[int, list]]:
+    return [(i, hits[k]) for i, k in enumerate(keys) if k in hits]
 
 
 def distribution_version(distribution: str) -> str | None:

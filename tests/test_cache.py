@@ -1,0 +1,220 @@
+"""The response cache: a changed run sends only its new requests, a killed writer leaves no torn
+entry, and a release built through the cache equals one built without it."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.core.cache import ResponseCache, merge, prune, request_key
+from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest
+from stages.core.errors import PipelineError
+from stages.core.params import Sampling
+from stages.core.responses import request_seed
+from tests.conftest import ROOT, FakeEngine, run_stage, set_params
+
+SAMPLING = Sampling(temperature=0.6, max_tokens=16)
+RELEASE = "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en"
+
+
+def _ask(engine: FakeEngine, *texts: str, n: int = 2) -> list:
+    requests = [ChatRequest([{"role": "user", "content": t}], n=n, seed=len(t)) for t in texts]
+    return engine.chat(requests, SAMPLING)
+
+
+def test_a_cached_request_is_answered_without_the_model(tmp_path):
+    first = FakeEngine()
+    first.cache = ResponseCache(tmp_path / "c.sqlite")
+    replies = _ask(first, "a", "b")
+    second = FakeEngine()
+    second.cache = ResponseCache(tmp_path / "c.sqlite")
+    again = _ask(second, "a", "b", "c")
+    assert again[:2] == replies  # texts, finish reasons and token counts, as the engine gave them
+    assert [r.messages[0]["content"] for r in second.requests] == ["c"] and second.loads == 1
+    third = FakeEngine()
+    third.cache = ResponseCache(tmp_path / "c.sqlite")
+    _ask(third, "c", "a")
+    assert (third.requests, third.loads) == ([], 0)  # all cached: the model is never loaded
+    assert third.cache.counts() == {"cache_hits": 2, "cache_misses": 0, "cache_stored": 0}
+
+
+def test_the_key_covers_what_determines_a_response(tmp_path):
+    base = request_key(b"e", [{"role": "user", "content": "q"}], {"temperature": 0.6}, 2, 1)
+    assert base == request_key(b"e", [{"role": "user", "content": "q"}], {"temperature": 0.6}, 2, 1)
+    others = [
+        request_key(b"f", [{"role": "user", "content": "q"}], {"temperature": 0.6}, 2, 1),
+        request_key(b"e", [{"role": "user", "content": "r"}], {"temperature": 0.6}, 2, 1),
+        request_key(b"e", [{"role": "user", "content": "q"}], {"temperature": 0.7}, 2, 1),
+        request_key(b"e", [{"role": "user", "content": "q"}], {"temperature": 0.6}, 3, 1),
+        request_key(b"e", [{"role": "user", "content": "q"}], {"temperature": 0.6}, 2, 2),
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    engine, other_revision = FakeEngine(), FakeEngine()
+    other_revision.llm = other_revision.llm.model_copy(update={"revision": "b" * 40})
+    assert engine.cache_identity() != other_revision.cache_identity()
+    tp = FakeEngine()  # a runtime knob is not part of the model's identity
+    tp.llm = tp.llm.model_copy(update={"tensor_parallel_size": 8})
+    assert engine.cache_identity() == tp.cache_identity()
+
+
+def test_failed_and_too_long_requests_are_not_cached_and_modes_are_honoured(tmp_path):
+    path = tmp_path / "c.sqlite"
+    engine = FakeEngine(refuse=("BAD",))
+    engine.cache = ResponseCache(path)
+    replies = _ask(engine, "fine", "BAD one", "x" * 40_000)
+    assert [r.status for r in replies] == [OK, FAILED, TOO_LONG]
+    assert engine.cache.counts()["cache_stored"] == 1
+    reader = FakeEngine()
+    reader.cache = ResponseCache(path, "read")
+    _ask(reader, "fine", "new")
+    assert reader.cache.counts() == {"cache_hits": 1, "cache_misses": 1, "cache_stored": 0}
+    off = FakeEngine()
+    off.cache = ResponseCache(path, "off")
+    _ask(off, "fine")
+    assert len(off.requests) == 1
+    with pytest.raises(PipelineError, match=r"engine\.cache='sometimes'"):
+        ResponseCache(path, "sometimes")
+
+
+def test_an_entry_that_fails_its_digest_is_never_served(tmp_path):
+    path = tmp_path / "c.sqlite"
+    engine = FakeEngine()
+    engine.cache = ResponseCache(path)
+    _ask(engine, "q")
+    engine.cache.close()
+    db = sqlite3.connect(path)
+    db.execute('UPDATE responses SET value = CAST(\'[{"text": "forged"}]\' AS BLOB)')
+    db.commit()
+    db.close()
+    again = FakeEngine()
+    again.cache = ResponseCache(path)
+    [reply] = _ask(again, "q")
+    assert len(again.requests) == 1 and "forged" not in reply.completions[0].text
+
+
+WRITER = """
+import sys
+from stages.core.cache import ResponseCache
+cache = ResponseCache(sys.argv[1])
+value = [{"text": "x" * 2000, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}]
+i = 0
+while True:
+    cache.put_many(((i * 1000 + j).to_bytes(32, "little"), value) for j in range(1000))
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_cache_writes_leaves_no_torn_entry(tmp_path):
+    path = tmp_path / "c.sqlite"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(5):  # let it commit a few transactions, then kill it in the middle of others
+        writer.stdout.readline()
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    entries = db.execute("SELECT count(*) FROM responses").fetchone()[0]
+    db.close()
+    assert entries >= 5000 and entries % 1000 == 0  # whole transactions only
+    cache = ResponseCache(path)
+    found = cache.get_many([i.to_bytes(32, "little") for i in range(entries + 1000)])
+    assert len(found) == entries and all(v[0]["text"] == "x" * 2000 for v in found.values())
+
+
+def test_merge_and_prune(tmp_path):
+    a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
+    for path, texts in ((a, ("p", "q")), (b, ("q", "r"))):
+        engine = FakeEngine()
+        engine.cache = ResponseCache(path)
+        _ask(engine, *texts)
+        engine.cache.close()
+    assert merge(a, b) == 1  # "r"; "q" was there
+    assert prune(a, unused_days=1) == 0
+    assert prune(a, unused_days=-1) == 3  # everything is older than tomorrow
+
+
+def _rows(path: Path, columns: list[str]) -> list[dict]:
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+def _stages(monkeypatch) -> None:
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma3")
+
+
+def _new_source_shard(workspace: Path, count: int) -> list[str]:
+    """A third source file with `count` kept conversations under new ids and new first turns."""
+    source = workspace / "data/sample/lmsys-chat-1m/data"
+    kept = set(
+        _rows(workspace / "data/interim/first-turn.parquet", ["conversation_id"])[i]["conversation_id"]
+        for i in range(40)
+    )
+    raw = pq.read_table(sorted(source.glob("*.parquet"))[0])
+    rows = [r for r in raw.to_pylist() if r["conversation_id"] in kept and not r["redacted"]][:count]
+    assert len(rows) == count
+    for i, row in enumerate(rows):
+        row["conversation_id"] = f"new-{i:03d}"
+        row["conversation"][0]["content"] += f" (new question {i})"
+    pq.write_table(pa.Table.from_pylist(rows, schema=raw.schema), source / "train-00002-of-00002-new.parquet")
+    return [r["conversation_id"] for r in rows]
+
+
+def test_a_changed_run_sends_only_the_requests_of_its_new_rows(workspace, monkeypatch, fake_engine, tmp_path):
+    pristine = tmp_path / "pristine"
+    shutil.copytree(workspace, pristine)
+    _stages(monkeypatch)
+    first = len(fake_engine.requests)
+    assert first > 0
+
+    # a filter now drops the redacted conversations (~4% of the sample): nothing new to ask
+    set_params(workspace, lambda d: d["fetch"]["filter"].update(redacted="drop"))
+    _stages(monkeypatch)
+    assert len(fake_engine.requests) == first
+    released = _rows(workspace / f"{RELEASE}.parquet", ["conversation_id"])
+    assert len(released) < 307  # the redacted ones are gone
+
+    # a new source shard with 10 new conversations: exactly their requests are sent
+    new = _new_source_shard(workspace, 10)
+    _stages(monkeypatch)
+    sent = fake_engine.requests[first:]
+    seed = 20241024
+    purposes = ["translate:0", "ja", *(f"judge:{j}" for j in range(10))]
+    expected = {request_seed(seed, cid, p) for cid in new for p in purposes}
+    assert {r.seed for r in sent} == expected and len(sent) == len(expected) == 10 * 12
+
+    # the release equals a from-scratch run with the cache off
+    shutil.copy(
+        workspace / "data/sample/lmsys-chat-1m/data/train-00002-of-00002-new.parquet",
+        pristine / "data/sample/lmsys-chat-1m/data/",
+    )
+    monkeypatch.chdir(pristine)
+    set_params(
+        pristine, lambda d: (d["fetch"]["filter"].update(redacted="drop"), d["engine"].update(cache="off"))
+    )
+    _stages(monkeypatch)
+    assert not (pristine / "data/.cache").exists()
+    for suffix in (".parquet", ".jsonl.gz"):
+        assert (pristine / f"{RELEASE}{suffix}").read_bytes() == (
+            workspace / f"{RELEASE}{suffix}"
+        ).read_bytes()
+    ids = set(
+        pq.read_table(workspace / f"{RELEASE}.parquet", columns=["conversation_id"])[
+            "conversation_id"
+        ].to_pylist()
+    )
+    assert set(new) <= ids
