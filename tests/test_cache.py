@@ -218,3 +218,26 @@ def test_a_changed_run_sends_only_the_requests_of_its_new_rows(workspace, monkey
         ].to_pylist()
     )
     assert set(new) <= ids
+
+
+def test_a_local_openai_compatible_server_gets_only_the_misses(tmp_path, monkeypatch):
+    pytest.importorskip("openai")
+    from benchmarks.fake_vllm import FakeVLLMServer
+    from stages.core.engines import make_engine
+    from stages.core.params import EngineParams, LLMSpec
+
+    monkeypatch.setenv("CACHE_TEST_KEY", "sk-local")
+    requests = [ChatRequest([{"role": "user", "content": f"question {i}"}], n=3, seed=i) for i in range(12)]
+    with FakeVLLMServer(first_token_s=0.0, token_latency_s=0.0, median_tokens=8) as server:
+        options = EngineParams(
+            backend="openai", batch_size=8, base_url=server.base_url, api_key_env="CACHE_TEST_KEY"
+        )
+        sent = []
+        for asked in (requests[:8], requests):  # a first run, then a run with 4 new requests
+            with make_engine(LLMSpec(model="fake"), options) as engine:
+                engine.cache = ResponseCache(tmp_path / "c.sqlite")
+                replies = engine.chat(asked, SAMPLING)
+                engine.cache.close()
+            sent.append(server.stats()["requests"])
+    assert sent == [8, 12]  # the second run sent only its 4 new requests
+    assert all(r.status == OK and len(r.completions) == 3 for r in replies)

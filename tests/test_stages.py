@@ -253,6 +253,7 @@ def test_package_reruns_give_identical_public_files(upstream, monkeypatch):
 
 
 def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstream, monkeypatch, fake_engine):
+    set_params(upstream, lambda d: d["engine"].update(cache="off"))  # the checkpoints alone
     run_stage(monkeypatch, "generate", "gemma3")
     loads, calls = fake_engine.loads, len(fake_engine.requests)
     first = (upstream / "data/generated/gemma3.parquet").read_bytes()
@@ -341,6 +342,7 @@ def test_an_empty_translation_is_asked_again_then_counted_as_failed(workspace, m
 
 
 def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, monkeypatch, fake_engine):
+    set_params(upstream, lambda d: d["engine"].update(cache="off"))  # the checkpoints alone
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_ENGINE_DELAY": "0.5"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests/run_with_fake_engine.py"), "generate", "gemma3"],

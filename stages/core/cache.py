@@ -75,6 +75,10 @@ class ResponseCache:
             db = sqlite3.connect(self.path, timeout=300, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: atomic, never corrupt; fsync at checkpoints
+            # checkpoint the WAL every ~400 MB, not every 4 MB: random keys dirty pages all over the
+            # tree, and each checkpoint's fsync cost more than the inserts (10k -> 23k inserts/s)
+            db.execute("PRAGMA wal_autocheckpoint=100000")
+            db.execute("PRAGMA cache_size=-262144")  # 256 MiB of pages
             db.execute(SCHEMA)
             self._db = db
         return self._db
