@@ -78,6 +78,8 @@ def per_request(cache: ResponseCache | None, requests: list[ChatRequest]) -> flo
     llm = LLMSpec(model=str(ROOT / "data/sample/tiny-chat"), max_model_len=4096)
     engine = Instant(llm=llm, options=EngineParams(backend="transformers", batch_size=1))
     engine.cache = cache
+    engine.load()  # the tokenizer is loaded before timing
+    engine._loaded = True
     began = time.perf_counter()
     for first in range(0, len(requests), BATCH):
         engine.chat(requests[first : first + BATCH], SAMPLING)
