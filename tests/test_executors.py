@@ -49,9 +49,11 @@ def _spec():
     )
 
 
-def _generate(options: EngineParams, tmp: Path, work=None) -> pa.Table:
+def _generate(
+    options: EngineParams, tmp: Path, work=None, cache: Path | None = None, counts=None
+) -> pa.Table:
     spec, out = _spec(), tmp / "out.parquet"
-    with engine_pool(spec.llm, options) as pool:
+    with engine_pool(spec.llm, options, cache) as pool:
         pool.run_sharded(
             work or functools.partial(generate_table, spec=spec, seed=7),
             slices(_rows(12), spec.shard_size),
@@ -62,6 +64,8 @@ def _generate(options: EngineParams, tmp: Path, work=None) -> pa.Table:
             key="k",
             role="generate",
         )
+        if counts is not None:
+            counts.update(pool.cache_counts())
     return pq.read_table(out)
 
 
@@ -85,6 +89,13 @@ def test_ray_replicas_give_the_local_executors_output(tmp_path, ray_local):
     )
     assert ray.equals(local)
     assert local["status_ja"].to_pylist().count("ok") == 11  # row 3 has an empty instruction
+    # the replicas share the response cache file of this host: a second run sends nothing
+    options = EngineParams(backend="transformers", batch_size=8, executor="ray", replicas=2)
+    first, again = {}, {}
+    _generate(options, tmp_path / "cached-1", cache=tmp_path / "c.sqlite", counts=first)
+    cached = _generate(options, tmp_path / "cached-2", cache=tmp_path / "c.sqlite", counts=again)
+    assert cached.equals(local)
+    assert (first["cache_misses"], again["cache_hits"], again["cache_misses"]) == (22, 22, 0)
     assert b'"backend": "transformers"' in ray.schema.metadata[f"{ENGINE_METADATA}generate".encode()]
 
 
