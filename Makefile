@@ -32,7 +32,7 @@ lint: install
 # Not part of `make test`: vllm is a large CUDA install. Needs no GPU; loads no model.
 check-vllm:  ## check the vllm engine's arguments against the vllm that pip installs (own venv, .venv-vllm)
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install --quiet -e '.[vllm,test]'
+	.venv-vllm/bin/python -m pip install --quiet -e '.[vllm]' 'pytest>=8'
 	.venv-vllm/bin/python -m pytest tests/test_vllm_api.py -q
 
 format: install
