@@ -114,8 +114,10 @@ class Engine(abc.ABC):
                 request_key(identity, apply_chat_rules(r.messages, self.llm), settings, r.n, r.seed)
                 for r in requests
             ]
-            for i, completions in _found(keys, self.cache.get_many(keys)):
-                replies[i] = Reply([Completion(**c) for c in completions])
+            hits = self.cache.get_many(keys)
+            for i, key in enumerate(keys):
+                if key in hits:
+                    replies[i] = Reply([Completion(**c) for c in hits[key]])
         todo = [i for i, reply in enumerate(replies) if reply is None]
         if not todo:
             return replies  # every answer was cached: the model is never loaded
@@ -137,9 +139,9 @@ class Engine(abc.ABC):
         return replies
 
     def cache_identity(self) -> bytes:
-        """The part of a cache key that names the engine: backend, library versions and model."""
-        versions = {name: distribution_version(name) for name in self.LIBRARIES}
-        return engine_identity(self.options.backend, versions, recipe(self.llm))
+        """The part of a cache key that names the engine: `identity()` without the engine's source."""
+        ours = self.identity()
+        return engine_identity(ours["backend"], ours["libraries"], ours["llm"])
 
     def _chat_loaded(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
@@ -189,10 +191,6 @@ class Engine(abc.ABC):
         if self._loaded:
             self.unload()
             self._loaded = False
-
-
-def _found(keys: list[bytes], hits: dict[bytes, list]) -> list[tuple[int, list]]:
-    return [(i, hits[k]) for i, k in enumerate(keys) if k in hits]
 
 
 def distribution_version(distribution: str) -> str | None:
