@@ -8,22 +8,46 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.compose import HEADER, compose_params
+from stages.compose import check_params, compose_params
 from stages.core.errors import PipelineError
 from stages.core.params import ParamsError, load_params, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER_RE = re.compile("^" + re.escape(HEADER.split("{args}")[0]) + r"(?P<args>[^`]*)`")
 
 
 def test_params_yaml_equals_a_fresh_composition():
-    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
-    match = HEADER_RE.match(text)
-    assert match, "params.yaml lacks the compose header: run `python -m stages.compose`"
-    overrides = match["args"].split()
-    assert text == compose_params(overrides), (
-        f"params.yaml is stale: run `python -m stages.compose {' '.join(overrides)}`"
-    )
+    assert check_params(ROOT / "params.yaml") == []  # the committed file: production, no overrides
+
+
+def test_a_stale_params_yaml_names_the_command_that_refreshes_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(compose_params(["profile=sample"]).replace("seed: 20241024", "seed: 1"), encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"is stale: run `python -m stages.compose profile=sample`"):
+        check_params(path)
+
+
+def test_a_dvc_exp_run_composition_passes_and_its_overrides_are_named(tmp_path):
+    """`dvc exp run -S` writes conf/'s composition without our header (OmegaConf.to_yaml)."""
+    path = tmp_path / "params.yaml"
+    overrides = ["profile=sample", "models.gemma3.generate.sampling.temperature=0.9", "translate.retries=3"]
+    path.write_text(compose_params(overrides).split("\n", 1)[1], encoding="utf-8")
+    assert check_params(path) == [
+        "profile=sample",
+        "models.gemma3.generate.sampling.temperature=0.9",
+        "translate.retries=3",
+    ]
+
+
+def test_a_hand_edit_that_conf_cannot_compose_is_refused_by_key(tmp_path):
+    data = yaml.safe_load(compose_params([]))
+    data["models"]["gemma3"]["generate"]["temprature"] = 0.1
+    del data["seed"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(
+        PipelineError, match=r"keys conf/ lacks: models\.gemma3\.generate\.temprature; keys it lacks: seed"
+    ):
+        check_params(path)
 
 
 def test_production_composition_is_the_published_release():
