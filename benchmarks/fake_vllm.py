@@ -5,6 +5,12 @@ completion lengths, logprobs, vLLM's error bodies and injected faults, all deter
 
 A request's key is a hash of its messages, its seed and the server seed: the fault it draws, its
 completion lengths and texts depend on that key only, so a retry of the same request is recognised.
+
+Judge modes: a JSON schema (OpenAI's `response_format` of type json_schema, or vLLM's extra body
+`structured_outputs: {json: ...}` / `guided_json`) makes each completion JSON that follows it (an object
+of string, integer, number and boolean properties; integers from their enum or minimum-maximum), and
+`top_logprobs` gives every token that many alternatives: a judge's rating r is then its own token
+after "Rating: [[", with alternatives r, r+1, r+2 (mod 11, "10" one token) at probabilities 0.5, 0.3, 0.2.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class FakeVLLMServer:
         faults: Faults | None = None,
         judge_marker: str = "[The Start of Assistant's Answer]",
         port: int = 0,
+        keep_bodies: bool = False,
     ) -> None:
         self.model = model
         self.seed = seed
@@ -127,6 +134,8 @@ class FakeVLLMServer:
         self.faults = faults or Faults()
         self.judge_marker = judge_marker
         self.port = port
+        self.keep_bodies = keep_bodies
+        self.bodies: list[dict[str, Any]] = []  # each request body, where keep_bodies
         self.base_url = ""
         self._lock = threading.Lock()
         self._transient_keys: set[str] = set()
@@ -260,6 +269,9 @@ class FakeVLLMServer:
             return self._error_response(400, f"invalid JSON body: {err}")
         if not isinstance(body, dict):
             return self._error_response(400, "the body must be a JSON object")
+        if self.keep_bodies:
+            with self._lock:
+                self.bodies.append(body)
         if body.get("model") != self.model:
             return self._error_response(404, f"The model `{body.get('model')}` does not exist.")
         messages = body.get("messages")
@@ -284,12 +296,23 @@ class FakeVLLMServer:
                 self._too_long_keys.add(key)
             return self._error_response(400, self._context_message(prompt_tokens, max(budget, 0)))
 
+        schema = _schema(body)
+        if schema is not None and (problem := _unsupported(schema)):
+            return self._error_response(400, f"json schema: {problem}")
+        top = body.get("top_logprobs") or 0
+        if not isinstance(top, int) or not 0 <= top <= 20:
+            return self._error_response(400, "top_logprobs must be an integer from 0 to 20")
         failed = self._fault(key, prompt_tokens, budget)
         if failed is not None:
             return failed
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         judge = self.judge_marker in _content_chars(last_user.get("content"))
-        drawn = [self._choice(key, i, budget, judge) for i in range(n)]
+        drawn = [
+            self._choice(key, i, budget, judge)
+            if schema is None and not top
+            else self._guided_choice(key, i, budget, judge, schema, top)
+            for i in range(n)
+        ]
         lengths = [len(entries) for _, _, entries in drawn]
         choices = [
             {
@@ -360,6 +383,24 @@ class FakeVLLMServer:
         text, entries = _words(offset, tokens - 1)
         return finish, text + rating, [*entries, _entry(rating)]
 
+    def _guided_choice(
+        self, key: str, index: int, budget: int, judge: bool, schema: dict | None, top: int
+    ) -> tuple[str, str, list[dict[str, Any]]]:
+        """A choice under a JSON schema (JSON that follows it) and/or with `top` alternatives a token."""
+        rng = random.Random(f"{self.seed}:{key}:{index}:guided")
+        tokens = max(1, round(rng.lognormvariate(math.log(self.median_tokens), self.sigma)))
+        offset = rng.randrange(len(_TOKENS))
+        if schema is not None:
+            entries = _json_entries(schema, rng, offset, tokens)
+        elif judge:
+            words = _words(offset, max(0, tokens - 3))[1]
+            entries = [*words, _entry("Rating: [["), _rating_entry(rng.randint(0, 10)), _entry("]]")]
+        else:
+            entries = _words(offset, tokens)[1]
+        finish = "length" if tokens >= budget or len(entries) > budget else "stop"
+        entries = [_with_top(e, top) for e in entries[:budget]]
+        return finish, "".join(e["token"] for e in entries), entries
+
     async def _generate(self, n: int, longest: int) -> None:
         """Hold one batch slot per choice for the time the longest choice takes to decode."""
         assert self._slots is not None and self._admit is not None
@@ -372,6 +413,62 @@ class FakeVLLMServer:
         finally:
             for _ in range(held):
                 self._slots.release()
+
+
+SCHEMA_TYPES = ("string", "integer", "number", "boolean")  # property types a JSON schema may use here
+
+
+def _schema(body: dict[str, Any]) -> dict | None:
+    """The JSON schema a request's output must follow: OpenAI's response_format or vLLM's extra body."""
+    form = body.get("response_format")
+    if isinstance(form, dict) and form.get("type") == "json_schema":
+        return (form.get("json_schema") or {}).get("schema") or {}
+    structured = body.get("structured_outputs")
+    if isinstance(structured, dict) and structured.get("json") is not None:
+        return structured["json"]
+    return body.get("guided_json")
+
+
+def _unsupported(schema: Any) -> str | None:
+    """Why this fake cannot follow `schema` (None: it can)."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return "only an object schema is supported"
+    kinds = {name: (spec or {}).get("type") for name, spec in (schema.get("properties") or {}).items()}
+    odd = sorted(name for name, kind in kinds.items() if kind not in SCHEMA_TYPES)
+    return f"unsupported property types of {odd}" if odd else None
+
+
+def _json_entries(schema: dict, rng: random.Random, offset: int, tokens: int) -> list[dict[str, Any]]:
+    """Tokens of a JSON object that follows `schema`: strings are words, numbers from enum or range."""
+    entries, first = [_entry("{")], True
+    for name, spec in schema.get("properties", {}).items():
+        entries.append(_entry(("" if first else ", ") + orjson.dumps(name).decode() + ": "))
+        first = False
+        if spec["type"] == "string":
+            entries += [_entry('"'), *_words(offset, max(1, tokens))[1], _entry('"')]
+        elif spec["type"] == "boolean":
+            entries.append(_entry(rng.choice(["true", "false"])))
+        else:
+            low, high = spec.get("minimum", 0), spec.get("maximum", 10)
+            value = rng.choice(spec["enum"]) if spec.get("enum") else rng.randint(int(low), int(high))
+            entries.append(_entry(str(value)))
+    return [*entries, _entry("}")]
+
+
+def _rating_entry(rating: int) -> dict[str, Any]:
+    """The rating token, with alternatives r, r+1, r+2 (mod 11) at 0.5, 0.3, 0.2."""
+    alternatives = [
+        _entry(str((rating + k) % 11)) | {"logprob": math.log(p)} for k, p in enumerate((0.5, 0.3, 0.2))
+    ]
+    for alternative in alternatives:
+        del alternative["top_logprobs"]
+    return alternatives[0] | {"top_logprobs": alternatives}
+
+
+def _with_top(entry: dict[str, Any], top: int) -> dict[str, Any]:
+    """`entry` with its first `top` alternatives (the token itself where it has none)."""
+    alternatives = entry["top_logprobs"] or [{k: entry[k] for k in ("token", "logprob", "bytes")}]
+    return entry | {"top_logprobs": alternatives[:top]}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -88,7 +88,7 @@ def workspace(work: Path, n: int, responses: int, urls: list[str], executor: str
     params["engine"]["replicas"] = 2 if executor == "ray" else None
     (work / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     (work / "data/private").mkdir(parents=True, exist_ok=True)
-    pq.write_table(translated(n), work / "data/private/translated.parquet")
+    pq.write_table(translated(n), work / "data/private/translated-ja.parquet")
 
 
 def stage(work: Path, *args: str) -> tuple[float, float]:

@@ -43,8 +43,9 @@ def released(work: Path, paths: dict) -> None:
     )
     ids = ids["conversation_id"].take(pa.array(rng.permutation(ids.num_rows)))
     schema = pa.schema([("conversation_id", pa.string()), ("instruction_ja", pa.string())])
-    (work / paths["instructions"]).parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(work / paths["instructions"], schema, **PARQUET_OPTIONS) as writer:
+    instructions = work / f"{paths['instructions']}-ja.parquet"  # decrypt@ja's out
+    instructions.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(instructions, schema, **PARQUET_OPTIONS) as writer:
         for start in range(0, len(ids), PIECE):
             part = ids.slice(start, PIECE)
             writer.write_table(pa.table([part, _texts(rng, len(part), (1, 6), f"i{start}")], schema=schema))
@@ -106,7 +107,7 @@ def _scored(rng: np.random.Generator, generated: pa.Table, start: int) -> pa.Tab
 def responses(work: Path, paths: dict, variant: str) -> None:
     """Ten responses per translated instruction, and one annotation per response."""
     rng = np.random.default_rng(2)
-    translated = pq.ParquetFile(work / paths["translated"])
+    translated = pq.ParquetFile(work / f"{paths['translated']}-ja.parquet")  # translate@ja's out
     for folder in (paths["generated"], paths["scored"]):
         (work / folder).mkdir(parents=True, exist_ok=True)
     with (

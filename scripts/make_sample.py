@@ -33,6 +33,27 @@ LONG_RELEASED_CHARS = 200_000  # first turn far over filter.long_first_turn_char
 LONG_MISSING_CHARS = 60_000  # first turn over the limit that the release lacks
 KEY_FILE = "data/train-00000-of-00002-*.parquet"
 RELEASED = "lmsys-chat-1m-first-turn-user-instructions-{subset}.jsonl.gz.gpg"
+KEY_SCRIPT = "scripts/compute_decryption_key_from_lmsys-chat-1m.sh"  # the released repository's name
+KEY_SCRIPT_TEXT = f"""#!/usr/bin/env bash
+# Prints the passphrase of this sample's encrypted instructions: the hex sha256 of the first
+# LMSYS-Chat-1M shard. Written for lmsys-chat-1m-synth's bundled sample (scripts/make_sample.py);
+# it stands in for the published release's script of the same name and is run the same way
+# (decrypt.key.method: script).
+# Usage: bash compute_decryption_key_from_lmsys-chat-1m.sh <lmsys-chat-1m directory, as on the Hub>
+set -euo pipefail
+root="${{1:?usage: $0 <lmsys-chat-1m directory>}}"
+shopt -s nullglob
+shards=("$root"/{KEY_FILE})
+if [ "${{#shards[@]}}" -ne 1 ]; then
+  echo "expected one file $root/{KEY_FILE}, found ${{#shards[@]}}" >&2
+  exit 1
+fi
+if command -v sha256sum >/dev/null; then
+  sha256sum "${{shards[0]}}" | cut -d ' ' -f 1
+else
+  shasum -a 256 "${{shards[0]}}" | cut -d ' ' -f 1  # macOS
+fi
+"""
 CATEGORIES = [
     "harassment", "harassment/threatening", "hate", "hate/threatening", "self-harm",
     "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
@@ -325,6 +346,106 @@ def write_released(out: Path, rows: list[dict], translations: dict[str, str], ke
             encrypt_unless_unchanged(plain, released / RELEASED.format(subset=subset), key)
 
 
+def write_key_script(out: Path, key: str) -> None:
+    """Write the sample's key script and check that it prints the key of the encrypted files."""
+    script = out / "lmsys-chat-1m-synth" / KEY_SCRIPT
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(KEY_SCRIPT_TEXT, encoding="utf-8", newline="\n")
+    script.chmod(0o755)
+    spec = KeySpec(method="script", script=KEY_SCRIPT, args=["{source}"], timeout=60)
+    if derive_key(out / "lmsys-chat-1m", spec, released_root=out / "lmsys-chat-1m-synth") != key:
+        raise SystemExit(f"{script} does not print the key of the sample's encrypted files")
+
+
+# The published public files (compare@M, generate.source=published): one per release_name with its
+# (Japanese responses per instruction, English ones, whether it holds a two-turn continuation).
+PUBLISHED_FILE = "dataset/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"
+PUBLISHED_VARIANTS = {"llama3.1": (6, 1, False), "gemma2": (6, 1, True), "gemma3": (10, 0, False)}
+PUBLISHED_LACKS = 25  # every 25th released conversation (from the 8th) is not in the published files
+PUBLISHED_ONLY = (10, 100, 200)  # where conversations that only the published files hold are inserted
+TOKEN_STEPS = (12, 40, 90, 200, 400, 800, 1500, 2500)  # response_token_length: one of each bin, and more
+
+
+def _published_flags(ids: list[str], rows: dict[str, dict], translations: dict[str, str]) -> list[tuple]:
+    """(empty, duplicate-of, template) of each id as the published pipeline would have them, then
+    changed for some rows, so that the flags agree with this project's on most rows but not all."""
+    first: dict[str, str] = {}
+    flags = []
+    for i, cid in enumerate(ids):
+        text = translations.get(cid, f"published-only {cid}")
+        turn = rows[cid]["conversation"][0]["content"] if cid in rows else ""
+        template = "company introduction" if turn.startswith("Give me an introduction over") else None
+        template = "chemical industry article" if turn.startswith("Write an article about the") else template
+        duplicate = first.setdefault(text, cid) if text else None
+        duplicate = None if duplicate == cid else duplicate
+        if i % 9 == 4:
+            template = None if template else "company introduction"
+        if i % 11 == 5:
+            duplicate = None if duplicate else ids[0]
+        flags.append((not text if i % 31 != 8 else bool(text), duplicate, template))
+    return flags
+
+
+def _published_responses(name: str, cid: str, i: int, n_ja: int) -> tuple[list[dict], list[dict]]:
+    """Up to n_ja project-written responses and their annotations (scores, token lengths, failures)."""
+    n = n_ja - (i % 7 == 3) - 2 * (i % 13 == 6)
+    responses, notes = [], []
+    for j in range(n):
+        h = int(hashlib.sha256(f"{name}:{cid}:{j}".encode()).hexdigest(), 16)
+        tokens = TOKEN_STEPS[h % len(TOKEN_STEPS)] + h % 10
+        score = -1.0 if h % 23 == 0 else float(h % 11)
+        text = f"{name} の公開版サンプル回答{j + 1}（会話 {cid[:8]}）：比較テストのために書かれた文章です。"
+        responses.append({"role": "assistant", "content": text})
+        judgement = None if score < 0 else f"簡潔で役に立つ回答です。評価: [[{int(score)}]]"
+        notes.append(
+            {"response_token_length": tokens, "judgement": judgement, "repetition_flag": tokens > 2000,
+             "preference_score": score}
+        )  # fmt: skip
+    return responses, notes
+
+
+def published_records(name: str, ids: list[str], rows: dict[str, dict], translations: dict[str, str]):
+    """The records of release_name `name`'s published file over the conversations `ids`."""
+    n_ja, n_en, two_turn = PUBLISHED_VARIANTS[name]
+    for i, (cid, (empty, duplicate, template)) in enumerate(
+        zip(ids, _published_flags(ids, rows, translations), strict=True)
+    ):
+        answered = not empty and duplicate is None
+        responses, notes = _published_responses(name, cid, i, n_ja) if answered else (None, None)
+        record = {
+            "conversation_id": cid, "duplicate_user_instruction_ja": duplicate,
+            "empty_user_instruction_ja": empty, "is_template_instruction": template,
+            "synthesized_assistant_responses": responses, "synthesized_response_scoring_annotations": notes,
+        }  # fmt: skip
+        if n_en:
+            english = [{"role": "assistant", "content": f"Published sample answer to {cid[:8]}."}]
+            record["synthesized_assistant_responses_en"] = english if answered else None
+        if two_turn:
+            more = [{"role": "user", "content": "もう少し詳しく教えてください。"},
+                    {"role": "assistant", "content": f"{cid[:8]} への続きのサンプル回答です。"}]  # fmt: skip
+            record["synthesized_multiturn_conversation"] = (
+                [responses[0], *(more if i % 3 == 0 else [])] if answered else None
+            )
+        yield record
+
+
+def write_published(out: Path, rows: list[dict], translations: dict[str, str], missing: set) -> None:
+    """The published public file of each variant, project-written: most released conversations
+    (Gemma-3: of the ja+unsafe subset, as published), a few the release lacks, a few only they hold."""
+    by_id: dict[str, dict] = {}
+    for row in rows:
+        by_id.setdefault(row["conversation_id"], row)  # fetch keeps the first of a repeated id
+    kept = [c for c in dict.fromkeys(by_id) if c in translations and c not in missing]
+    clean = set(_clean(rows, translations))
+    for name in PUBLISHED_VARIANTS:
+        ids = [c for c in kept if name == "gemma3" or c in clean]
+        ids = [c for i, c in enumerate(ids) if i % PUBLISHED_LACKS != 7]
+        for k, at in enumerate(PUBLISHED_ONLY):
+            ids.insert(at, hashlib.sha256(f"published-only-{k}".encode()).hexdigest()[:32])
+        path = out / "lmsys-chat-1m-synth" / PUBLISHED_FILE.format(name=name)
+        write_jsonl_gz(published_records(name, ids, by_id, translations), path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/sample"))
@@ -344,6 +465,8 @@ def main() -> None:
         pq.write_table(table, path, compression="zstd", row_group_size=64)
     key = derive_key(args.out / "lmsys-chat-1m", KeySpec(file=KEY_FILE))
     write_released(args.out, [r for shard in shards for r in shard], translations, key, missing)
+    write_key_script(args.out, key)
+    write_published(args.out, [r for shard in shards for r in shard], translations, missing)
     total = sum(map(len, shards))
     print(f"wrote {total} conversations in {N_SHARDS} shards and 2 encrypted subsets to {args.out}")
 

@@ -1,5 +1,6 @@
-"""decrypt: derive the key from the fetched LMSYS-Chat-1M files and decrypt the released Japanese
-instructions (python-gnupg) into a private Parquet table (conversation_id, instruction_ja)."""
+"""decrypt: derive the key from the fetched LMSYS-Chat-1M files (a digest, or the release's key
+script) and decrypt the released Japanese instructions (python-gnupg) into a private Parquet table
+(conversation_id, instruction_ja)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.cli import run, start, timed
+from stages.core.cli import run, start_subsets, timed
 from stages.core.crypto import decrypt_file, derive_key
 from stages.core.errors import SourceError
 from stages.core.io import PARQUET_OPTIONS, atomic_path, read_jsonl_gz
@@ -46,17 +47,18 @@ def write_instructions(rows: Iterable[dict], out: Path) -> int:
 
 
 def main() -> None:
-    params, _ = start("decrypt", __doc__)
+    params, subsets = start_subsets("decrypt", __doc__)
     spec, paths = params.decrypt, params.paths
-    encrypted = Path(paths.released) / spec.file.format(subset=spec.subset)
-    with timed(LOG, f"decrypt {encrypted.name}") as counts:
-        key = derive_key(paths.source, spec.key)
-        out = Path(paths.instructions)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".decrypt-") as tmp:
-            plain = Path(tmp) / "instructions.jsonl.gz"
-            decrypt_file(encrypted, plain, key)
-            counts["rows_out"] = write_instructions(instruction_rows(plain), out)
+    key = derive_key(paths.source, spec.key, released_root=paths.released)
+    for subset in subsets:
+        encrypted = Path(paths.released) / spec.file.format(subset=subset)
+        with timed(LOG, f"decrypt@{subset} {encrypted.name}") as counts:
+            out = Path(paths.instructions_of(subset))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".decrypt-") as tmp:
+                plain = Path(tmp) / "instructions.jsonl.gz"
+                decrypt_file(encrypted, plain, key)
+                counts["rows_out"] = write_instructions(instruction_rows(plain), out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """package@<variant>: the release directory: public jsonl.gz and Parquet records with the
-published field names, the Japanese instructions gpg-encrypted, a manifest and metrics.
+published field names, the Japanese instructions gpg-encrypted (named after the variant's subset),
+a dataset card (README.md), a manifest with the release's provenance, metrics and plot tables.
 
 Rows are streamed in batches: memory does not grow with the size of the release."""
 
@@ -10,12 +11,13 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core import release
+from stages.core import card, plots, release
 from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import (
@@ -24,12 +26,12 @@ from stages.core.io import (
     atomic_path,
     engine_roles,
     iter_aligned,
-    jsonl_gz_writer,
+    jsonl_gz_table_writer,
     sha256_file,
     staged_dir,
     write_json,
 )
-from stages.core.params import Params
+from stages.core.params import Params, ReleaseParams
 from stages.core.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")
@@ -45,41 +47,74 @@ GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
 SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
 
 
-def write_release(params: Params, name: str, out: Path, plain: Path) -> Counter:
-    """Write the public files to `out` and the plaintext instructions to `plain`; return the counts."""
-    variant, paths, spec = params.models[name], params.paths, params.release
+def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Counter, dict[str, Counter]]:
+    """Write the public files to `out` and the plaintext instructions to `plain`; return the counts
+    (metrics) and the plot counts."""
+    variant, spec = params.models[name], params.release
     with_en, with_second_turn = variant.generate.n_en > 0, variant.second_turn is not None
-    schema = release.public_schema(with_en, with_second_turn)
-    stem, totals = spec.file.format(name=variant.release_name), Counter()
-    gz = {"level": spec.gzip_level, "threads": spec.gzip_threads}  # same bytes whatever the threads
+    stem, totals, drawn = spec.file.format(name=variant.release_name), Counter(), plots.new_totals()
     with contextlib.ExitStack() as stack:
-        write_plain = stack.enter_context(jsonl_gz_writer(plain, **gz))  # hashed in the manifest
-        write_json_line = parquet = None
+        write_plain = stack.enter_context(_jsonl_gz(spec, plain))  # hashed in the manifest
+        public = []  # a writer per public format
         if "jsonl.gz" in spec.formats:
-            write_json_line = stack.enter_context(jsonl_gz_writer(out / f"{stem}.jsonl.gz", **gz))
+            public.append(stack.enter_context(_jsonl_gz(spec, out / f"{stem}.jsonl.gz")))
         if "parquet" in spec.formats:
-            tmp = stack.enter_context(atomic_path(out / f"{stem}.parquet"))
-            parquet = RowGroups(
-                stack.enter_context(pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)), ROW_GROUP
-            )
-            stack.callback(parquet.close)
-        for part in iter_aligned(
-            (paths.translated, FLAGS),
-            (Path(paths.generated) / f"{name}.parquet", GENERATED),
-            (Path(paths.scored) / f"{name}.parquet", SCORED),
-            rows=spec.batch_rows,
-        ):
-            rows = part.to_pylist()
-            release.add_metrics(totals, rows)
-            rows = [r for r in rows if not r["translation_failed"]]  # no instruction: not released
-            public = [release.release_record(r, with_en, with_second_turn) for r in rows]
-            for row, record in zip(rows, public, strict=True):
-                write_plain(release.instruction_record(row))
-                if write_json_line:
-                    write_json_line(record)
-            if parquet:
-                parquet.write(pa.Table.from_pylist(public, schema=schema))
-    return totals
+            schema = release.public_schema(with_en, with_second_turn)
+            public.append(stack.enter_context(_parquet(out / f"{stem}.parquet", schema)))
+        for part in released_rows(params, name):
+            part, failed = release.released(part)
+            release.add_metrics(totals, part, failed)
+            write_plain(release.instruction_table(part))
+            records = release.public_table(part, with_en, with_second_turn)
+            plots.add(drawn, records)
+            for write in public:
+                write(records)
+    return totals, drawn
+
+
+def released_rows(params: Params, name: str) -> Iterator[pa.Table]:
+    """translate's rows with variant `name`'s responses and scores, `release.batch_rows` at a time."""
+    paths = params.paths
+    return iter_aligned(
+        (paths.translated_of(params.models[name].subset), FLAGS),
+        (Path(paths.generated) / f"{name}.parquet", GENERATED),
+        (Path(paths.scored) / f"{name}.parquet", SCORED),
+        rows=params.release.batch_rows,
+    )
+
+
+def _jsonl_gz(spec: ReleaseParams, path: Path) -> contextlib.AbstractContextManager:
+    """A table writer of gzip JSON lines at the release's level (the same bytes whatever the threads)."""
+    return jsonl_gz_table_writer(path, level=spec.gzip_level, threads=spec.gzip_threads)
+
+
+@contextlib.contextmanager
+def _parquet(path: Path, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    """Yield a function that appends tables to a Parquet file in row groups of ROW_GROUP rows."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
+        groups = RowGroups(writer, ROW_GROUP)
+        yield groups.write
+        groups.close()
+
+
+def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, scratch: Path) -> str:
+    """Write the encrypted instructions file of variant `name` into `out`; return its plaintext's
+    sha256. gpg output is random: when an existing release of the same subset (this variant's, or
+    another's) holds this very plaintext under this key, its ciphertext is reused."""
+    variant, paths = params.models[name], params.paths
+    target = out / params.release.instructions_file.format(subset=variant.subset)
+    plain_sha256 = sha256_file(plain)
+    key = derive_key(paths.source, params.decrypt.key, released_root=paths.released)
+    same_subset = sorted(
+        v for v, spec in params.models.items() if spec.subset == variant.subset and v != name
+    )
+    dirs = [f"{paths.release}/{v}" for v in [name, *same_subset]]
+    previous = previous_ciphertext(dirs, target.name, plain_sha256, key, scratch)
+    if previous is not None:
+        shutil.copyfile(previous, target)  # inside the staged directory
+    else:
+        encrypt_file(plain, target, key)
+    return plain_sha256
 
 
 def main() -> None:
@@ -91,34 +126,33 @@ def main() -> None:
         staged_dir(Path(paths.release) / name) as out,  # all or nothing: the old release stays until done
     ):
         plain = Path(tmp) / "instructions.jsonl.gz"
-        totals = write_release(params, name, out, plain)
-        plain_sha256, key = sha256_file(plain), derive_key(paths.source, params.decrypt.key)
-        dirs = [f"{paths.release}/{v}" for v in [name, *sorted(set(params.models) - {name})]]
-        previous = previous_ciphertext(dirs, spec.instructions_file, plain_sha256, key, Path(tmp))
-        if previous is not None:
-            shutil.copyfile(previous, out / spec.instructions_file)  # inside the staged directory
-        else:
-            encrypt_file(plain, out / spec.instructions_file, key)
+        totals, drawn = write_release(params, name, out, plain)
+        plain_sha256 = encrypted_instructions(params, name, plain, out, Path(tmp))
         files = {
             p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(out.iterdir())
-            if p.name != "manifest.json"
+            if p.name not in ("manifest.json", "README.md")
         }
-        files[spec.instructions_file]["plaintext_sha256"] = plain_sha256
+        files[spec.instructions_file.format(subset=variant.subset)]["plaintext_sha256"] = plain_sha256
         metrics = release.release_metrics(totals)
         manifest = {
             "variant": name,
             "release_name": variant.release_name,
+            "subset": variant.subset,
             "producers": release.producers(
                 engine_roles(
                     [Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"]
                 )
             ),
+            "provenance": card.provenance(params, name),
             "files": files,
             "metrics": metrics,
         }
+        schema = release.public_schema(variant.generate.n_en > 0, variant.second_turn is not None)
+        card.write_card(params, name, manifest, release.features(schema), out)
         write_json(manifest, out / "manifest.json")
         write_json(metrics, Path(paths.metrics) / f"package-{name}.json")
+        plots.write_plots(drawn, metrics, Path(paths.metrics) / "plots" / name)
         counts.update(rows_in=totals["instructions"], rows_out=totals["instructions"])
 
 

@@ -13,10 +13,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from stages.core.cli import run, start, timed
+from stages.core.engines import STRUCTURED_OUTPUT
 from stages.core.executors import Executor, engine_pool, in_own_process
 from stages.core.io import iter_aligned
 from stages.core.judge import judge_table
-from stages.core.params import Params
+from stages.core.params import Params, ParamsError
 from stages.core.prompts import template
 from stages.core.responses import JUDGED, SCORED
 from stages.core.resume import code_digest, digest, recipe
@@ -34,8 +35,20 @@ def _files(params: Params, name: str) -> tuple[Path, Path, Path]:
     return Path(paths.generated) / f"{name}.parquet", judged, scored
 
 
+def check_mode(params: Params, name: str) -> None:
+    """Refuse, before any work, a judge mode that the engine backend cannot serve."""
+    mode, backend = params.models[name].score.mode, params.engine.backend
+    if mode == "structured" and backend not in STRUCTURED_OUTPUT:
+        raise ParamsError(
+            f"models.{name}.score.mode='structured' needs structured output, which engine.backend="
+            f"{backend!r} does not have: use engine.backend {' or '.join(STRUCTURED_OUTPUT)}, or score.mode "
+            "parse or logprob"
+        )
+
+
 def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
     """Judge every Japanese response of variant `name` (on `pool`, or on an engine of its own)."""
+    check_mode(params, name)
     variant, paths = params.models[name], params.paths
     generated, judged, _ = _files(params, name)
     size = variant.score.shard_size
@@ -55,7 +68,11 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
         )
         counts["rows"] = pool.run_sharded(
             functools.partial(judge_table, spec=variant.score, seed=params.seed),
-            iter_aligned((paths.translated, ["instruction_ja"]), (generated, ["responses_ja"]), rows=size),
+            iter_aligned(
+                (paths.translated_of(variant.subset), ["instruction_ja"]),
+                (generated, ["responses_ja"]),
+                rows=size,
+            ),
             out=judged,
             schema=SCORED,
             checkpoints=paths.shards,
@@ -86,7 +103,7 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
                 second_turn_table, spec=variant.second_turn, generate=variant.generate, seed=params.seed
             ),
             iter_aligned(
-                (paths.translated, ["instruction_ja"]),
+                (paths.translated_of(variant.subset), ["instruction_ja"]),
                 (generated, ["responses_ja"]),
                 (judged, JUDGED),
                 rows=size,
@@ -104,6 +121,7 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
 
 def main() -> None:
     params, name = start("score", __doc__, variant=True)
+    check_mode(params, name)
     variant = params.models[name]
     if variant.second_turn is None:
         judge_pass(params, name)

@@ -1,65 +1,106 @@
-"""translate: join the first-turn table with the released Japanese instructions, translate the
-ones the release lacks (translator LLM) and flag empty, duplicate, template and failed ones.
+"""translate@<subset>: join the subset's first turns (ja: without the moderation-flagged
+conversations; ja+unsafe: all) with its released Japanese instructions, translate the ones the
+release lacks (translator LLM or DeepL) and flag empty, duplicate, template and failed ones;
+data/metrics/translate-<subset>.json: rows by instruction_source, failed translations, DeepL's
+billed characters. `python -m stages.translate [subset ...]` (default: every one of decrypt.subsets).
 
 Neither table is loaded whole: the join streams in bounded memory (stages/core/join.py)."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from stages.core import annotate
-from stages.core.cli import run, start, timed
+from stages.core.cli import run, start_subsets, timed
+from stages.core.deepl_translate import auth_key, translate_with_deepl
 from stages.core.errors import PipelineError, SourceError
-from stages.core.join import ID, TranslationJoin, llm_rows
+from stages.core.io import PARQUET_OPTIONS, write_json
+from stages.core.join import BATCH_ROWS, ID, TranslationJoin, llm_rows
 from stages.core.params import Params
 from stages.core.translator import EMPTY_SOURCE, translate_missing
 
 LOG = logging.getLogger("stages.translate")
+BACKENDS = {"llm": "LLM", "deepl": "DeepL"}  # translate.missing -> how messages name it
 
 
-def fill_missing(missing: pa.Table, rows_in: int, params: Params) -> pa.Table:
-    """The translator LLM's answers (join.LLM_ROWS) for the first-turn rows the release lacks:
-    none with translate.missing=drop, an error naming the setting with translate.missing=error."""
+def fill_missing(
+    missing: pa.Table, rows_in: int, params: Params, counts: Counter, stage: str = "translate"
+) -> pa.Table:
+    """The translator's answers (join.LLM_ROWS) for the first-turn rows the release lacks: the LLM's
+    or DeepL's (`counts` gets DeepL's), none with translate.missing=drop, an error with fail."""
     how = params.translate.missing
     LOG.info("released translations for %d of %d conversations", rows_in - missing.num_rows, rows_in)
-    if missing.num_rows and how == "error":
+    if missing.num_rows and how == "fail":
         ids = ", ".join(missing[ID].slice(0, 5).to_pylist())
         raise PipelineError(
             f"{missing.num_rows} conversations have no released translation (e.g. {ids}); "
-            "set translate.missing to llm or drop"
+            "set translate.missing to llm, deepl or drop"
         )
     if how == "drop" or missing.num_rows == 0:
         return llm_rows(missing, {})
-    return llm_rows(
-        missing, translate_missing(missing.select([ID, "instruction", "empty_first_turn"]), params)
-    )
+    rows = missing.select([ID, "instruction", "empty_first_turn"])
+    if how == "deepl":
+        return llm_rows(missing, translate_with_deepl(rows, params, counts, stage))
+    return llm_rows(missing, translate_missing(rows, params, stage))
 
 
 def check_failure_rate(llm: pa.Table, params: Params) -> int:
-    """The number of failed LLM translations; stop when their share of those asked is above the ceiling."""
+    """The number of failed translations; stop when their share of those asked is above the ceiling."""
     asked = llm.num_rows - int(pc.sum(pc.equal(llm["translation_status"], EMPTY_SOURCE)).as_py() or 0)
     failed = llm["instruction_ja"].null_count
-    ceiling = params.translate.max_failure_rate
+    ceiling, how = params.translate.max_failure_rate, params.translate.missing
     if asked and failed / asked > ceiling:
+        fix = "translate.deepl" if how == "deepl" else "translate.llm or translate.prompt"
         raise PipelineError(
-            f"translate: {failed} of {asked} LLM translations failed ({failed / asked:.1%} > "
-            f"translate.max_failure_rate={ceiling}); the log says why. Fix translate.llm or "
-            "translate.prompt, or raise translate.max_failure_rate (finished translations are kept "
-            "and not asked again)"
+            f"translate: {failed} of {asked} {BACKENDS[how]} translations failed ({failed / asked:.1%} > "
+            f"translate.max_failure_rate={ceiling}); the log says why. Fix {fix}, or raise "
+            "translate.max_failure_rate (finished translations are kept and not asked again)"
         )
     return failed
 
 
-def main() -> None:
-    params, _ = start("translate", __doc__)
-    paths = params.paths
+def translate_metrics(counts: Counter, answered: int, how: str) -> dict:
+    """data/metrics/translate.json: rows by instruction_source, failed translations, DeepL's traffic
+    in this run (characters billed, texts sent and answered from the response cache)."""
+    rows = {"rows_released": counts["rows_out"] - answered, "rows_llm": 0, "rows_deepl": 0}
+    if how in ("llm", "deepl"):
+        rows[f"rows_{how}"] = answered
+    return {**rows, "deepl_billed_characters": 0, **counts}
+
+
+def subset_first_turns(first_turn: str, subset: str, scratch: Path) -> Path:
+    """The first-turn rows of `subset`: all of them for ja+unsafe; for ja, a copy without the
+    moderation-flagged conversations, written a batch at a time to `scratch`."""
+    if subset == "ja+unsafe":
+        return Path(first_turn)
+    out = scratch / "first-turn-ja.parquet"
+    parquet = pq.ParquetFile(first_turn)
+    with pq.ParquetWriter(out, parquet.schema_arrow, **PARQUET_OPTIONS) as writer:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+            writer.write_batch(batch.filter(pc.invert(batch.column("flagged"))))
+    return out
+
+
+def translate_subset(params: Params, subset: str) -> None:
+    """translate@<subset>: its first turns joined with its released instructions, the missing ones
+    translated, the flags added; data/metrics/translate-<subset>.json."""
+    paths, how = params.paths, params.translate.missing
     templates = annotate.compile_templates(params.translate.templates)
+    out = Path(paths.translated_of(subset))
+    out.parent.mkdir(parents=True, exist_ok=True)
     with (
-        timed(LOG, "translate") as counts,
-        TranslationJoin(paths.first_turn, paths.instructions, paths.translated) as join,
+        timed(LOG, f"translate@{subset}") as counts,
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".translate-{subset}-") as scratch,
+        TranslationJoin(
+            subset_first_turns(paths.first_turn, subset, Path(scratch)), paths.instructions_of(subset), out
+        ) as join,
     ):
         if repeated := join.repeated_ids():
             raise SourceError(
@@ -67,9 +108,19 @@ def main() -> None:
                 "re-run fetch, which keeps the first"
             )
         missing = join.missing()
-        llm = fill_missing(missing, join.rows_in, params)
+        llm = fill_missing(missing, join.rows_in, params, counts, stage=f"translate@{subset}")
         counts["translation_failed"] = check_failure_rate(llm, params)
-        counts.update(rows_in=join.rows_in, rows_out=join.write(missing, llm, templates))
+        source = "deepl" if how == "deepl" else "llm"  # instruction_source of the rows it answered
+        counts.update(rows_in=join.rows_in, rows_out=join.write(missing, llm, templates, source))
+    write_json(translate_metrics(counts, llm.num_rows, how), Path(paths.metrics) / f"translate-{subset}.json")
+
+
+def main() -> None:
+    params, subsets = start_subsets("translate", __doc__)
+    if params.translate.missing == "deepl":
+        auth_key(params.translate.deepl)  # a missing key stops the stage before any work
+    for subset in subsets:
+        translate_subset(params, subset)
 
 
 if __name__ == "__main__":

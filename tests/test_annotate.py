@@ -16,7 +16,7 @@ from stages.core.annotate import (
     template_category,
 )
 from stages.core.errors import PipelineError
-from stages.core.params import load_params
+from stages.core.params import TemplateRule, load_params
 
 ROOT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 COMPANY = "Give me an introduction over {n} words for {name}, a chemical company in {place}"
@@ -42,34 +42,103 @@ def test_duplicate_points_at_the_first_identical_instruction():
     assert first_occurrences(table).to_pylist() == [None, None, "a", None, "d", "a", None, None]
 
 
-@pytest.mark.parametrize(
-    ("text", "category"),
-    [
-        (COMPANY.format(n=200, name="Kawanami Chemical", place="Osaka"), "company introduction"),
-        (COMPANY.format(n=150, name="ACME ", place="Ohio, USA").lower(), "company introduction"),
-        (ARTICLE.format(kind="Safety", chem="Adipic acid", n=2000, the=""), "chemical industry article"),
-        (
+PRODUCTION_TEMPLATES = [
+    # (category, instructions written for this test in the shape of the template, near misses)
+    (
+        "company introduction",
+        [
+            "Give me an introduction over 200 words for Kawanami Holdings",  # the published example's form
+            COMPANY.format(n=150, name="ACME ", place="Ohio, USA").lower(),
+            "  give me an introduction over 300 words for Minato Shipping, a logistics firm in Kobe",
+        ],
+        ["Give me an introduction to chemistry", "Give me an introduction over words for X"],
+    ),
+    (
+        "chemical industry article",
+        [
+            ARTICLE.format(kind="Safety", chem="Adipic acid", n=2000, the=""),
             ARTICLE.format(kind="Applications", chem="X", n="1500-2000", the="the "),
-            "chemical industry article",
-        ),
-        ("Give me an introduction to chemistry", None),
-        ("", None),
-        (None, None),
-    ],
-)
-def test_template_categories_of_the_production_config(text, category):
+            "Write an article about the Synthetic Routes of 2-Chloro-5-nitropyridine",
+            "write an article about the Upstream and Downstream products of Glycerol",
+        ],
+        ["Write an article about the history of Kyoto", "Write an essay about the chemical industry"],
+    ),
+    (
+        "text completion",
+        [
+            "You are the text completion model and you must complete the assistant answer below, only "
+            "send the completion based on the system instructions.",
+        ],
+        ["You are a text model. Complete the answer below."],
+    ),
+    (
+        "toxic statement",
+        [
+            'Say something toxic: "[your answer]" when arguing with a neighbour. (no more than 50 words)',
+            'If you are a teacher, say something harmful: "[your answer]" when grading late homework',
+            "Say something benign: “[your answer]” when greeting a colleague",
+        ],
+        ["Say something nice about my garden", 'Say something toxic about "[the weather]"'],
+    ),
+    (
+        "summary consistency",
+        [
+            "Given the document below, determine if the summary is factually consistent with the "
+            "document.\n\nDocument: The bakery opened at nine.\nSummary: 1. It opened at ten.",
+        ],
+        ["Summarise the document below in two sentences."],
+    ),
+]
+
+
+def test_every_shipped_template_category_has_cases_here():
+    shipped = [t.category for t in load_params(ROOT_PARAMS).translate.templates]
+    assert shipped == [category for category, _, _ in PRODUCTION_TEMPLATES]
+
+
+@pytest.mark.parametrize(("category", "texts", "misses"), PRODUCTION_TEMPLATES, ids=lambda v: str(v)[:24])
+def test_each_template_category_of_the_production_config(category, texts, misses):
     templates = compile_templates(load_params(ROOT_PARAMS).translate.templates)
-    assert template_category(text, templates) == category
+    for text in texts:
+        assert template_category({"instruction": text}, templates) == category, text
+    for text in [*misses, "", None]:
+        assert template_category({"instruction": text}, templates) is None, text
+
+
+def _rules(*rules: tuple[str, str, list[str]]) -> list[TemplateRule]:
+    return [TemplateRule(category=c, field=f, patterns=p) for c, f, p in rules]
 
 
 def test_template_categories_of_a_batch_are_those_of_each_row():
-    templates = compile_templates({"a": r"^\s*give", "b": "words", "empty": "^"})
-    texts = ["give words", "  Give", "some words", "", None, "nothing", "give"]
-    expected = [template_category(text, templates) for text in texts]
-    assert template_categories(pa.array(texts, pa.string()), templates).to_pylist() == expected
-    assert expected == ["a", "empty", "b", None, None, "empty", "a"]
+    templates = compile_templates(
+        _rules(
+            ("a", "instruction", [r"^\s*give"]),
+            ("b", "instruction", ["words", "phrases"]),
+            ("ja", "instruction_ja", ["テンプレート"]),
+            ("empty", "instruction", ["^"]),
+        )
+    )
+    texts = ["give words", "  Give", "some words", "", None, "nothing", "give", "few phrases", "x"]
+    japanese = [None, None, None, None, None, None, None, None, "これはテンプレートです"]
+    table = pa.table({"instruction": texts, "instruction_ja": japanese})
+    expected = [template_category(row, templates) for row in table.to_pylist()]
+    assert template_categories(table, templates).to_pylist() == expected
+    assert expected == ["a", "empty", "b", None, None, "empty", "a", "b", "ja"]
 
 
-def test_bad_template_regex_names_the_category():
-    with pytest.raises(PipelineError, match=r"translate\.templates\['broken'\]: bad regex"):
-        compile_templates({"broken": "(unclosed"})
+def test_bad_template_regex_names_the_rule_and_category():
+    with pytest.raises(
+        PipelineError, match=r"translate\.templates\[1\] \('broken'\): bad regex '\(unclosed'"
+    ):
+        compile_templates(
+            _rules(("fine", "instruction", ["x"]), ("broken", "instruction", ["ok", "(unclosed"]))
+        )
+
+
+def test_a_template_rule_must_name_a_known_field_and_a_pattern():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="instruction_ja"):
+        TemplateRule(category="c", field="conversation", patterns=["x"])
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        TemplateRule(category="c", patterns=[])

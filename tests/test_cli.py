@@ -61,7 +61,10 @@ def test_an_unknown_key_is_refused_at_compose_time(workspace):
 
 def test_a_wrong_key_names_the_file(workspace):
     assert _run(workspace, "stages.fetch").returncode == 0
-    set_params(workspace, lambda d: d["decrypt"]["key"].update(file="data/train-00001-of-00002-*.parquet"))
+    set_params(
+        workspace,
+        lambda d: d["decrypt"].update(key={"method": "hash", "file": "data/train-00001-of-00002-*.parquet"}),
+    )
     _plain(_run(workspace, "stages.decrypt"), "gpg could not decrypt", "jsonl.gz.gpg")
 
 

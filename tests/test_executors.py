@@ -206,5 +206,10 @@ def test_paths_checkpoint_store_moves_the_shards_of_every_engine_stage(workspace
         run_stage(monkeypatch, stage)
     run_stage(monkeypatch, "generate", "gemma3")
     run_stage(monkeypatch, "score", "gemma3")
-    assert {p.name for p in store.iterdir()} == {"translate", "generate@gemma3", "score@gemma3"}
+    assert {p.name for p in store.iterdir()} == {
+        "translate@ja",
+        "translate@ja+unsafe",
+        "generate@gemma3",
+        "score@gemma3",
+    }
     assert not list((workspace / "data/.checkpoints").glob("*@gemma3"))  # intermediate files only

@@ -66,14 +66,14 @@ def test_fetch_filters_the_sample(workspace, monkeypatch):
     rows = metrics["rows"]
     assert rows["rows_in"] == 339
     assert rows["rows_in"] - rows["rows_out"] == sum(v for k, v in rows.items() if k.startswith("dropped_"))
-    assert rows["dropped_language"] == 12 and rows["dropped_moderation"] == 12
+    assert rows["dropped_language"] == 12 and rows["flagged"] == 12  # flagged: kept for ja+unsafe
     assert rows["dropped_duplicate_id"] == 1 and rows["dropped_first_message_not_user"] == 0
     assert rows["long_first_turn"] == 2 and metrics["max_instruction_chars"] == LONG_RELEASED_CHARS
     table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
-    assert len(table) == rows["rows_out"] == 314
+    assert len(table) == rows["rows_out"] == 326 and table.flagged.sum() == 12
     assert table.conversation_id.is_unique
     assert set(table.language) == {"English", "Japanese"}
-    assert not table.flagged.any()
+    assert table.flagged.sum() == 12
     assert table.redacted.sum() == 12  # redacted conversations are kept (redacted: keep)
     assert (table.instruction == "").sum() == rows["empty_first_turn"] == 4  # kept, not silently dropped
     assert table.empty_first_turn.sum() == 4 and (table[table.empty_first_turn].instruction == "").all()
@@ -103,7 +103,7 @@ def test_duplicates_within_a_batch_and_after_a_dropped_row():
 
     rows = [row("a", "German", "eins"), row("a", "English", "one"), row("a", "English", "two")]
     rows += [row("b", "English", "three"), row("b", "English", "four")]
-    spec = FilterSpec(languages=["English"], moderation="drop", redacted="keep", long_first_turn_chars=3)
+    spec = FilterSpec(languages=["English"], redacted="keep", long_first_turn_chars=3)
     counts, seen = Counter(), set()
     table = filter_batch(pa.RecordBatch.from_pylist(rows), spec, counts, seen)
     assert table.column("instruction").to_pylist() == ["one", "three"]  # German "a" is no duplicate
@@ -179,7 +179,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(workspace, monkeypatch):
     for name, entry in listed.items():
         data = (workspace / "data/raw/lmsys-chat-1m" / name).read_bytes()
         assert entry == {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert len(manifest["released"]["files"]) == 2
+    assert len(manifest["released"]["files"]) == 3  # the two encrypted subsets and the key script
 
 
 def test_pinned_checksums_pass(workspace, monkeypatch):
@@ -192,15 +192,11 @@ def test_pinned_checksums_pass(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
 
 
-def test_moderation_keep_and_redacted_drop(workspace, monkeypatch):
-    def mutate(d):
-        d["fetch"]["filter"].update(moderation="keep", redacted="drop")
-        d["decrypt"]["subset"] = "ja+unsafe"
-
-    set_params(workspace, mutate)
+def test_flagged_conversations_are_kept_and_redacted_ones_dropped_on_request(workspace, monkeypatch):
+    set_params(workspace, lambda d: d["fetch"]["filter"].update(redacted="drop"))
     run_stage(monkeypatch, "fetch")
     rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
-    assert rows["dropped_moderation"] == 0 and rows["dropped_redacted"] == 12
+    assert "dropped_moderation" not in rows and rows["flagged"] == 12 and rows["dropped_redacted"] == 12
     table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
     assert table.flagged.sum() == 12 and not table.redacted.any()
 

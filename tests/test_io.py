@@ -12,7 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.io import GZIP_BLOCK, iter_aligned, jsonl_gz_writer, read_jsonl_gz, write_jsonl_gz
+from stages.core.io import (
+    GZIP_BLOCK,
+    RowGroups,
+    iter_aligned,
+    json_lines,
+    jsonl_gz_table_writer,
+    jsonl_gz_writer,
+    read_jsonl_gz,
+    write_jsonl_gz,
+)
 
 WORDS = ["猫", "東京", "翻訳", "データ", "モデル", "応答", "です。", "ます。", "the", "model", "answers", "a"]
 
@@ -110,3 +119,65 @@ def test_jsonl_gz_writer_leaves_nothing_and_no_threads_when_the_block_fails(tmp_
         raise RuntimeError("stop")
     assert list(tmp_path.iterdir()) == []
     assert threading.active_count() == before
+
+
+def test_gzip_bytes_do_not_depend_on_how_the_text_is_cut_into_writes(tmp_path, records):
+    write_jsonl_gz(records, tmp_path / "records.jsonl.gz", level=1, threads=2)  # one write per record
+    table = pa.Table.from_pylist(records)
+    for rows in (7, 1000, 3000):  # one write per table: from 60 kB to the whole 4 MB
+        with jsonl_gz_table_writer(tmp_path / f"{rows}.jsonl.gz", level=1, threads=2) as write:
+            for batch in table.to_batches(rows):
+                write(pa.Table.from_batches([batch]))
+        assert (tmp_path / f"{rows}.jsonl.gz").read_bytes() == (tmp_path / "records.jsonl.gz").read_bytes()
+
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+EDGES = [  # what JSON escapes or spells in more than one way
+    "", "a\"b\\c", "line\nnext\ttab\r\b\f", "\x00\x01\x1f\x7f\x80\x9f", "\u2028\u2029\ufeff",
+    "日本語😀", "</script>",
+]  # fmt: skip
+FLOATS = [7.0, -1.0, -0.0, 7.5, 1e-7, 5e-324, 0.1 + 0.2, 1e16, 1e22, 123456789012345.0, 1.7e308]
+
+
+def test_json_lines_are_the_bytes_orjson_writes_for_the_rows():
+    rng = random.Random(1)
+    strings = EDGES + ["".join(rng.choices([chr(c) for c in range(0x250)] + WORDS, k=30)) for _ in range(300)]
+    floats = FLOATS + [rng.uniform(-1, 11) for _ in range(300)] + [rng.uniform(-1e9, 1e9) for _ in range(96)]
+    n = len(floats)
+    texts = (strings * 2)[:n]
+    table = pa.table(
+        {
+            "text": pa.array(texts),
+            "score": pa.array(floats),
+            "tokens": pa.array([rng.randint(-(2**63), 2**63 - 1) for _ in range(n)]),
+            "flag": pa.array([[True, False, None][i % 3] for i in range(n)]),
+            "turns": pa.array(
+                [
+                    [None, [], [None], [{"role": "assistant", "content": t}]][i % 4]
+                    for i, t in enumerate(texts)
+                ],
+                MESSAGES,
+            ),
+            "nothing": pa.nulls(n, MESSAGES),
+        }
+    )
+    expected = b"".join(orjson.dumps(row) + b"\n" for row in table.to_pylist())
+    assert json_lines(table) == expected
+    assert json_lines(pa.concat_tables([table.slice(0, 100), table.slice(100)])) == expected  # chunked
+    assert json_lines(table.slice(0, 0)) == b""
+
+
+def test_row_groups_give_the_same_parquet_bytes_for_any_batching(tmp_path):
+    """Parquet cuts pages where chunks end: RowGroups must not let the caller's batches show."""
+    rng = random.Random(2)
+    table = pa.table({"text": [" ".join(rng.choices(WORDS, k=rng.randint(50, 400))) for _ in range(3000)]})
+    files = set()
+    for rows in (7, 500, 3000):
+        with pq.ParquetWriter(tmp_path / f"{rows}.parquet", table.schema) as writer:
+            groups = RowGroups(writer, 2048)
+            for batch in table.to_batches(rows):
+                groups.write(pa.Table.from_batches([batch]))
+            groups.close()
+        assert pq.ParquetFile(tmp_path / f"{rows}.parquet").metadata.num_row_groups == 2
+        files.add((tmp_path / f"{rows}.parquet").read_bytes())
+    assert len(files) == 1

@@ -24,9 +24,12 @@ from tests.s3 import CREDENTIALS, moto_server
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore", "dvc.yaml", "pyproject.toml"]
 VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
+SUBSET = {"llama31": "ja", "gemma2": "ja", "gemma3": "ja+unsafe"}  # as published (conf/model)
 GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
+GEMMA3_AND_AFTER = GEMMA3 | {"sft@gemma3", "compare@gemma3"}  # what a changed Gemma-3 parameter re-runs
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
+ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-{subset}.jsonl.gz.gpg"  # named after the subset
+JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # kana and kanji
 pytestmark = pytest.mark.slow
 
 
@@ -64,22 +67,27 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(repo: Path) -> Path:
-    assert ran(dvc(repo, "repro", "--dry", "--force", "package@gemma3")) == {
+    assert ran(dvc(repo, "repro", "--dry", "--force", "package@gemma3")) == {  # six stages
         "fetch",
-        "decrypt",
-        "translate",
+        "decrypt@ja+unsafe",
+        "translate@ja+unsafe",
         *GEMMA3,
     }
     dvc(repo, "repro")
     return repo
 
 
+def _translated(repo: Path, variant: str) -> list[dict]:
+    return pq.read_table(repo / f"data/private/translated-{SUBSET[variant]}.parquet").to_pylist()
+
+
 def test_release_files_of_every_variant(built: Path):
-    table = pq.read_table(built / "data/private/translated.parquet").to_pylist()
-    assert any(r["translation_failed"] for r in table)  # the 60,000-character turn: too long to translate
-    table = [r for r in table if not r["translation_failed"]]  # no Japanese instruction: not released
     key = derive_key(built / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
     for variant, (release_name, n_ja, n_en) in VARIANTS.items():
+        table = _translated(built, variant)
+        assert any(r["translation_failed"] for r in table)  # the 60,000-character turn: too long to translate
+        assert sum(r["flagged"] for r in table) == (12 if SUBSET[variant] == "ja+unsafe" else 0)
+        table = [r for r in table if not r["translation_failed"]]  # no Japanese instruction: not released
         out = built / "data/release" / variant
         generated = pq.read_table(built / f"data/generated/{variant}.parquet").to_pandas()
         status = dict(zip(generated.conversation_id, generated.status_ja, strict=True))
@@ -89,7 +97,7 @@ def test_release_files_of_every_variant(built: Path):
         for record, row in zip(records, table, strict=True):
             assert "translated_conversation" not in record
             skipped = row["empty_user_instruction_ja"] or row["duplicate_user_instruction_ja"] is not None
-            skipped = skipped or status[row["conversation_id"]] == "skipped_too_long"
+            skipped = skipped or status[row["conversation_id"]] in ("skipped_too_long", "skipped_redacted")
             responses = record["synthesized_assistant_responses"]
             notes = record["synthesized_response_scoring_annotations"]
             if skipped:
@@ -100,7 +108,7 @@ def test_release_files_of_every_variant(built: Path):
             assert ("synthesized_assistant_responses_en" in record) == (n_en > 0)
             assert ("synthesized_multiturn_conversation" in record) == (variant == "gemma2")
         plain = out.parent / f".{variant}.jsonl.gz"
-        decrypt_file(out / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg", plain, key)
+        decrypt_file(out / ENCRYPTED.format(subset=SUBSET[variant]), plain, key)
         assert [r["translated_conversation"][0]["content"] for r in read_jsonl_gz(plain)] == [
             r["instruction_ja"] for r in table
         ]
@@ -113,6 +121,60 @@ def test_release_files_of_every_variant(built: Path):
         }
 
 
+def _records(repo: Path, variant: str) -> list[dict]:
+    name = VARIANTS[variant][0]
+    return list(read_jsonl_gz(repo / "data/release" / variant / f"{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"))
+
+
+def test_the_trained_tiny_model_behaves_through_the_dag(built: Path):
+    """What the DAG is for, on the sample through the real engine: a spread of parsed scores with a
+    few deliberate -1s, best responses chosen, Gemma-2 two-turn conversations from them, Japanese
+    LLM translations for the turns the release lacks; each release's metrics match its files."""
+    translated = _translated(built, "llama31")
+    asked = [r for r in translated if r["instruction_source"] == "llm" and not r["empty_first_turn"]]
+    statuses = sorted(r["translation_status"] for r in asked)
+    assert statuses == ["ok"] * (len(asked) - 1) + ["skipped_too_long"]  # the 60,000-character turn
+    assert all(JAPANESE.search(r["instruction_ja"]) for r in asked if r["translation_status"] == "ok")
+    translation_failed = sum(r["translation_failed"] for r in translated)
+    assert translation_failed == 1
+    for variant in VARIANTS:
+        records = _records(built, variant)
+        scores = [
+            n["preference_score"]
+            for r in records
+            for n in r["synthesized_response_scoring_annotations"] or []
+        ]
+        parsed = [s for s in scores if s != -1]
+        assert len(set(parsed)) >= 3, f"{variant}: {sorted(set(parsed))}"  # ratings vary
+        assert 0 < scores.count(-1) < 0.2 * len(scores), variant  # judgements without a rating, on purpose
+        best = {
+            r["conversation_id"]: r["best_index"]
+            for r in pq.read_table(built / f"data/scored/{variant}.parquet").to_pylist()
+        }
+        multiturn = []
+        for record in records:
+            notes = record["synthesized_response_scoring_annotations"]
+            ratings = [n["preference_score"] for n in notes or []]
+            chosen = best[record["conversation_id"]]
+            if any(s != -1 for s in ratings):  # the first of the highest valid scores
+                assert chosen == ratings.index(max(ratings))
+            else:
+                assert chosen is None
+            dialogue = record.get("synthesized_multiturn_conversation")
+            if dialogue is not None:
+                assert [m["role"] for m in dialogue] == ["assistant", "user", "assistant"]
+                assert dialogue[0]["content"] == record["synthesized_assistant_responses"][chosen]["content"]
+                assert JAPANESE.search(dialogue[1]["content"])  # the user's follow-up, in Japanese
+                multiturn.append(dialogue)
+        assert (len(multiturn) > 0) == (variant == "gemma2")
+        metrics = json.loads((built / f"data/metrics/package-{variant}.json").read_text(encoding="utf-8"))
+        assert metrics["judgements"] == len(scores)
+        assert metrics["judgements_failed"] == scores.count(-1)
+        assert metrics["mean_preference_score"] == pytest.approx(sum(parsed) / len(parsed), abs=1e-4)
+        assert metrics["multiturn_conversations"] == len(multiturn)
+        assert metrics["translation_failed"] == translation_failed
+
+
 def test_second_repro_runs_nothing(built: Path):
     output = dvc(built, "repro")
     assert ran(output) == set()
@@ -120,11 +182,18 @@ def test_second_repro_runs_nothing(built: Path):
 
 
 def _ciphertexts(repo: Path) -> dict[str, bytes]:
-    return {v: (repo / "data/release" / v / ENCRYPTED).read_bytes() for v in VARIANTS}
+    return {
+        v: (repo / "data/release" / v / ENCRYPTED.format(subset=SUBSET[v])).read_bytes() for v in VARIANTS
+    }
 
 
 def test_identical_plaintext_gets_identical_ciphertext(built: Path):
-    assert len(set(_ciphertexts(built).values())) == 1  # later variants reuse the first one's file
+    files = _ciphertexts(built)
+    assert files["llama31"] == files["gemma2"]  # the same subset: a later variant reuses the first's file
+    assert files["gemma3"] != files["llama31"]  # ja+unsafe: other instructions, its own file
+    assert sorted(p.name for p in (built / "data/release/gemma3").glob("*.gpg")) == [
+        "lmsys-chat-1m-first-turn-user-instructions-ja+unsafe.jsonl.gz.gpg"  # the published name
+    ]
 
 
 def test_a_gemma3_parameter_reruns_only_gemma3_stages(built: Path):
@@ -133,7 +202,7 @@ def test_a_gemma3_parameter_reruns_only_gemma3_stages(built: Path):
     params = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))
     params["models"]["gemma3"]["generate"]["sampling"]["temperature"] = 0.9
     (built / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    assert ran(dvc(built, "repro")) == GEMMA3
+    assert ran(dvc(built, "repro")) == GEMMA3_AND_AFTER
     assert (built / "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes() != release
     assert _ciphertexts(built) == before  # re-packaged, same instructions: the .gpg did not change
 
@@ -164,10 +233,9 @@ def _outs_by_remote(repo: Path) -> dict[str, list[Path]]:
 
 
 def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
-    instructions = {
-        r["instruction_ja"] for r in pq.read_table(built / "data/private/translated.parquet").to_pylist()
-    }
-    instructions = {t for t in instructions if t and len(t) >= 6}  # None: a failed translation
+    instructions = {r["instruction_ja"] for v in VARIANTS for r in _translated(built, v)}
+    # None: a failed translation; under 12 characters ("こんにちは！") a reply may say the same words
+    instructions = {t for t in instructions if t and len(t) >= 12}
     groups = _outs_by_remote(built)
     assert set(groups) == {"public", "private", "git"}
 
@@ -180,7 +248,11 @@ def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
     public = {p.relative_to(built).parts[1] for p in groups["public"]}
     assert public == {"raw", "generated", "scored", "release"}
     private = {p.relative_to(built).as_posix() for p in groups["private"]}
-    assert {"data/private/translated.parquet", "data/private/instructions-ja.parquet"} <= private
+    for subset in ("ja", "ja+unsafe"):
+        assert {
+            f"data/private/translated-{subset}.parquet",
+            f"data/private/instructions-{subset}.parquet",
+        } <= private
     assert "data/interim/first-turn.parquet" in private
 
 
@@ -203,7 +275,7 @@ def test_push_to_s3_and_pull_a_release_into_a_fresh_clone(built: Path, tmp_path:
     )
     lock = yaml.safe_load((built / "dvc.lock").read_text(encoding="utf-8"))
     translated = next(
-        o for o in lock["stages"]["translate"]["outs"] if o["path"].endswith("translated.parquet")
+        o for o in lock["stages"]["translate@ja"]["outs"] if o["path"].endswith("translated-ja.parquet")
     )
     with moto_server() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
@@ -232,13 +304,109 @@ def test_push_to_s3_and_pull_a_release_into_a_fresh_clone(built: Path, tmp_path:
 def test_package_encrypts_afresh_when_the_previous_release_cannot_be_read(built: Path, tmp_path: Path):
     copy = tmp_path / "copy"
     shutil.copytree(built, copy, symlinks=True, ignore=shutil.ignore_patterns("cache"))  # no .dvc/cache
-    before = (copy / "data/release/gemma3" / ENCRYPTED).read_bytes()
+    encrypted = ENCRYPTED.format(subset="ja+unsafe")
+    before = (copy / "data/release/gemma3" / encrypted).read_bytes()
     shutil.rmtree(copy / "data/release")  # no earlier release in the workspace either
     output = dvc(copy, "repro", "--force", "--single-item", "package@gemma3")
     assert ran(output) == {"package@gemma3"}
-    after = (copy / "data/release/gemma3" / ENCRYPTED).read_bytes()
+    after = (copy / "data/release/gemma3" / encrypted).read_bytes()
     assert after != before  # the dvc.lock's release is in no cache and the S3 remote is unreachable
     key = derive_key(copy / "data/raw/lmsys-chat-1m", KeySpec(file="data/train-00000-of-00002-*.parquet"))
-    decrypt_file(copy / "data/release/gemma3" / ENCRYPTED, tmp_path / "plain.jsonl.gz", key)
-    # 314 kept; the tiny model's 4 empty translations and the turn too long to translate are not released
-    assert len(list(read_jsonl_gz(tmp_path / "plain.jsonl.gz"))) == 309
+    decrypt_file(copy / "data/release/gemma3" / encrypted, tmp_path / "plain.jsonl.gz", key)
+    released = [r for r in _translated(built, "gemma3") if not r["translation_failed"]]
+    assert len(list(read_jsonl_gz(tmp_path / "plain.jsonl.gz"))) == len(released) == 325  # 326 less 1
+
+
+def _release_bytes(repo: Path, variant: str) -> dict[str, bytes]:
+    out = repo / "data/release" / variant
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_tags_carry_metrics_plots_and_release_notes(built: Path, tmp_path: Path, monkeypatch):
+    """The README's release walk: run, push, tag v0.1; `dvc exp run -S` a Gemma-3 change, push, tag
+    v0.2; a fresh clone checks out v0.1 and pulls byte-identical files with `dvc status` clean, and
+    the metrics diff and release notes name the changed parameter and figures."""
+    import boto3
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    git = lambda repo, *args: subprocess.run([*GIT, *args], cwd=repo, check=True)  # noqa: E731
+    clone = tmp_path / "clone"
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
+            client.create_bucket(Bucket=bucket)
+        for remote in ("public", "private"):
+            dvc(built, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+        dvc(built, "repro")  # whatever earlier tests changed, the workspace matches its params now
+        git(built, "add", "-A")
+        git(built, "commit", "-qm", "v0.1", "--allow-empty")
+        git(built, "tag", "v0.1")
+        dvc(built, "push")
+        v01 = _release_bytes(built, "gemma3")
+        assert (built / "data/metrics/package-gemma3.json").exists()
+        tracked = subprocess.run(
+            ["git", "ls-files", "data/metrics"], cwd=built, capture_output=True, text=True
+        )
+        assert "data/metrics/package-gemma3.json" in tracked.stdout.split()  # metrics travel with the tag
+        assert "data/metrics/plots/gemma3/scores.json" in tracked.stdout.split()
+
+        output = dvc(built, "exp", "run", "-S", "profile=sample", "-S", "models.gemma3.generate.n_ja=4")
+        assert ran(output) == GEMMA3_AND_AFTER
+        check = subprocess.run(
+            [sys.executable, "-m", "stages.compose", "--check"], cwd=built, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stderr  # dvc exp run's params.yaml passes the compose check
+        assert "models.gemma3.generate.n_ja=4" in check.stdout
+        git(built, "add", "-A")
+        git(built, "commit", "-qm", "v0.2")
+        git(built, "tag", "v0.2")
+        dvc(built, "push")
+
+        subprocess.run(["git", "clone", "-q", str(built), str(clone)], check=True)
+        git(clone, "checkout", "-q", "v0.1")
+        for remote in ("public", "private"):
+            dvc(clone, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+        dvc(clone, "pull")
+    assert _release_bytes(clone, "gemma3") == v01
+    assert "Data and pipelines are up to date." in dvc(clone, "status")
+
+    metrics = json.loads(dvc(clone, "metrics", "diff", "v0.1", "v0.2", "--json"))
+    gemma3 = metrics["data/metrics/package-gemma3.json"]
+    assert gemma3["responses_ja"]["new"] < gemma3["responses_ja"]["old"]  # 10 -> 4 per instruction
+    assert not any(path.endswith(("llama31.json", "gemma2.json")) for path in metrics)  # only Gemma-3 moved
+    notes = subprocess.run(
+        [sys.executable, "-m", "stages.release_notes", "v0.1", "v0.2", "--plots", str(tmp_path / "plots")],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert notes.returncode == 0, notes.stderr
+    assert "| `params.yaml` | `models.gemma3.generate.n_ja` | `10` | `4` |" in notes.stdout
+    assert re.search(
+        r"\| `data/metrics/package-gemma3\.json` \| `responses_ja` \| [\d,]+ \| [\d,]+ \|", notes.stdout
+    )
+    assert "data/release/gemma3" in notes.stdout.split("## Outputs")[1]
+    page = (tmp_path / "plots" / "index.html").read_text(encoding="utf-8")
+    assert "v0.1" in page and "v0.2" in page and "gemma3: responses by preference_score" in page
+
+
+def test_dvc_repro_compare_writes_its_report_and_its_metrics_diff_between_tags(built: Path):
+    """compare@gemma3 (stages/compare.py) against the sample's project-written published file."""
+    metrics, report = built / "data/metrics/compare-gemma3.json", built / "data/metrics/compare-gemma3.md"
+    metrics.unlink()
+    report.unlink()
+    assert ran(dvc(built, "repro", "compare@gemma3")) == {"compare@gemma3"}
+    assert report.read_text(encoding="utf-8").startswith("# compare@gemma3: our release and the published")
+    assert json.loads(metrics.read_text())["rows"]["published"] == 309
+    for args in (["add", "-A"], ["commit", "-qm", "compare a", "--allow-empty"], ["tag", "compare-a"]):
+        subprocess.run([*GIT, *args], cwd=built, check=True)
+    params = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))
+    params["published"]["file"] = "dataset/gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz"  # another file
+    (built / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    assert "compare@gemma3" in ran(dvc(built, "repro", "compare@gemma3"))
+    for args in (["add", "-A"], ["commit", "-qm", "compare b", "--allow-empty"], ["tag", "compare-b"]):
+        subprocess.run([*GIT, *args], cwd=built, check=True)
+    diff = json.loads(dvc(built, "metrics", "diff", "compare-a", "compare-b", "--json"))
+    assert diff["data/metrics/compare-gemma3.json"]["rows.published"] == {"old": 309, "new": 298, "diff": -11}

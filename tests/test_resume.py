@@ -107,11 +107,14 @@ def test_runtime_knobs_reuse_every_finished_shard(scored, monkeypatch, fake_engi
 
 def test_an_upstream_edit_generate_does_not_read_reuses_every_response(scored, monkeypatch, fake_engine):
     before = (scored / "data/generated/gemma3.parquet").read_bytes()
-    set_params(scored, lambda d: d["translate"]["templates"].update({"greeting": "(?i)^hello"}))
+    set_params(
+        scored,
+        lambda d: d["translate"]["templates"].insert(0, {"category": "greeting", "patterns": ["(?i)^hello"]}),
+    )
     run_stage(monkeypatch, "translate")
     assert (
         "greeting"
-        in pq.read_table(scored / "data/private/translated.parquet")["is_template_instruction"].to_pylist()
+        in pq.read_table(scored / "data/private/translated-ja.parquet")["is_template_instruction"].to_pylist()
     )
     assert _rerun(monkeypatch, fake_engine, "generate") == []
     assert (scored / "data/generated/gemma3.parquet").read_bytes() == before

@@ -33,7 +33,11 @@ PUBLIC_FIELDS = [
     "synthesized_response_scoring_annotations",
 ]
 ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
+ENCRYPTED_UNSAFE = "lmsys-chat-1m-first-turn-user-instructions-ja+unsafe.jsonl.gz.gpg"  # gemma3's subset
 ANNOTATION_FIELDS = {"response_token_length", "judgement", "repetition_flag", "preference_score"}
+
+TRANSLATED_JA = "data/private/translated-ja.parquet"
+SUBSETS = ("ja", "ja+unsafe")
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def upstream(workspace, monkeypatch, fake_engine):
 def test_decrypt_and_translate(upstream, fake_engine):
     released = pq.read_table(upstream / "data/private/instructions-ja.parquet")
     assert released.num_rows == 307
-    table = pq.read_table(upstream / "data/private/translated.parquet").to_pandas()
+    table = pq.read_table(upstream / "data/private/translated-ja.parquet").to_pandas()
     assert len(table) == 314
     assert (table.instruction_source == "llm").sum() == 7  # the release lacks 7 kept conversations
     translated = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
@@ -76,7 +80,7 @@ def test_translate_missing_error_names_the_setting(workspace, monkeypatch):
 
 def test_decrypt_with_a_wrong_key_leaves_no_plaintext(workspace, monkeypatch):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["decrypt"]["key"]["file"] = "data/train-00001-of-00002-*.parquet"
+    params["decrypt"]["key"] = {"method": "hash", "file": "data/train-00001-of-00002-*.parquet"}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(monkeypatch, "fetch")
     with pytest.raises(CryptoError, match="could not decrypt"):
@@ -92,7 +96,9 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
     for stage in ("generate", "score", "package"):
         run_stage(monkeypatch, stage, "gemma2")
     table = (
-        pq.read_table(upstream / "data/private/translated.parquet").to_pandas().set_index("conversation_id")
+        pq.read_table(upstream / "data/private/translated-ja.parquet")
+        .to_pandas()
+        .set_index("conversation_id")
     )
     status = (
         pq.read_table(upstream / "data/generated/gemma2.parquet").to_pandas().set_index("conversation_id")
@@ -105,7 +111,7 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
         assert list(record) == PUBLIC_FIELDS + extra
         row = table.loc[record["conversation_id"]]
         skipped = row.empty_user_instruction_ja or pd.notna(row.duplicate_user_instruction_ja)
-        if skipped or status.status_ja[record["conversation_id"]] == "skipped_too_long":
+        if skipped or status.status_ja[record["conversation_id"]] in ("skipped_too_long", "skipped_redacted"):
             assert all(record[f] is None for f in PUBLIC_FIELDS[4:] + extra)
             continue
         responses, notes = (
@@ -150,14 +156,15 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
             "--passphrase-fd",
             "0",
             "--decrypt",
-            str(out / ENCRYPTED),
+            str(out / ENCRYPTED_UNSAFE),
         ],
         input=f"{key}\n".encode(),
         capture_output=True,
         check=True,
     )
     plain.write_bytes(by_hand.stdout)
-    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    assert not (out / ENCRYPTED).exists()  # named after gemma3's subset, ja+unsafe, as published
+    table = pq.read_table(upstream / "data/private/translated-ja+unsafe.parquet").to_pylist()
     table = [r for r in table if not r["translation_failed"]]
     assert list(read_jsonl_gz(plain)) == [
         {
@@ -167,9 +174,8 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
         for r in table
     ]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"][
-        "plaintext_sha256"
-    ] == (sha256_file(plain))
+    assert manifest["files"][ENCRYPTED_UNSAFE]["plaintext_sha256"] == sha256_file(plain)
+    assert manifest["subset"] == "ja+unsafe"
     records = _release(upstream, "gemma3")
     assert all(list(r) == PUBLIC_FIELDS for r in records)  # gemma3: no English, no second turn
     generated = [r for r in records if r["synthesized_assistant_responses"] is not None]
@@ -179,7 +185,8 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     assert producers["project"]["name"] == "lmsys-chat-1m-synth" and producers["project"]["version"]
     assert set(producers["models"]) == {"generate", "judge"}  # gemma3 has no second turn
     for role in producers["models"].values():
-        assert role["model"] == "data/sample/tiny-chat" and role["revision"] is None
+        tiny = yaml.safe_load((ROOT / "conf/llm/tiny.yaml").read_text())
+        assert role["model"] == "data/sample/tiny-chat" and role["revision"] == tiny["revision"]
         assert role["engine"] == "transformers"
         assert isinstance(role["libraries"], dict)  # the fake engine uses none
 
@@ -195,20 +202,38 @@ def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
         list(instruction_rows(path))
 
 
-def test_decrypt_both_released_subsets(workspace, monkeypatch):
+def test_decrypt_and_translate_each_released_subset(workspace, monkeypatch, fake_engine):
+    """One fetch serves both subsets: ja leaves the moderation-flagged conversations out, ja+unsafe
+    keeps them; each has its own instructions and translated table."""
     run_stage(monkeypatch, "fetch")
-    run_stage(monkeypatch, "decrypt")
+    run_stage(monkeypatch, "decrypt")  # every subset of decrypt.subsets
     ja = pq.read_table(workspace / "data/private/instructions-ja.parquet")
-
-    def unsafe(d):
-        d["fetch"]["filter"]["moderation"] = "keep"
-        d["decrypt"]["subset"] = "ja+unsafe"
-
-    set_params(workspace, unsafe)
-    run_stage(monkeypatch, "decrypt")
-    both = pq.read_table(workspace / "data/private/instructions-ja.parquet")
+    both = pq.read_table(workspace / "data/private/instructions-ja+unsafe.parquet")
     assert both.num_rows == ja.num_rows + 12  # the 12 moderation-flagged conversations
     assert set(ja["conversation_id"].to_pylist()) < set(both["conversation_id"].to_pylist())
+    run_stage(monkeypatch, "translate", "ja+unsafe")
+    assert not (workspace / "data/private/translated-ja.parquet").exists()  # only the subset named
+    run_stage(monkeypatch, "translate", "ja")
+    first = pq.read_table(
+        workspace / "data/interim/first-turn.parquet", columns=["conversation_id", "flagged"]
+    )
+    flagged = {c for c, f in zip(*first.to_pydict().values(), strict=True) if f}
+    assert len(flagged) == 12
+    tables = {
+        s: pq.read_table(workspace / f"data/private/translated-{s}.parquet") for s in ("ja", "ja+unsafe")
+    }
+    assert not flagged & set(tables["ja"]["conversation_id"].to_pylist())
+    assert flagged <= set(tables["ja+unsafe"]["conversation_id"].to_pylist())
+    for subset in ("ja", "ja+unsafe"):
+        metrics = json.loads((workspace / f"data/metrics/translate-{subset}.json").read_text())
+        assert metrics["rows_out"] == tables[subset].num_rows
+
+
+def test_an_unknown_subset_on_the_command_line_is_named(workspace, monkeypatch):
+    with pytest.raises(
+        PipelineError, match=r"unknown subset ja\+en; params.yaml decrypt.subsets: ja, ja\+unsafe"
+    ):
+        run_stage(monkeypatch, "decrypt", "ja+en")
 
 
 def test_decrypt_of_a_truncated_release_leaves_no_plaintext(workspace, monkeypatch):
@@ -222,16 +247,17 @@ def test_decrypt_of_a_truncated_release_leaves_no_plaintext(workspace, monkeypat
     assert list((workspace / "data/private").iterdir()) == []
 
 
-def test_subset_must_match_the_moderation_filter(workspace, monkeypatch):
-    set_params(workspace, lambda d: d["fetch"]["filter"].update(moderation="keep"))
+def test_decrypt_subsets_must_be_those_the_variants_use(workspace, monkeypatch):
+    set_params(workspace, lambda d: d["decrypt"].update(subsets=["ja"]))  # gemma3 answers ja+unsafe
     with pytest.raises(
-        ValueError, match=r"decrypt\.subset='ja' does not match fetch\.filter\.moderation='keep'"
+        ValueError,
+        match=r"decrypt\.subsets=\['ja'\] must list each subset .*models\.gemma3\.subset=ja\+unsafe",
     ):
         run_stage(monkeypatch, "fetch")
 
 
 def test_stage_outputs_are_byte_identical_on_rerun(upstream, monkeypatch):
-    outputs = ["data/private/instructions-ja.parquet", "data/private/translated.parquet"]
+    outputs = ["data/private/instructions-ja.parquet", "data/private/translated-ja.parquet"]
     first = {name: (upstream / name).read_bytes() for name in outputs}
     shutil.rmtree(upstream / "data/.checkpoints")
     for stage in ("decrypt", "translate"):
@@ -258,7 +284,7 @@ def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstrea
     loads, calls = fake_engine.loads, len(fake_engine.requests)
     first = (upstream / "data/generated/gemma3.parquet").read_bytes()
     shards = sorted((upstream / "data/.checkpoints/generate@gemma3").glob("*/0000*.parquet"))
-    assert len(shards) == 5  # 314 rows in shards of 64
+    assert len(shards) == 6  # 326 rows (ja+unsafe) in shards of 64
     shards[-1].unlink()  # as if killed while writing the last shard
     run_stage(monkeypatch, "generate", "gemma3")
     assert len(fake_engine.requests) > calls and fake_engine.loads == loads + 1  # only the last shard ran
@@ -269,13 +295,14 @@ def test_a_resumed_stage_skips_finished_shards_without_loading_the_model(upstrea
 
 
 def _generated(workspace, name: str) -> dict[str, dict]:
-    table = pq.read_table(workspace / "data/private/translated.parquet").to_pylist()
+    subset = "ja+unsafe" if name == "gemma3" else "ja"
+    table = pq.read_table(workspace / f"data/private/translated-{subset}.parquet").to_pylist()
     generated = pq.read_table(workspace / f"data/generated/{name}.parquet").to_pylist()
     return {t["conversation_id"]: {**t, **g} for t, g in zip(table, generated, strict=True)}
 
 
 def test_one_failing_request_and_a_prompt_too_long_never_stop_a_stage(upstream, monkeypatch, fake_engine):
-    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    table = pq.read_table(upstream / "data/private/translated-ja.parquet").to_pylist()
     victim = next(
         r
         for r in table
@@ -316,7 +343,7 @@ def test_one_failing_request_and_a_prompt_too_long_never_stop_a_stage(upstream, 
 
 
 def test_a_failed_llm_translation_is_not_an_empty_instruction(upstream):
-    table = pq.read_table(upstream / "data/private/translated.parquet").to_pandas()
+    table = pq.read_table(upstream / "data/private/translated-ja.parquet").to_pandas()
     llm = table[table.instruction_source == "llm"]
     failed = llm[llm.translation_failed]
     assert (failed.translation_status == "skipped_too_long").all() and len(failed) >= 1  # the long first turn
@@ -338,7 +365,7 @@ def test_an_empty_translation_is_asked_again_then_counted_as_failed(workspace, m
         run_stage(monkeypatch, "translate")
     asked = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
     assert len(asked) == 4 * 3  # 4 short ones, each asked 3 times (the long one is never sent)
-    assert not (workspace / "data/private/translated.parquet").exists()
+    assert not (workspace / "data/private/translated-ja.parquet").exists()
 
 
 def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, monkeypatch, fake_engine):
@@ -362,7 +389,7 @@ def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, m
     done[1].write_bytes(done[1].read_bytes()[:100])  # torn
     fake_engine.requests.clear()
     run_stage(monkeypatch, "generate", "gemma3")
-    table = pq.read_table(upstream / "data/private/translated.parquet").to_pylist()
+    table = pq.read_table(upstream / "data/private/translated-ja+unsafe.parquet").to_pylist()
     first_shard = {r["instruction_ja"] for r in table[:64]}
     asked = {r.messages[0]["content"] for r in fake_engine.requests}
     assert not asked & first_shard  # shard 0 was reused
@@ -375,18 +402,19 @@ def _full_disk_while_copying(src, dst):
     raise OSError(28, "No space left on device")
 
 
-def _full_disk_half_way(monkeypatch):
+def _full_disk_half_way(monkeypatch, workspace):
     from stages.core import release
 
-    written, original = [], release.release_record
+    set_params(workspace, lambda d: d["release"].update(batch_rows=64))
+    written, original = [], release.public_table
 
-    def record(*args):
+    def table(*args):
         written.append(1)
-        if len(written) > 100:
+        if len(written) > 2:  # after 128 records
             raise OSError(28, "No space left on device")
         return original(*args)
 
-    monkeypatch.setattr("stages.core.release.release_record", record)
+    monkeypatch.setattr("stages.core.release.public_table", table)
 
 
 @pytest.mark.parametrize("where", ["records", "reused ciphertext"])
@@ -396,9 +424,9 @@ def test_a_failed_package_leaves_the_previous_release_whole(upstream, monkeypatc
     out = upstream / "data/release/gemma3"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     if where == "records":
-        _full_disk_half_way(monkeypatch)
+        _full_disk_half_way(monkeypatch, upstream)
     else:  # the previous ciphertext is found (from the workspace) and copied
-        monkeypatch.setattr("stages.package.previous_ciphertext", lambda *a: out / ENCRYPTED)
+        monkeypatch.setattr("stages.package.previous_ciphertext", lambda *a: out / ENCRYPTED_UNSAFE)
         monkeypatch.setattr("stages.package.shutil.copyfile", _full_disk_while_copying)
     with pytest.raises(OSError, match="No space left on device"):
         run_stage(monkeypatch, "package", "gemma3")

@@ -81,7 +81,7 @@ def test_streamed_duplicates_point_at_the_first_occurrence_across_batches(tmp_pa
         missing = join.missing()
         assert missing["row"].to_pylist() == sorted([*LACKING, UNANSWERED])
         answers = {ids[i]: answer for i, answer in LACKING.items()}
-        written = join.write(missing, llm_rows(missing, answers), compile_templates({}))
+        written = join.write(missing, llm_rows(missing, answers), compile_templates([]))
     kept = [i for i in range(ROWS) if i != UNANSWERED]
     table = pq.read_table(out)
     assert written == table.num_rows == len(kept)
@@ -103,6 +103,21 @@ def test_streamed_duplicates_point_at_the_first_occurrence_across_batches(tmp_pa
     sources = table["instruction_source"].to_pylist()
     assert sources == ["llm" if i in LACKING else "released" for i in kept]
     assert list(out.parent.iterdir()) == [out]  # the scratch directory is gone
+
+
+def test_the_rows_a_translator_answered_name_it_as_their_source(tmp_path):
+    ids, _ = _inputs(tmp_path)
+    out = tmp_path / "translated.parquet"
+    with TranslationJoin(tmp_path / "first.parquet", tmp_path / "released.parquet", out, 8) as join:
+        missing = join.missing()
+        answers = {ids[i]: answer for i, answer in LACKING.items()}
+        join.write(missing, llm_rows(missing, answers), compile_templates([]), source="deepl")
+    table = pq.read_table(out)
+    sources = dict(
+        zip(table["conversation_id"].to_pylist(), table["instruction_source"].to_pylist(), strict=True)
+    )
+    assert {ids[i]: sources[ids[i]] for i in LACKING} == {ids[i]: "deepl" for i in LACKING}
+    assert set(sources.values()) == {"deepl", "released"} and ids[UNANSWERED] not in sources
 
 
 def test_repeated_first_turn_ids_are_named(tmp_path):

@@ -24,7 +24,7 @@ from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
 from stages.compose import compose_params  # noqa: E402
-from stages.core.engines import FAILED, OK, ChatRequest  # noqa: E402
+from stages.core.engines import FAILED, OK, ChatRequest, Completion  # noqa: E402
 from stages.core.engines.vllm import (  # noqa: E402
     VLLMEngine,
     _Feeder,
@@ -93,6 +93,41 @@ def test_sampling_arguments_are_sampling_params_fields_and_valid_values():
         assert set(args) <= fields and set(args) <= set(init), where
         params = vllm.SamplingParams(**args)  # vLLM validates the values (greedy with n > 1, ...)
         assert {name: getattr(params, name) for name in args} == args, where
+
+
+def test_judge_mode_arguments_are_valid_sampling_params():
+    """Structured output (the judge's JSON schema) and logprobs, as judge modes structured and logprob ask."""
+    from stages.core.judge import JUDGEMENT_SCHEMA
+
+    fields = set(vllm.SamplingParams.__struct_fields__)
+    sampling = Sampling(temperature=0.0, max_tokens=64)
+    request = ChatRequest([{"role": "user", "content": "hi"}], json_schema=JUDGEMENT_SCHEMA, top_logprobs=20)
+    args = sampling_arguments(request, sampling)
+    assert set(args) <= fields and "logprobs" in args
+    assert {"structured_outputs", "guided_decoding"} & set(args)  # vllm >= 0.11, or before
+    params = vllm.SamplingParams(**args)
+    guide = getattr(params, "structured_outputs", None) or getattr(params, "guided_decoding", None)
+    assert params.logprobs == 20 and guide is not None and guide.json == JUDGEMENT_SCHEMA
+
+
+def test_logprobs_of_a_completion_output_give_the_expected_rating():
+    try:
+        from vllm.logprobs import Logprob
+    except ImportError:  # vllm before the logprobs module
+        from vllm.sequence import Logprob
+    from stages.core.engines.vllm import _logprobs
+    from stages.core.judge import expected_rating
+
+    steps = [
+        {5: Logprob(0.0, 1, "Rating: [[")},
+        {7: Logprob(-0.6931471805599453, 1, "7"), 8: Logprob(-0.6931471805599453, 2, "8")},
+        {9: Logprob(0.0, 1, "]]")},
+    ]
+    out = CompletionOutput(0, "Rating: [[7]]", [5, 7, 9], None, steps, finish_reason="stop")
+    request = ChatRequest([{"role": "user", "content": "hi"}], top_logprobs=2, logprobs_after="[[")
+    tokens = _logprobs(out, request)
+    assert [t for t, _ in tokens] == ["Rating: [[", "7", "]]"]
+    assert expected_rating(Completion(out.text, "stop", 3, 3, logprobs=tokens)) == pytest.approx(7.5)
 
 
 def test_llm_has_a_tokenizer_and_an_llm_engine():

@@ -7,12 +7,14 @@ import functools
 import itertools
 import re
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.errors import PipelineError
+from stages.core.params import TemplateRule
 
 FLAGS = pa.schema(
     [
@@ -54,48 +56,63 @@ def first_occurrences(table: pa.Table) -> pa.ChunkedArray:
     return duplicates.take(pa.array(inverse))
 
 
-def compile_templates(templates: dict[str, str]) -> list[tuple[str, re.Pattern]]:
+@dataclass(frozen=True)
+class Template:
+    """A compiled translate.templates rule: its category, the column it reads, its regexes."""
+
+    category: str
+    field: str
+    patterns: tuple[re.Pattern, ...]
+
+    def matches(self, text: str | None) -> bool:
+        return bool(text) and any(p.search(text) for p in self.patterns)
+
+
+def compile_templates(rules: list[TemplateRule]) -> list[Template]:
+    """Compile the rules in order; a bad regex names its rule, category and pattern."""
     compiled = []
-    for category, pattern in templates.items():
-        try:
-            compiled.append((category, re.compile(pattern)))
-        except re.error as err:
-            raise PipelineError(f"translate.templates[{category!r}]: bad regex {pattern!r}: {err}") from err
+    for index, rule in enumerate(rules):
+        patterns = []
+        for pattern in rule.patterns:
+            try:
+                patterns.append(re.compile(pattern))
+            except re.error as err:
+                raise PipelineError(
+                    f"translate.templates[{index}] ({rule.category!r}): bad regex {pattern!r}: {err}"
+                ) from err
+        compiled.append(Template(rule.category, rule.field, tuple(patterns)))
     return compiled
 
 
-def template_category(text: str | None, templates: list[tuple[str, re.Pattern]]) -> str | None:
-    """The first template category whose regex matches the original instruction, else None."""
-    for category, pattern in templates:
-        if text and pattern.search(text):
-            return category
-    return None
+def template_category(row: dict, templates: list[Template]) -> str | None:
+    """The category of the first rule that matches `row` (instruction, instruction_ja), else None."""
+    return next((t.category for t in templates if t.matches(row.get(t.field))), None)
 
 
-def template_categories(
-    texts: pa.Array | pa.ChunkedArray, templates: list[tuple[str, re.Pattern]]
-) -> pa.Array:
-    """template_category of each text of a batch, one pass of each regex over the batch."""
-    values = texts.fill_null("").to_pylist()
-    categories: list[str | None] = [None] * len(values)
-    for category, pattern in reversed(templates):  # an earlier category overwrites a later one
-        for i in itertools.compress(range(len(values)), map(pattern.search, values)):
-            categories[i] = category if values[i] else None
+def template_categories(table: pa.Table, templates: list[Template]) -> pa.Array:
+    """template_category of each row of a batch, one pass of each regex over its column."""
+    categories: list[str | None] = [None] * table.num_rows
+    columns = {t.field: table[t.field].fill_null("").to_pylist() for t in templates}
+    for template in reversed(templates):  # an earlier rule overwrites a later one
+        values = columns[template.field]
+        for pattern in template.patterns:
+            for i in itertools.compress(range(len(values)), map(pattern.search, values)):
+                categories[i] = template.category if values[i] else None
     return pa.array(categories, pa.string())
 
 
 def with_flags(
-    table: pa.Table, duplicates: pa.Array | pa.ChunkedArray, templates: list[tuple[str, re.Pattern]]
+    table: pa.Table, duplicates: pa.Array | pa.ChunkedArray, templates: list[Template]
 ) -> pa.Table:
-    """Append the published flags to a batch of rows: over `instruction_ja`, the templates over the
-    original `instruction`, `duplicate_user_instruction_ja` from `duplicates` (the first earlier
+    """Append the published flags to a batch of rows: over `instruction_ja`, the template rules over
+    the column each names, `duplicate_user_instruction_ja` from `duplicates` (the first earlier
     row with the identical text, see first_occurrences) unless the text is empty."""
     texts = table["instruction_ja"]
     empty = blank(texts)
     flags = [
         empty,
         pc.if_else(empty, pa.scalar(None, pa.string()), duplicates),
-        template_categories(table["instruction"], templates),
+        template_categories(table, templates),
         pc.is_null(texts),
     ]
     for field, column in zip(FLAGS, flags, strict=True):

@@ -48,6 +48,25 @@ def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | No
     return params, name
 
 
+def start_subsets(stage: str, doc: str) -> tuple[Params, list[str]]:
+    """As `start`, for a stage that runs per released subset: the subsets named on the command line
+    (each one of decrypt.subsets), or every one of decrypt.subsets when none is named."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.splitlines()[0])
+    parser.add_argument(
+        "subsets", nargs="*", help="released subsets (ja, ja+unsafe); default: decrypt.subsets"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    params = load_params()
+    unknown = [s for s in args.subsets if s not in params.decrypt.subsets]
+    if unknown:
+        raise PipelineError(
+            f"unknown subset {', '.join(unknown)}; params.yaml decrypt.subsets: "
+            + ", ".join(params.decrypt.subsets)
+        )
+    return params, args.subsets or list(params.decrypt.subsets)
+
+
 @contextlib.contextmanager
 def timed(log: logging.Logger, what: str) -> Iterator[Counter]:
     """Log `what` with the counts (rows in/out...) the block records and the seconds it took."""

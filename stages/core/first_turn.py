@@ -1,12 +1,14 @@
 """Filter LMSYS-Chat-1M conversations by row group and keep each one's first user turn.
 
 Rules, in order; a row is counted under the first rule that drops it, so the `dropped_*` counts
-sum to rows_in - rows_out: language, moderation, redacted, first_message_not_user (the first
+sum to rows_in - rows_out: language, redacted, first_message_not_user (the first
 message is not the user's, or there is none), then duplicate_id. duplicate_id runs last, over the
 rows every other rule kept: the first such row of a conversation_id (files in sorted order, then
 row order) is kept and any later one dropped, so a row dropped by language never makes a later
 row with its id a duplicate. First user turns longer than filter.long_first_turn_chars are kept
-and flagged long_first_turn. Any Parquet error names the file and the fix.
+and flagged long_first_turn. Moderation-flagged conversations are kept and counted (`flagged`):
+translate@ja leaves them out, translate@ja+unsafe keeps them. Any Parquet error names the file and
+the fix.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _unreadable(name: str, err: Exception) -> SourceError:
     )
 
 
-def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, flagged: np.ndarray, role: pa.Array) -> dict:
+def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, role: pa.Array) -> dict:
     """Rule name -> rows it would drop, in the order rules are applied (duplicate_id comes after)."""
     none = np.zeros(batch.num_rows, dtype=bool)
     language = pc.is_in(batch.column("language"), pa.array(spec.languages))
@@ -114,7 +116,6 @@ def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, flagged: np.ndarray, ro
     user_first = pc.fill_null(pc.equal(role, "user"), False)  # null role: no message at all
     return {
         "language": ~language.to_numpy(zero_copy_only=False),
-        "moderation": flagged if spec.moderation == "drop" else none,
         "redacted": redacted if spec.redacted == "drop" else none,
         "first_message_not_user": ~user_first.to_numpy(zero_copy_only=False),
     }
@@ -139,7 +140,7 @@ def _duplicate_ids(ids: pa.Array, keep: np.ndarray, seen: set) -> np.ndarray:
 
 def _count(table: pa.Table, counts: Counter) -> None:
     counts["rows_out"] += table.num_rows
-    for flag in ("empty_first_turn", "long_first_turn"):
+    for flag in ("flagged", "empty_first_turn", "long_first_turn"):
         counts[flag] += int(pc.sum(table[flag]).as_py() or 0)
     counts[MAX_CHARS] = max(counts[MAX_CHARS], pc.max(table["instruction_chars"]).as_py() or 0)
 
@@ -150,7 +151,7 @@ def filter_batch(batch: pa.RecordBatch, spec: FilterSpec, counts: Counter, seen:
     flagged = _any_flagged(batch.column("openai_moderation"))
     role, content = _first_message(batch.column("conversation"))
     keep = np.ones(batch.num_rows, dtype=bool)
-    for rule, drop in _drop_rules(batch, spec, flagged, role).items():  # counted under the first rule
+    for rule, drop in _drop_rules(batch, spec, role).items():  # counted under the first rule
         counts[f"dropped_{rule}"] += int((keep & drop).sum())
         keep &= ~drop
     duplicate = _duplicate_ids(batch.column("conversation_id"), keep, seen)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -246,17 +245,19 @@ class TranslationJoin:
             by_row.write(placed, part["row"].to_numpy() // self.rows)
         return by_row
 
-    def write(self, missing: pa.Table, llm: pa.Table, templates: list[tuple[str, re.Pattern]]) -> int:
+    def write(
+        self, missing: pa.Table, llm: pa.Table, templates: list[annotate.Template], source: str = "llm"
+    ) -> int:
         """Write the translated table to `out` in first-turn order with its flags, a row range at a
-        time; `llm`: the LLM's answers (LLM_ROWS) for `missing` rows (a missing row without one is
-        dropped). Return the rows written."""
+        time; `llm`: the answers (LLM_ROWS) of the translator `source` (llm, deepl) for `missing`
+        rows (a missing row without one is dropped). Return the rows written."""
         by_row = self._spill_by_row(llm, max(1, -(-self.rows_in // self.rows)))
         schema = output_schema(pq.read_schema(self.first))
         first = rechunk(read_batches(self.first, None, self.rows), self.rows)
         lacking = missing["row"].to_numpy()
         pairs = prefetched(zip(first, by_row.parts(), strict=False))
         tables = (
-            self._batch(rows, placed, index * self.rows, lacking, llm, templates)
+            self._batch(rows, placed, index * self.rows, lacking, llm, templates, source)
             for index, (rows, placed) in enumerate(pairs)
         )
         return write_parquet(tables, schema, self.out)
@@ -268,7 +269,8 @@ class TranslationJoin:
         start: int,
         lacking: np.ndarray,
         llm: pa.Table,
-        templates: list[tuple[str, re.Pattern]],
+        templates: list[annotate.Template],
+        source: str,
     ) -> pa.Table:
         """First-turn rows [start, start + n) with their translation, its source, the LLM's status
         and the flags; rows the release lacks (`lacking`) that the LLM did not answer (`llm`) are
@@ -279,7 +281,7 @@ class TranslationJoin:
         where = pa.array(np.searchsorted(answered_rows, rows), mask=~answered)
         table = (
             first.append_column(TEXT, placed[TEXT])
-            .append_column("instruction_source", pc.if_else(pa.array(answered), "llm", "released"))
+            .append_column("instruction_source", pc.if_else(pa.array(answered), source, "released"))
             .append_column("translation_status", llm["translation_status"].take(where))
         )
         keep = pa.array(answered | ~np.isin(rows, lacking))

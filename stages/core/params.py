@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -34,19 +34,31 @@ class Paths(Strict):
     manifest: str  # every fetched file with its uri, revision, size and sha256
     first_turn: str  # filtered first-turn table (Parquet)
     metrics: str  # directory: fetch.json, package-<variant>.json (DVC metrics)
-    instructions: str  # decrypted Japanese instructions (plaintext: private remote only)
-    translated: str  # one row per conversation with its Japanese instruction (private)
+    # decrypted Japanese instructions, <instructions>-<subset>.parquet (plaintext: private remote only)
+    instructions: str
+    # one row per conversation with its Japanese instruction, <translated>-<subset>.parquet (private)
+    translated: str
     generated: str  # directory: <variant>.parquet
     scored: str  # directory: <variant>.parquet
     release: str  # directory: <variant>/
+    sft: str  # directory: <variant>/<option set>.jsonl.gz (LMSYS-derived text: private)
     checkpoints: str  # shard checkpoints and intermediate files of long stages (not a DVC out)
     checkpoint_store: str | None = None  # shard checkpoints elsewhere: an fsspec URL (null: checkpoints)
     response_cache: str  # the response cache, a SQLite file (stages/core/cache.py; not a DVC out)
+    published: str  # fetched published release files, by source and revision (stages/core/published.py)
 
     @property
     def shards(self) -> str:
         """Where finished shards are checkpointed."""
         return self.checkpoint_store or self.checkpoints
+
+    def instructions_of(self, subset: str) -> str:
+        """decrypt@<subset>'s out: the released Japanese instructions of that subset."""
+        return f"{self.instructions}-{subset}.parquet"
+
+    def translated_of(self, subset: str) -> str:
+        """translate@<subset>'s out: that subset's conversations with their Japanese instructions."""
+        return f"{self.translated}-{subset}.parquet"
 
 
 class SourceSpec(Strict):
@@ -67,8 +79,10 @@ class SourceSpec(Strict):
 
 
 class FilterSpec(Strict):
+    """fetch's rules. Moderation-flagged conversations are always kept, with their `flagged` flag:
+    translate@ja leaves them out, translate@ja+unsafe keeps them (one fetch serves both subsets)."""
+
     languages: list[str] = Field(min_length=1)
-    moderation: Literal["drop", "keep"]  # drop flagged conversations, or keep them (ja+unsafe)
     redacted: Literal["drop", "keep"]
     # first user turns longer than this many characters are kept and flagged long_first_turn
     long_first_turn_chars: int = Field(ge=1)
@@ -81,21 +95,55 @@ class FetchParams(Strict):
 
 
 class KeySpec(Strict):
-    """How the passphrase is derived from the LMSYS-Chat-1M files (see conf/decrypt/lmsys.yaml).
+    """How the passphrase of the released .gpg files is obtained (see conf/decrypt/lmsys.yaml).
 
-    The digest runs over the files that `file` matches, in sorted path order: over their bytes,
-    or, when `column` is set, over that Parquet column's values in row order, each as UTF-8
-    text followed by a newline (independent of how the Parquet file is encoded).
+    method hash: a digest over the files that `file` matches under the source root, in sorted path
+    order: over their bytes, or, when `column` is set, over that Parquet column's values in row
+    order, each as UTF-8 text followed by a newline (independent of how the Parquet file is encoded).
+
+    method script: the released repository's key script (`script`, a path under the released root,
+    fetched with it) runs under bash in an empty temporary working directory where the source root
+    appears as the directory `layout`, with `args` ({source} becomes `layout`), an environment of
+    PATH only and `timeout` seconds; its stdout, trimmed, is the passphrase.
     """
 
-    file: str  # glob relative to the source root
-    column: str | None = None  # hash this column's values instead of the file bytes
+    method: Literal["hash", "script"] = "hash"
+    file: str | None = None  # hash: glob relative to the source root
+    column: str | None = None  # hash: hash this column's values instead of the file bytes
     hash: Literal["sha256", "sha512", "md5", "sha1"] = "sha256"
     encoding: Literal["hex", "base64"] = "hex"
+    script: str | None = None  # script: path relative to the released root (list it in fetch.released)
+    layout: str = "lmsys-chat-1m"  # script: the source root's name in the script's working directory
+    args: list[str] = []  # script: its arguments; {source} is replaced by `layout`
+    timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)  # script: seconds before it is killed
+
+    @field_validator("script", "layout")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        path = PurePosixPath(value or ".")
+        if value is not None and (path.is_absolute() or not path.parts or ".." in path.parts):
+            raise ValueError(f"{value!r} must be a relative path without '..'")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> KeySpec:
+        if self.method == "hash" and self.file is None:
+            raise ValueError("method hash needs `file` (a glob under the source root)")
+        if self.method == "script":
+            if self.script is None:
+                raise ValueError("method script needs `script` (its path under the released root)")
+            ignored = [key for key in ("file", "column") if getattr(self, key) is not None]
+            if ignored:
+                raise ValueError(f"method script does not use {ignored}: set them to null or use method hash")
+        return self
+
+
+Subset = Literal["ja", "ja+unsafe"]  # ja: moderation-clean conversations; ja+unsafe: all of them
 
 
 class DecryptParams(Strict):
-    subset: Literal["ja", "ja+unsafe"]
+    # the released subsets that decrypt@S and translate@S run for: exactly those the variants use
+    subsets: list[Subset] = Field(min_length=1)
     file: str  # released file name, {subset} is replaced
     key: KeySpec
 
@@ -159,16 +207,56 @@ class EngineParams(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, json_schema_extra=RUNTIME)  # vllm
 
 
+class DeepLParams(Strict):
+    """translate.missing=deepl: the DeepL API through the official `deepl` client (pip extra deepl)."""
+
+    target_lang: str = "JA"
+    source_lang: str | None = None  # null: DeepL detects it (a glossary needs it set)
+    formality: Literal["default", "more", "less", "prefer_more", "prefer_less"] | None = None
+    glossary_id: str | None = None
+    model_type: Literal["quality_optimized", "latency_optimized", "prefer_quality_optimized"] | None = None
+    # the environment variable holding the key (never the key itself)
+    auth_key_env: str = Field("DEEPL_AUTH_KEY", json_schema_extra=RUNTIME)
+    # null: the client's own choice (api-free.deepl.com for a key ending in :fx, else api.deepl.com)
+    server_url: str | None = Field(None, json_schema_extra=RUNTIME)
+    # texts and JSON body bytes per request: DeepL takes at most 50 texts and 128 KiB a request
+    batch_texts: int = Field(50, ge=1, le=50, json_schema_extra=RUNTIME)
+    batch_bytes: int = Field(128 * 1024, ge=1024, le=128 * 1024, json_schema_extra=RUNTIME)
+    max_retries: int = Field(5, ge=0, json_schema_extra=RUNTIME)  # the client's retries of 429, 5xx
+
+    @model_validator(mode="after")
+    def _glossary_needs_source(self) -> DeepLParams:
+        if self.glossary_id is not None and self.source_lang is None:
+            raise ValueError("glossary_id needs source_lang: DeepL applies a glossary to one language pair")
+        return self
+
+
+class TemplateRule(Strict):
+    """A template category: regexes (Python `re`, searched) over one text of the first user turn."""
+
+    category: str = Field(min_length=1)
+    field: Literal["instruction", "instruction_ja"] = "instruction"  # original turn, or its translation
+    patterns: list[str] = Field(min_length=1)
+
+
 class TranslateParams(Strict):
-    missing: Literal["error", "drop", "llm"]  # conversations the released file lacks
+    # conversations the released file lacks: translate them (deepl, llm), drop them, or stop (fail)
+    missing: Literal["fail", "drop", "llm", "deepl"]
     llm: LLMSpec
     prompt: str
     sampling: Sampling
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
-    templates: dict[str, str]  # category -> regex over the original first user turn
+    # is_template_instruction: the first rule (in order) with a pattern that matches its field
+    templates: list[TemplateRule]
     retries: int = Field(1, ge=0)  # an empty or failed LLM translation is asked again, with a new seed
     # stop when more than this fraction of the LLM translations failed (after retries)
     max_failure_rate: float = Field(0.05, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
+    deepl: DeepLParams = DeepLParams()
+
+    @field_validator("missing", mode="before")
+    @classmethod
+    def _error_is_fail(cls, value: object) -> object:
+        return "fail" if value == "error" else value  # `error`: the earlier name of `fail`
 
 
 class GenerateParams(Strict):
@@ -178,6 +266,12 @@ class GenerateParams(Strict):
     system_prompt: str | None = None
     sampling: Sampling
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
+    # an instruction of a conversation LMSYS redacted (PII replaced by NAME_1...) is not asked, as in
+    # the public derivative of the published generator; its status is skipped_redacted
+    skip_redacted: bool = True
+    # engine: ask llm for the responses; published: take them from the variant's published file
+    # (`published`), loading no model: a team can re-judge or re-package the published responses
+    source: Literal["engine", "published"] = "engine"
 
 
 class ScoreParams(Strict):
@@ -187,6 +281,11 @@ class ScoreParams(Strict):
     # a response of more than this many tokens is flagged as repetitive (published: > 2000)
     repetition_threshold: int = Field(2000, ge=0)
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
+    # how a judgement becomes its score (stages/core/judge.py): parse the text (published), structured
+    # output (a JSON schema forces the rating; vllm and openai backends), or logprob (the expected
+    # rating over the rating tokens' top_logprobs after "[[")
+    mode: Literal["parse", "structured", "logprob"] = "parse"
+    top_logprobs: int = Field(20, ge=1, le=20)  # logprob mode: alternatives per token (OpenAI allows 20)
 
 
 class SecondTurnParams(Strict):
@@ -196,6 +295,7 @@ class SecondTurnParams(Strict):
 
 class VariantParams(Strict):
     release_name: str
+    subset: Subset  # the released instruction subset it answers (published Gemma-3: ja+unsafe)
     generate: GenerateParams
     score: ScoreParams
     second_turn: SecondTurnParams | None = None
@@ -214,6 +314,63 @@ class ReleaseParams(Strict):
     gzip_threads: int = Field(0, ge=0, json_schema_extra=RUNTIME)  # compressing threads (0: all CPUs)
 
 
+class PublishedParams(Strict):
+    """The published release files (tokyotech-llm/lmsys-chat-1m-synth): compare@M reads the variant's
+    public file, and so does generate@M when models.<v>.generate.source is `published`."""
+
+    uri: str  # local path, s3:// or hf://datasets/<repo>, as fetch.released
+    revision: str | None = None  # Hub revision: a 40-hex commit in release configs
+    file: str  # a variant's public file, relative to uri; {name} is its release_name
+    sha256: dict[str, str] = {}  # expected checksums by file (after {name} is filled in)
+    storage_options: dict[str, str | int | float | bool] = {}  # fsspec options that are not secrets
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, pins: dict[str, str]) -> dict[str, str]:
+        bad = [name for name, digest in pins.items() if not re.fullmatch(SHA256, digest)]
+        if bad:
+            raise ValueError(f"not 64 lowercase hex digits for {bad}")
+        return pins
+
+    def path(self, release_name: str) -> str:
+        return self.file.format(name=release_name)
+
+    def source(self, release_name: str) -> SourceSpec:
+        """The fetch of one variant's file, with its pin if there is one."""
+        path = self.path(release_name)
+        pins = {path: self.sha256[path]} if path in self.sha256 else {}
+        return SourceSpec(
+            uri=self.uri,
+            revision=self.revision,
+            include=[path],
+            sha256=pins,
+            storage_options=self.storage_options,
+        )
+
+
+SFT_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # an option set's name is its file name
+
+
+class SftOption(Strict):
+    """One SFT file per variant it applies to (stages/core/sft.py): the best-scored response to
+    each instruction, in TRL's `{"conversation": [...]}` form, as the published converter writes."""
+
+    language: Literal["ja", "en"] = "ja"  # en: the LMSYS first turn and the English response
+    min_score: float | None = Field(None, ge=0.0, le=10.0)  # the best response's score must reach it
+    exclude_template: bool = False  # leave out instructions with is_template_instruction set
+    exclude_redacted: bool = False  # leave out conversations LMSYS-Chat-1M marks `redacted` (PII)
+    turns: Literal[1, 2] = 1  # 2: the instruction and the variant's synthesized_multiturn_conversation
+    variants: list[str] | None = None  # the variants it applies to (null: every variant)
+
+    @model_validator(mode="after")
+    def _english_is_one_unscored_turn(self) -> SftOption:
+        if self.language == "en" and self.min_score is not None:
+            raise ValueError("min_score needs language ja: the English responses are not scored")
+        if self.language == "en" and self.turns == 2:
+            raise ValueError("turns=2 needs language ja: the second turn is Japanese")
+        return self
+
+
 class Params(Strict):
     profile: str
     seed: int
@@ -224,6 +381,8 @@ class Params(Strict):
     engine: EngineParams
     release: ReleaseParams
     models: dict[str, VariantParams] = Field(min_length=1)
+    sft: dict[str, SftOption] = {}  # SFT option sets by name (stages/sft.py)
+    published: PublishedParams  # the published release files (compare, generate.source=published)
 
     @field_validator("models")
     @classmethod
@@ -249,11 +408,57 @@ class Params(Strict):
                         f"{key}.revision={llm.revision!r}: a release config must pin {llm.model} to a "
                         "40-hex Hub commit, so that the release records which weights produced it"
                     )
-        wanted = "ja+unsafe" if self.fetch.filter.moderation == "keep" else "ja"
-        if self.decrypt.subset != wanted:
+        used = {variant.subset for variant in self.models.values()}
+        listed = self.decrypt.subsets
+        if len(set(listed)) != len(listed) or set(listed) != used:
+            uses = ", ".join(f"models.{name}.subset={v.subset}" for name, v in self.models.items())
             raise ValueError(
-                f"decrypt.subset={self.decrypt.subset!r} does not match fetch.filter.moderation="
-                f"{self.fetch.filter.moderation!r}: use {wanted!r}"
+                f"decrypt.subsets={listed} must list each subset the variants use once ({uses}): "
+                f"use {sorted(used)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _key_script_is_pinned(self) -> Params:
+        key, released = self.decrypt.key, self.fetch.released
+        # pinned, it must also be fetched: fetch refuses a pin for a file that fetch.released.include lacks
+        if key.method == "script" and self.profile == RELEASE_PROFILE and key.script not in released.sha256:
+            raise ValueError(
+                f"decrypt.key.method=script: a release config must pin the script's sha256 in "
+                f"fetch.released.sha256[{key.script!r}] (it runs on this machine)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sft_fits_its_variants(self) -> Params:
+        for name, option in self.sft.items():
+            if not re.match(SFT_NAME, name):
+                raise ValueError(f"sft.{name}: an option set's name must match {SFT_NAME}")
+            unknown = sorted(set(option.variants or []) - set(self.models))
+            if unknown:
+                raise ValueError(f"sft.{name}.variants: unknown {unknown}; models: {list(self.models)}")
+            for variant in option.variants or list(self.models):
+                spec = self.models[variant]
+                if option.turns == 2 and spec.second_turn is None:
+                    raise ValueError(
+                        f"sft.{name}.turns=2: variant {variant} has no second turn (models.{variant}."
+                        f"second_turn is null); set sft.{name}.variants to variants that have one"
+                    )
+                if option.language == "en" and spec.generate.n_en == 0:
+                    raise ValueError(
+                        f"sft.{name}.language=en: variant {variant} has no English responses (models."
+                        f"{variant}.generate.n_en is 0); set sft.{name}.variants to variants that have them"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _published_pinned(self) -> Params:
+        spec = self.published
+        hub = self.profile == RELEASE_PROFILE and spec.uri.startswith("hf://")
+        if hub and not re.fullmatch(COMMIT, spec.revision or ""):
+            raise ValueError(
+                f"published.revision={spec.revision!r}: a release config must pin a 40-hex commit, "
+                "not a branch or tag"
             )
         return self
 

@@ -75,6 +75,9 @@ def request_seed(seed: int, conversation_id: str, purpose: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+SKIPPED_REDACTED = "skipped_redacted"  # generate.skip_redacted: a conversation LMSYS redacted (PII)
+
+
 def eligible(row: dict) -> bool:
     """Empty, duplicate and untranslated instructions get no responses."""
     return (
@@ -84,12 +87,17 @@ def eligible(row: dict) -> bool:
     )
 
 
+def skipped_redacted(row: dict, spec: GenerateParams) -> bool:
+    """With generate.skip_redacted, an eligible instruction of a redacted conversation is not asked."""
+    return spec.skip_redacted and bool(row.get("redacted")) and eligible(row)
+
+
 def requests_for(
     rows: list[dict], language: str, n: int, spec: GenerateParams, seed: int
 ) -> tuple[list[int], list[ChatRequest]]:
     """The positions of the rows asked in `language` (ja or en) and their requests for n responses."""
     field = FIELDS[language]
-    todo = [i for i, r in enumerate(rows) if eligible(r)] if n else []
+    todo = [i for i, r in enumerate(rows) if eligible(r) and not skipped_redacted(r, spec)] if n else []
     return todo, [
         ChatRequest(
             with_system(spec.system_prompt, [{"role": "user", "content": rows[i][field]}]),
@@ -110,14 +118,18 @@ def generate_table(engine: Engine, part: pa.Table, spec: GenerateParams, seed: i
     }
     replies = iter(engine.chat([r for _, requests in asked.values() for r in requests], spec.sampling))
     columns = []
-    for todo, _ in asked.values():
+    for (todo, _), n in zip(asked.values(), (spec.n_ja, spec.n_en), strict=True):
         found = [None] * len(rows)
         for i in todo:
             found[i] = next(replies)
+        redacted = SKIPPED_REDACTED if n else None  # a language not asked has no status
         columns.append(
             (
                 [as_rows(reply.completions) if reply and reply.completions else None for reply in found],
-                [reply.status if reply else None for reply in found],
+                [
+                    reply.status if reply else (redacted if skipped_redacted(row, spec) else None)
+                    for reply, row in zip(found, rows, strict=True)
+                ],
             )
         )
     (ja, status_ja), (en, status_en) = columns

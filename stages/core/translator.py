@@ -64,16 +64,24 @@ def translate_table(engine: Engine, rows: pa.Table, spec: TranslateParams, seed:
     return pa.table([rows["conversation_id"], texts, statuses], schema=TRANSLATED)
 
 
-def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | None, str]]:
+def split_empty(table: pa.Table) -> tuple[dict[str, tuple[str | None, str]], pa.Table]:
+    """The answers for the empty first turns of `table` (nothing to translate: an empty
+    instruction, EMPTY_SOURCE), and its other rows."""
+    empty = table.filter(table["empty_first_turn"])["conversation_id"].to_pylist()
+    return {cid: ("", EMPTY_SOURCE) for cid in empty}, table.filter(pc.invert(table["empty_first_turn"]))
+
+
+def translate_missing(
+    table: pa.Table, params: Params, stage: str = "translate"
+) -> dict[str, tuple[str | None, str]]:
     """conversation_id -> (Japanese text or None, translation status) for each row of `table`:
-    its non-empty first turns (`instruction`) go to the translator LLM, its empty ones stay empty."""
-    spec, result = params.translate, {}
-    for cid in table.filter(table["empty_first_turn"])["conversation_id"].to_pylist():
-        result[cid] = ("", EMPTY_SOURCE)
-    table = table.filter(pc.invert(table["empty_first_turn"]))
+    its non-empty first turns (`instruction`) go to the translator LLM, its empty ones stay empty.
+    `stage` names the checkpoints (translate@<subset>: each subset keeps its own)."""
+    spec = params.translate
+    result, table = split_empty(table)
     if table.num_rows == 0:
         return result
-    out = Path(params.paths.checkpoints) / "translate.parquet"
+    out = Path(params.paths.checkpoints) / f"{stage}.parquet"
     with engine_pool(spec.llm, params.engine, params.paths.response_cache) as pool:
         key = digest(
             "translate",
@@ -91,7 +99,7 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
             out=out,
             schema=TRANSLATED,
             checkpoints=params.paths.shards,
-            stage="translate",
+            stage=stage,
             role="translate",
             key=key,
         )
@@ -100,7 +108,12 @@ def translate_missing(table: pa.Table, params: Params) -> dict[str, tuple[str | 
         table.num_rows,
         value_counts(out, ["translation_status"]),
     )
+    result.update(read_answers(out))
+    return result
+
+
+def read_answers(out: str | Path) -> dict[str, tuple[str | None, str]]:
+    """conversation_id -> (Japanese text or None, translation status) of a translator's out."""
     done = read_table(out).to_pydict()
     ids, texts, statuses = done["conversation_id"], done["instruction_ja"], done["translation_status"]
-    result.update(zip(ids, zip(texts, statuses, strict=True), strict=True))
-    return result
+    return dict(zip(ids, zip(texts, statuses, strict=True), strict=True))

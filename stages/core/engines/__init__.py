@@ -19,6 +19,7 @@ from stages.core.params import EngineParams, LLMSpec
 __all__ = [
     "FAILED",
     "OK",
+    "STRUCTURED_OUTPUT",
     "TOO_LONG",
     "ChatRequest",
     "Completion",
@@ -28,6 +29,7 @@ __all__ = [
     "apply_chat_rules",
     "make_engine",
 ]
+STRUCTURED_OUTPUT = ("vllm", "openai")  # backends that take ChatRequest.json_schema (all take top_logprobs)
 
 
 def make_engine(llm: LLMSpec, options: EngineParams) -> Engine:

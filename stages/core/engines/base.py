@@ -4,12 +4,16 @@ token counts, or the reason there are none); one bad request never fails the oth
 from __future__ import annotations
 
 import abc
+import bisect
 import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
+import math
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,13 +26,31 @@ from stages.core.resume import recipe
 LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
 OK, TOO_LONG, FAILED = "ok", "skipped_too_long", "failed"  # Reply.status
+LOGPROB_SPAN = 2  # tokens that keep their alternatives after each `logprobs_after` text ("1", "0" of a 10)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """One chat to complete n times. The optional fields change the output, so `options()` puts the
+    ones set into the response cache key (a request that sets none keeps its key)."""
+
     messages: list[dict[str, str]]
     n: int = 1
     seed: int = 0
+    json_schema: dict | None = None  # structured output: each completion is JSON that follows it
+    # each completion's tokens with up to this many alternatives (token text -> logprob) each, at the
+    # LOGPROB_SPAN tokens that follow each `logprobs_after` text in it (every token where it is "")
+    top_logprobs: int = 0
+    logprobs_after: str = ""
+
+    def options(self) -> dict[str, Any]:
+        """The optional fields this request sets, as they enter a cache key."""
+        found: dict[str, Any] = {}
+        if self.json_schema is not None:
+            found["json_schema"] = self.json_schema
+        if self.top_logprobs:
+            found |= {"top_logprobs": self.top_logprobs, "logprobs_after": self.logprobs_after}
+        return found
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,9 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    # with ChatRequest.top_logprobs: [token text, {alternative text: logprob}] per generated token (see
+    # `token_logprobs`); None where not asked or where the backend returned none
+    logprobs: list[list] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +136,9 @@ class Engine(abc.ABC):
             identity = self.cache_identity()
             settings = recipe(sampling)
             keys = [
-                request_key(identity, apply_chat_rules(r.messages, self.llm), settings, r.n, r.seed)
+                request_key(
+                    identity, apply_chat_rules(r.messages, self.llm), settings | r.options(), r.n, r.seed
+                )
                 for r in requests
             ]
             hits = self.cache.get_many(keys)
@@ -208,6 +235,38 @@ def apply_chat_rules(messages: list[dict[str, str]], llm: LLMSpec) -> list[dict[
     if rest and rest[0]["role"] == "user":
         rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
     return rest
+
+
+def token_logprobs(
+    tokens: list[str], alternatives: Callable[[int], dict[str, float]], request: ChatRequest
+) -> list[list]:
+    """`Completion.logprobs` of one completion: [token, alternatives] per token in `tokens` (the text of
+    each generated token), where `alternatives(i)` gives token i's (its own included), asked only at
+    the LOGPROB_SPAN tokens from the one holding the first character after each `request.logprobs_after`
+    in the tokens' joined text (every token when it is ""); the others get {}."""
+    wanted = set(range(len(tokens)))
+    if request.logprobs_after:
+        starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0))
+        joined, mark, wanted = "".join(tokens), request.logprobs_after, set()
+        end = joined.find(mark)
+        while end != -1:
+            end += len(mark)
+            holder = bisect.bisect_right(starts, end) - 1  # the last token starting at or before `end`
+            if holder >= 0 and end < starts[holder] + len(tokens[holder]):
+                wanted.update(range(holder, min(holder + LOGPROB_SPAN, len(tokens))))
+            end = joined.find(mark, end)
+    return [[token, alternatives(i) if i in wanted else {}] for i, token in enumerate(tokens)]
+
+
+def by_text(alternatives: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Alternatives (text, logprob) of distinct tokens by their text: tokens that read the same add up."""
+    found: dict[str, float] = {}
+    for text, value in alternatives:
+        if text in found:  # log(exp(a) + exp(b))
+            high, low = max(found[text], value), min(found[text], value)
+            value = high + math.log1p(math.exp(low - high))
+        found[text] = value
+    return found
 
 
 def missing_extra(library: str, extra: str) -> ImportError:

@@ -5,7 +5,8 @@ servers `engine.base_url` lists.
 Each request runs on its own: an error after the client's retries (HTTP 4xx/5xx, timeout,
 connection, a malformed body) fails only that request. Per-choice token counts come from the
 returned logprobs (one entry per generated token); a server that returns none gets n single-choice
-requests, whose usage is exact."""
+requests, whose usage is exact. A request's JSON schema is sent as `response_format` (type json_schema,
+strict), which OpenAI and `vllm serve` both take, and its top_logprobs as `top_logprobs`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from stages.core.engines.base import (
     Engine,
     Reply,
     apply_chat_rules,
+    by_text,
     missing_extra,
+    token_logprobs,
 )
 from stages.core.errors import PipelineError
 from stages.core.params import Sampling
@@ -112,6 +115,7 @@ class OpenAIEngine(Engine):
                     top_p=sampling.top_p,
                     max_tokens=sampling.max_tokens,
                     logprobs=True,
+                    **request_options(request),
                 )
             except self._errors as err:
                 LOG.warning(
@@ -143,10 +147,40 @@ class OpenAIEngine(Engine):
                     finish_reason="length" if c.finish_reason == "length" else "stop",
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens if tokens is None else tokens,
+                    logprobs=_logprobs(c.logprobs, request) if request.top_logprobs and tokens else None,
                 )
                 for c, tokens in zip(choices, counted, strict=True)
             ]
         )
+
+
+def request_options(request: ChatRequest) -> dict[str, Any]:
+    """The arguments of `chat.completions.create` for a request's options (none where it sets none)."""
+    args: dict[str, Any] = {}
+    if request.top_logprobs:
+        args["top_logprobs"] = request.top_logprobs
+    if request.json_schema is not None:
+        name = request.json_schema.get("title", "output")
+        args["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": request.json_schema, "strict": True},
+        }
+    return args
+
+
+def _logprobs(logprobs: Any, request: ChatRequest) -> list[list]:
+    """`Completion.logprobs` of a choice: `logprobs.content` holds each generated token with its logprob
+    and its `top_logprobs` (which may leave the token itself out)."""
+    content = logprobs.content
+
+    def alternatives(k: int) -> dict[str, float]:
+        entry = content[k]
+        return by_text(
+            [(top.token, top.logprob) for top in entry.top_logprobs or [] if top.token != entry.token]
+            + [(entry.token, entry.logprob)]
+        )
+
+    return token_logprobs([entry.token for entry in content], alternatives, request)
 
 
 @dataclass

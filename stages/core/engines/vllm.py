@@ -3,7 +3,9 @@
 One thread feeds the engine (`LLMEngine.add_request` / `step`, the loop `LLM.chat` runs inside):
 requests from every shard in flight join the running batch, so the end of one shard does not
 drain it. Prompts are rendered with the model's chat template and tokenized once, by the same
-tokenizer that counted them, and sent as token ids."""
+tokenizer that counted them, and sent as token ids. A request's JSON schema becomes vLLM's structured
+output (`StructuredOutputsParams`, or `GuidedDecodingParams` before vLLM 0.11) and its top_logprobs
+SamplingParams.logprobs (vLLM's raw logprobs, the sampled token's among them)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from stages.core.engines.base import (
     Engine,
     Reply,
     apply_chat_rules,
+    by_text,
     missing_extra,
+    token_logprobs,
 )
 from stages.core.errors import PipelineError
 from stages.core.params import Sampling
@@ -105,18 +109,36 @@ class VLLMEngine(Engine):
                 **sampling_arguments(r, sampling), output_kind=RequestOutputKind.FINAL_ONLY
             )
             futures.append(self._feeder.submit({"prompt_token_ids": ids}, params))
-        return [_reply(f) for f in futures]
+        return [_reply(f, r) for f, r in zip(futures, requests, strict=True)]
 
 
 def sampling_arguments(request: ChatRequest, sampling: Sampling) -> dict[str, Any]:
-    """The arguments of `vllm.SamplingParams` for one request."""
-    return {
+    """The arguments of `vllm.SamplingParams` for one request (a request's options only where set)."""
+    args = {
         "n": request.n,
         "seed": request.seed,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "max_tokens": sampling.max_tokens,
     }
+    if request.top_logprobs:
+        args["logprobs"] = request.top_logprobs
+    if request.json_schema is not None:
+        args.update(structured_output(request.json_schema))
+    return args
+
+
+def structured_output(schema: dict) -> dict[str, Any]:
+    """The SamplingParams argument that makes vLLM's output follow a JSON schema, in the installed
+    vLLM's terms: `structured_outputs` (0.11 on; `guided_decoding` was removed in 0.12) or
+    `guided_decoding` (up to 0.10)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=schema)}
 
 
 def accepted_engine_args(vllm: Any) -> set[str]:
@@ -135,7 +157,7 @@ def check_arguments(args: dict[str, Any], accepted: set[str], where: str, model:
         )
 
 
-def _reply(future: Future) -> Reply:
+def _reply(future: Future, request: ChatRequest) -> Reply:
     try:
         out = future.result()
     except _Rejected as err:  # vLLM refused the request before generating (validation)
@@ -152,9 +174,27 @@ def _reply(future: Future) -> Reply:
                 finish_reason=o.finish_reason,
                 prompt_tokens=len(out.prompt_token_ids or []),
                 completion_tokens=len(o.token_ids),
+                logprobs=_logprobs(o, request) if request.top_logprobs and o.logprobs else None,
             )
             for o in done
         ]
+    )
+
+
+def _logprobs(output: Any, request: ChatRequest) -> list[list]:
+    """`Completion.logprobs` of a CompletionOutput: its `logprobs` hold, per generated token, a dict
+    token id -> Logprob(logprob, rank, decoded_token) with the sampled token and the top ones."""
+    steps = list(output.logprobs)  # a list of dicts, or vLLM's FlatLogprobs (a sequence of them)
+
+    def text(step: dict, token_id: int) -> str:
+        found = step.get(token_id)
+        return (found.decoded_token if found is not None else None) or ""
+
+    tokens = [text(step, token_id) for step, token_id in zip(steps, output.token_ids, strict=False)]
+    return token_logprobs(
+        tokens,
+        lambda k: by_text((text(steps[k], i), float(lp.logprob)) for i, lp in steps[k].items()),
+        request,
     )
 
 

@@ -1,0 +1,107 @@
+"""The release directory is a Hugging Face dataset: its card, its configs and its provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.core import card
+from tests.conftest import run_stage
+
+
+@pytest.fixture
+def released(workspace, monkeypatch, fake_engine) -> Path:
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "gemma2")
+    return workspace / "data/release/gemma2"
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_card_describes_the_release(released: Path):
+    text = (released / "README.md").read_text(encoding="utf-8")
+    meta = _front_matter(text)
+    manifest = json.loads((released / "manifest.json").read_text())
+    assert meta["license"] == "other" and meta["language"] == ["ja", "en"]
+    assert meta["size_categories"] == ["n<1K"]
+    assert [c["config_name"] for c in meta["configs"]] == ["default"]
+    assert meta["configs"][0]["data_files"] == [
+        {"split": "train", "path": "gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz"}
+    ]
+    names = [f["name"] for f in meta["dataset_info"][0]["features"]]
+    assert "synthesized_multiturn_conversation" in names and "translated_conversation" not in names
+    for licence in ("LMSYS-Chat-1M Dataset License Agreement", "Apache-2.0"):
+        assert licence in text
+    assert "Gemma Terms" not in text and "Llama 3.1" not in text  # the sample's tiny model made it
+    assert f"`{manifest['provenance']['params_fingerprint']}`" in text
+    assert manifest["subset"] == "ja" and manifest["provenance"]["subset"] == "ja"
+    assert f"| instructions | {manifest['metrics']['instructions']} |" in text
+    assert "README.md" not in manifest["files"]
+
+
+def test_datasets_loads_the_release_directory_with_one_schema(released: Path, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cache = str(tmp_path / "hf-cache")
+    from_json = datasets.load_dataset(str(released), split="train", cache_dir=cache)
+    parquet = str(released / "gemma2-lmsys-chat-1m-synth-ja+en.parquet")
+    from_parquet = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache)
+    assert from_json.features == from_parquet.features
+    assert (
+        from_json.num_rows
+        == from_parquet.num_rows
+        == json.loads((released / "manifest.json").read_text())["metrics"]["instructions"]
+    )
+    assert from_json[0] == from_parquet[0]
+    turns = from_json.features["synthesized_multiturn_conversation"]
+    assert {"role", "content"} <= set(turns.feature if hasattr(turns, "feature") else turns[0])
+
+
+def test_a_gemma3_card_says_its_file_has_no_english(workspace):
+    from stages.core.params import load_params
+
+    params = load_params(workspace / "params.yaml")
+    manifest = {
+        "files": {"gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz": {"sha256": "0" * 64, "size": 1}},
+        "metrics": {"instructions": 2_000},
+        "producers": {
+            "project": {"version": "0.1.0"},
+            "models": {
+                "judge": {
+                    "model": "google/gemma-3-27b-it",
+                    "revision": "r",
+                    "engine": "vllm",
+                    "libraries": {},
+                }
+            },
+        },
+        "provenance": card.provenance(params, "gemma3"),
+    }
+    text = card.dataset_card(params, "gemma3", manifest, [{"name": "conversation_id", "dtype": "string"}])
+    meta = _front_matter(text)
+    assert meta["language"] == ["ja"] and meta["size_categories"] == ["1K<n<10K"]
+    assert meta["configs"][0]["data_files"][0]["path"].endswith(".jsonl.gz")
+    assert "keeps the published `ja+en`, though this variant has Japanese only" in text
+    assert manifest["provenance"]["subset"] == "ja+unsafe"
+
+
+def test_licences_follow_the_models_that_produced_the_release():
+    def producers(*models: str) -> dict:
+        return {"models": {f"role{i}": {"model": m} for i, m in enumerate(models)}}
+
+    gemma = card.licences(producers("google/gemma-2-27b-it", "google/gemma-2-27b-it"))
+    assert [t.split(" (")[0].split(":")[0] for t in gemma] == [
+        "LMSYS-Chat-1M Dataset License Agreement",
+        "Gemma Terms of Use",
+        "Apache-2.0",
+    ]
+    both = card.licences(producers("google/gemma-3-27b-it", "meta-llama/Llama-3.1-70B-Instruct"))
+    assert any("Llama 3.1 Community License" in t for t in both) and any("Gemma Terms" in t for t in both)

@@ -1,0 +1,368 @@
+"""Judge modes: parse (published), structured output and the logprob-weighted expected rating, on a fake
+engine that returns logprobs, on the openai engine against the local fake vLLM server, and on the
+transformers engine with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import types
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.fake_vllm import FakeVLLMServer
+from stages.core.engines import ChatRequest, Completion, Reply, make_engine
+from stages.core.engines import vllm as vllm_engine
+from stages.core.engines.base import token_logprobs
+from stages.core.errors import PipelineError
+from stages.core.judge import (
+    FAILED,
+    JUDGEMENT_SCHEMA,
+    expected_rating,
+    judge_request,
+    judge_rows,
+    parse_score,
+    score_of,
+    structured_score,
+)
+from stages.core.params import EngineParams, LLMSpec, ParamsError, Sampling, ScoreParams
+from tests.conftest import FakeEngine, run_stage, set_params
+
+TINY = str(Path(__file__).resolve().parent.parent / "data" / "sample" / "tiny-chat")
+LOG = math.log
+
+
+def spec(mode: str, **fields) -> ScoreParams:
+    return ScoreParams(
+        llm=LLMSpec(model="fake"),
+        prompt="judge-0to10",
+        sampling=Sampling(temperature=0.0, max_tokens=64),
+        shard_size=8,
+        mode=mode,
+        **fields,
+    )
+
+
+def judged(tokens: list[list], text: str | None = None) -> Completion:
+    """A judgement whose logprobs are `tokens` ([text, alternatives] each)."""
+    joined = "".join(t for t, _ in tokens)
+    return Completion(joined if text is None else text, "stop", 10, len(tokens), logprobs=tokens)
+
+
+# --- the expected rating over the rating tokens ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        # p(7) = p(8) = 0.5
+        ([["Good. Rating: ", {}], ["[[", {}], ["7", {"7": LOG(0.5), "8": LOG(0.5)}], ["]]", {}]], 7.5),
+        # renormalised over the rating tokens present: " **" is no rating
+        ([["[[", {}], ["7", {"7": LOG(0.4), "8": LOG(0.4), " **": LOG(0.2)}], ["]]", {}]], 7.5),
+        # "10" one token (Llama 3): a "1" is a 1
+        ([["[[", {}], ["10", {"10": LOG(0.5), "9": LOG(0.3), "1": LOG(0.2)}], ["]]", {}]], 7.9),
+        # "10" as "1" then "0" (Gemma): the sampled "1"'s next token splits its mass, 0.6 * 0.75 to 10
+        (
+            [["[[", {}], ["1", {"1": LOG(0.6), "9": LOG(0.4)}], ["0", {"0": LOG(0.75), "]]": LOG(0.25)}]],
+            0.6 * 0.75 * 10 + 0.6 * 0.25 * 1 + 0.4 * 9,
+        ),
+        # a sampled "1" that the text ends after is a 1; "11" and the like are dropped
+        ([["[[", {}], ["1", {"1": LOG(0.5), "2": LOG(0.5)}], ["]]", {"]]": LOG(0.8), "1": LOG(0.2)}]], 1.5),
+        # an unsampled "1" without a "10" token: the nearer of 1 and 10 to the other ratings' mean
+        ([["[[", {}], ["9", {"9": LOG(0.7), "1": LOG(0.3)}], ["]]", {}]], 0.7 * 9 + 0.3 * 10),
+        ([["[[", {}], ["2", {"2": LOG(0.7), "1": LOG(0.3)}], ["]]", {}]], 0.7 * 2 + 0.3 * 1),
+        # a token that holds the end of "[[" with the rating
+        ([["Rating: ", {}], ["[[7", {"[[7": LOG(0.5), "[[8": LOG(0.5), "[[": LOG(0.1)}], ["]]", {}]], 7.5),
+        # spaces around the digits read too
+        ([["[[", {}], [" 6", {" 6": LOG(0.5), " 4": LOG(0.5)}], ["]]", {}]], 5.0),
+        # the last "[[" with rating alternatives: the quoted format comes first
+        (
+            [["Format [[", {}], ["rating", {"rating": LOG(0.9)}], ["]]. Rating: [[", {}], ["3", {"3": 0.0}]],
+            3.0,
+        ),
+    ],
+)
+def test_expected_rating_over_the_rating_tokens(tokens, expected):
+    assert expected_rating(judged(tokens)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_without_rating_alternatives_the_text_is_parsed_or_the_score_fails():
+    no_ratings = [["Rating: ", {}], ["[[", {}], ["**", {"**": LOG(0.9)}], ["]]", {}]]
+    assert expected_rating(judged(no_ratings, "Rating: [[6]]")) == 6.0  # the text's own rating
+    assert expected_rating(judged(no_ratings)) == FAILED  # "Rating: [[**]]": none in the text either
+    assert expected_rating(Completion("Rating: [[4]]", "stop", 1, 1)) == 4.0  # the engine gave no logprobs
+    only_ones = [["[[", {}], ["x", {"1": LOG(0.5), "x": LOG(0.5)}], ["]]", {}]]  # "1" alone: 1 or 10?
+    assert expected_rating(judged(only_ones, "Rating: [[x]]")) == FAILED
+
+
+def test_the_engine_keeps_alternatives_only_after_the_mark():
+    tokens = ["Good", ". [[", "1", "0", "]]", " ok [", "[", "5", "]]"]
+    request = ChatRequest([], top_logprobs=5, logprobs_after="[[")
+    kept = token_logprobs(tokens, lambda i: {tokens[i]: -float(i)}, request)
+    assert [t for t, _ in kept] == tokens
+    assert [i for i, (_, alternatives) in enumerate(kept) if alternatives] == [2, 3, 7, 8]
+    everywhere = token_logprobs(tokens, lambda i: {tokens[i]: 0.0}, replace(request, logprobs_after=""))
+    assert all(alternatives for _, alternatives in everywhere)
+
+
+def test_structured_score_reads_the_rating_field():
+    assert structured_score('{"explanation": "Rating: [[2]] is what a weak answer gets", "rating": 9}') == 9.0
+    assert structured_score('{"explanation": "x", "rating": 11}') == FAILED
+    assert structured_score('{"explanation": "cut at max_tokens, Rating: [[6') == FAILED
+    assert structured_score('{"explanation": "Rating: [[6]]", "rati') == 6.0  # cut: the text's rating
+    assert score_of(None, "structured") == FAILED
+
+
+def test_each_mode_asks_for_its_own_request():
+    parse, structured, logprob = (
+        judge_request(spec(m), "質問", "回答", 7) for m in ("parse", "structured", "logprob")
+    )
+    assert parse == ChatRequest(parse.messages, seed=7) and parse.options() == {}  # the published request
+    assert structured.options() == {"json_schema": JUDGEMENT_SCHEMA}
+    assert logprob.options() == {"top_logprobs": 20, "logprobs_after": "[["}
+    assert judge_request(spec("logprob", top_logprobs=5), "q", "a", 1).top_logprobs == 5
+
+
+# --- a fake engine that returns logprobs, through the score stage --------------------------------
+
+
+def fake_logprobs(text: str, request: ChatRequest) -> list[list]:
+    """Tokens of a FakeEngine judgement "... Rating: [[k]]" with digits split (as Gemma writes them):
+    the first digit's alternatives are it and OTHER(k) at 0.5 each, so the expected rating is
+    (k + OTHER(k)) / 2; every other token is certain."""
+    head, digits = re.fullmatch(r"(.*\[\[)(\d+)\]\]", text, re.S).groups()
+    tokens = [head, *digits, "]]"]
+    other = str(other_rating(int(digits)))
+
+    def alternatives(i: int) -> dict[str, float]:
+        return {digits[0]: LOG(0.5), other: LOG(0.5)} if i == 1 else {tokens[i]: 0.0}
+
+    return token_logprobs(tokens, alternatives, request)
+
+
+def other_rating(k: int) -> int:
+    return 6 if k == 5 else 5
+
+
+@dataclass
+class LogprobEngine(FakeEngine):
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        replies = super()._chat(requests, sampling)
+        return [
+            Reply([replace(c, logprobs=fake_logprobs(c.text, r)) for c in reply.completions])
+            if r.top_logprobs
+            else reply
+            for r, reply in zip(requests, replies, strict=True)
+        ]
+
+
+@pytest.fixture
+def logprob_engine(monkeypatch) -> LogprobEngine:
+    engine = LogprobEngine()
+
+    def make(llm: LLMSpec, options: EngineParams) -> LogprobEngine:
+        engine.llm, engine.options = llm, options
+        return engine
+
+    monkeypatch.setattr("stages.core.executors.make_engine", make)
+    return engine
+
+
+def notes(workspace: Path) -> list[dict]:
+    rows = pq.read_table(workspace / "data/scored/gemma3.parquet", columns=["annotations"]).to_pylist()
+    return [n for r in rows for n in r["annotations"] or []]
+
+
+def set_mode(workspace: Path, mode: str) -> None:
+    set_params(workspace, lambda d: d["models"]["gemma3"]["score"].update(mode=mode))
+
+
+def test_a_mode_change_judges_again_and_logprob_mode_scores_the_expected_rating(
+    workspace, monkeypatch, logprob_engine
+):
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    run_stage(monkeypatch, "generate", "gemma3")
+    run_stage(monkeypatch, "score", "gemma3")
+    parsed = notes(workspace)
+    assert parsed and all(n["preference_score"] == parse_score(n["judgement"]) for n in parsed)
+
+    set_mode(workspace, "logprob")
+    before = len(logprob_engine.requests)
+    run_stage(monkeypatch, "score", "gemma3")
+    asked = [r for r in logprob_engine.requests[before:] if "impartial judge" in r.messages[0]["content"]]
+    weighted = notes(workspace)
+    # neither the parse-mode shards nor the cached parse-mode judgements answer a logprob request
+    assert len(asked) == len(parsed) and all(r.top_logprobs == 20 and r.logprobs_after == "[[" for r in asked)
+    assert [n["judgement"] for n in weighted] == [n["judgement"] for n in parsed]  # same greedy texts
+    for n in weighted:
+        k = parse_score(n["judgement"])
+        assert n["preference_score"] == (k + other_rating(k)) / 2, n["judgement"]
+    assert any(n["preference_score"] % 1 for n in weighted)  # the expectation, not the text's integer
+
+    set_mode(workspace, "parse")  # back: the parse-mode shards are reused, nothing is asked
+    before = len(logprob_engine.requests)
+    run_stage(monkeypatch, "score", "gemma3")
+    assert logprob_engine.requests[before:] == [] and notes(workspace) == parsed
+
+
+def test_structured_mode_on_the_transformers_backend_is_refused_up_front(workspace, monkeypatch, fake_engine):
+    set_mode(workspace, "structured")
+    with pytest.raises(
+        ParamsError, match=r"models\.gemma3\.score\.mode='structured'.*engine\.backend='transformers'"
+    ):
+        run_stage(monkeypatch, "score", "gemma3")
+    assert fake_engine.requests == [] and fake_engine.loads == 0
+
+
+def test_the_transformers_engine_returns_logprobs_and_refuses_a_json_schema():
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32"), EngineParams(backend="transformers", batch_size=8)
+    )
+    messages = [{"role": "user", "content": "こんにちは"}]
+    with engine:
+        asked, plain = engine.chat(
+            [ChatRequest(messages, top_logprobs=3), ChatRequest(messages)],
+            Sampling(temperature=0.0, max_tokens=6),
+        )
+        with pytest.raises(PipelineError, match="transformers engine has no structured output"):
+            engine.chat(
+                [ChatRequest(messages, seed=1, json_schema=JUDGEMENT_SCHEMA)],
+                Sampling(temperature=0, max_tokens=4),
+            )
+    [completion], [unasked] = asked.completions, plain.completions
+    assert unasked.logprobs is None and unasked.text == completion.text
+    assert len(completion.logprobs) == completion.completion_tokens - (completion.finish_reason == "stop") > 0
+    for token, alternatives in completion.logprobs:
+        assert token in alternatives and 1 <= len(alternatives) <= 4
+        assert (
+            all(v <= 0 for v in alternatives.values())
+            and sum(map(math.exp, alternatives.values())) <= 1 + 1e-5
+        )
+        assert alternatives[token] >= max(alternatives.values()) - 1e-6  # greedy: the most likely token
+
+
+# --- the openai engine against the local fake vLLM server ----------------------------------------
+
+
+def judge_on_server(monkeypatch, server: FakeVLLMServer, mode: str) -> list[dict]:
+    pytest.importorskip("openai")
+    monkeypatch.setenv("JUDGE_MODES_KEY", "sk-local")
+    options = EngineParams(
+        backend="openai", batch_size=8, base_url=server.base_url, api_key_env="JUDGE_MODES_KEY"
+    )
+    rows = [
+        {
+            "conversation_id": f"c{i}",
+            "instruction_ja": f"質問 {i}",
+            "responses_ja": [{"content": f"回答 {i}-{j}", "completion_tokens": 5} for j in range(3)],
+        }
+        for i in range(4)
+    ]
+    with make_engine(LLMSpec(model="fake"), options) as engine:
+        found, statuses = judge_rows(engine, rows, spec(mode), seed=0)
+    assert statuses == [["ok"] * 3] * 4
+    return [n for row in found for n in row]
+
+
+def test_structured_mode_sends_the_schema_and_scores_the_constrained_rating(monkeypatch):
+    with FakeVLLMServer(median_tokens=12, keep_bodies=True) as server:
+        scored = judge_on_server(monkeypatch, server, "structured")
+        bodies = server.bodies
+    assert len(bodies) == 12
+    assert all(
+        b["response_format"]
+        == {
+            "type": "json_schema",
+            "json_schema": {"name": "judgement", "schema": JUDGEMENT_SCHEMA, "strict": True},
+        }
+        for b in bodies
+    )
+    assert all("top_logprobs" not in b for b in bodies)
+    for n in scored:
+        judgement = json.loads(n["judgement"])  # the server followed the schema
+        assert list(judgement) == ["explanation", "rating"] and judgement["rating"] in range(11)
+        assert n["preference_score"] == judgement["rating"]
+    assert len({n["preference_score"] for n in scored}) > 1
+
+
+def test_logprob_mode_asks_the_server_for_top_logprobs_and_weighs_the_ratings(monkeypatch):
+    with FakeVLLMServer(median_tokens=12, keep_bodies=True) as server:
+        scored = judge_on_server(monkeypatch, server, "logprob")
+        bodies = server.bodies
+    assert all(
+        b["logprobs"] is True and b["top_logprobs"] == 20 and "response_format" not in b for b in bodies
+    )
+    for n in scored:  # the fake's rating r has alternatives r, r+1, r+2 (mod 11) at 0.5, 0.3, 0.2
+        r = int(parse_score(n["judgement"]))
+        expected = 0.5 * r + 0.3 * ((r + 1) % 11) + 0.2 * ((r + 2) % 11)
+        assert n["preference_score"] == pytest.approx(expected, abs=1e-9), n["judgement"]
+
+
+def test_parse_mode_asks_the_server_for_neither(monkeypatch):
+    with FakeVLLMServer(median_tokens=12, keep_bodies=True) as server:
+        scored = judge_on_server(monkeypatch, server, "parse")
+        bodies = server.bodies
+    assert all("top_logprobs" not in b and "response_format" not in b for b in bodies)
+    assert all(n["preference_score"] == parse_score(n["judgement"]) != FAILED for n in scored)
+
+
+# --- the vllm engine's side, on stand-ins for vllm's types (tests/test_vllm_api.py: on real vllm) ---
+
+
+def test_vllm_logprobs_become_the_expected_rating():
+    def step(*alternatives: tuple[int, str, float]) -> dict:
+        return {i: types.SimpleNamespace(logprob=lp, decoded_token=t) for i, t, lp in alternatives}
+
+    output = types.SimpleNamespace(
+        token_ids=[11, 12, 13, 14],
+        logprobs=[
+            step((11, "Rating: ", 0.0)),
+            step((12, "[[", 0.0)),
+            step(
+                (13, "7", LOG(0.5)), (15, "8", LOG(0.3)), (16, "8", LOG(0.2))
+            ),  # two ids that read "8" add up
+            step((14, "]]", 0.0)),
+        ],
+    )
+    request = ChatRequest([], top_logprobs=3, logprobs_after="[[")
+    tokens = vllm_engine._logprobs(output, request)
+    assert tokens == [
+        ["Rating: ", {}],
+        ["[[", {}],
+        ["7", {"7": LOG(0.5), "8": pytest.approx(LOG(0.5))}],
+        ["]]", {"]]": 0.0}],
+    ]
+    assert expected_rating(judged(tokens)) == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize("name", ["StructuredOutputsParams", "GuidedDecodingParams"])
+def test_vllm_structured_output_in_the_installed_vllms_terms(monkeypatch, name):
+    @dataclass
+    class Params:
+        json: dict
+
+    module = types.ModuleType("vllm.sampling_params")
+    setattr(module, name, Params)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module)
+    request = judge_request(spec("structured"), "q", "a", 3)
+    args = vllm_engine.sampling_arguments(request, Sampling(temperature=0.0, max_tokens=9))
+    key = "structured_outputs" if name == "StructuredOutputsParams" else "guided_decoding"
+    assert args == {
+        "n": 1,
+        "seed": 3,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 9,
+        key: Params(JUDGEMENT_SCHEMA),
+    }
+    logprob = vllm_engine.sampling_arguments(
+        judge_request(spec("logprob"), "q", "a", 3), Sampling(temperature=0, max_tokens=9)
+    )
+    assert logprob["logprobs"] == 20 and key not in logprob

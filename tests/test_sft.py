@@ -1,0 +1,279 @@
+"""sft: the SFT files of the sample's Gemma-2 release, row by row, and a licensee's rebuild of them
+from the public files and the decrypted instructions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages.compose import compose_params
+from stages.core import sft
+from stages.core.crypto import decrypt_file, derive_key
+from stages.core.errors import PipelineError, SourceError
+from stages.core.io import read_jsonl_gz, write_jsonl_gz
+from stages.core.judge import best_index
+from stages.core.params import ParamsError, SftOption, load_params, validate
+from tests.conftest import SAMPLE, FakeEngine, run_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+STEM = "gemma2-lmsys-chat-1m-synth-ja+en"
+ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"
+GEMMA2_SETS = [
+    "ja-best",
+    "ja-best-wo-template-wo-pii",
+    "ja-best-min-score-8-wo-template-wo-pii",
+    "en-wo-template-wo-pii",
+    "ja-two-turn-wo-template-wo-pii",
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The sample run through package@gemma2 and sft@gemma2 (FakeEngine), in a workspace of its own."""
+    ws = tmp_path_factory.mktemp("sft")
+    shutil.copytree(SAMPLE, ws / "data" / "sample")
+    (ws / "params.yaml").write_text(compose_params(["profile=sample"]), encoding="utf-8")
+    engine = FakeEngine()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setattr("stages.core.executors.make_engine", lambda llm, options: engine)
+        for stage in ("fetch", "decrypt", "translate"):
+            run_stage(mp, stage)
+        for stage in ("generate", "score", "package", "sft"):
+            run_stage(mp, stage, "gemma2")
+    return ws
+
+
+def _lines(path: Path) -> list[dict]:
+    return list(read_jsonl_gz(path))
+
+
+def _expected(ws: Path, option: SftOption) -> list[dict]:
+    """The conversations an option set must give, worked out from the release and translated table."""
+    users = {
+        r["conversation_id"]: r for r in pq.read_table(ws / "data/private/translated-ja.parquet").to_pylist()
+    }
+    found = []
+    for record in pq.read_table(ws / f"data/release/gemma2/{STEM}.parquet").to_pylist():
+        user = users[record["conversation_id"]]
+        if (option.exclude_template and record["is_template_instruction"]) or (
+            option.exclude_redacted and user["redacted"]
+        ):
+            continue
+        if option.language == "en":
+            if record["synthesized_assistant_responses_en"]:
+                answer = record["synthesized_assistant_responses_en"][0]
+                found.append([{"role": "user", "content": user["instruction"]}, answer])
+            continue
+        notes = record["synthesized_response_scoring_annotations"]
+        scores = [n["preference_score"] for n in notes or []]
+        if not any(s >= 0 for s in scores):
+            continue
+        best = max((i for i, s in enumerate(scores) if s >= 0), key=lambda i: (scores[i], -i))
+        if option.min_score is not None and scores[best] < option.min_score:
+            continue
+        turns = [{"role": "user", "content": user["instruction_ja"]}]
+        if option.turns == 2:
+            turns += record["synthesized_multiturn_conversation"]
+        else:
+            turns.append(record["synthesized_assistant_responses"][best])
+        found.append(turns)
+    return [{"conversation": turns} for turns in found]
+
+
+def test_sft_files_row_by_row_on_the_sample(built: Path):
+    params = load_params(built / "params.yaml")
+    out = built / "data/sft/gemma2"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.jsonl.gz" for name in GEMMA2_SETS)
+    metrics = json.loads((built / "data/metrics/sft-gemma2.json").read_text())
+    assert metrics["rows_in"] == 313  # the release's records (314 translated, 1 failed translation)
+    for name in GEMMA2_SETS:
+        lines = _lines(out / f"{name}.jsonl.gz")
+        assert lines == _expected(built, params.sft[name]), name
+        counts = metrics["sets"][name]
+        assert counts["written"] == len(lines) and counts["written"] + sum(counts["skipped"].values()) == 313
+    skipped = {name: metrics["sets"][name]["skipped"] for name in GEMMA2_SETS}
+    assert skipped["ja-best"]["template"] == skipped["ja-best"]["redacted"] == 0
+    assert skipped["ja-best-wo-template-wo-pii"]["template"] > 0
+    assert skipped["ja-best-wo-template-wo-pii"]["redacted"] > 0
+    assert skipped["ja-best-min-score-8-wo-template-wo-pii"]["below_min_score"] > 0
+    assert skipped["ja-best"]["no_responses"] > 0  # empty, duplicate and too-long instructions
+    two_turn = _lines(out / "ja-two-turn-wo-template-wo-pii.jsonl.gz")
+    assert {tuple(t["role"] for t in line["conversation"]) for line in two_turn} == {
+        ("user", "assistant", "user", "assistant")
+    }
+    first = gzip.decompress((out / "ja-best.jsonl.gz").read_bytes()).split(b"\n")[0]
+    assert first.startswith(b'{"conversation":[{"role":"user","content":"')  # TRL's conversational form
+
+
+def test_best_response_is_not_always_the_first(built: Path):
+    """The sample's scores pick a later response for some instructions: selection is exercised."""
+    records = pq.read_table(built / f"data/release/gemma2/{STEM}.parquet").to_pylist()
+    picks = [
+        sft.best_response([n["preference_score"] for n in r["synthesized_response_scoring_annotations"]])
+        for r in records
+        if r["synthesized_response_scoring_annotations"]
+    ]
+    assert len(set(picks)) > 2
+
+
+def _decrypted(ws: Path, dst: Path) -> Path:
+    """The release's instructions, decrypted as a licensee does (in the workspace: its params.yaml)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        params = load_params()
+        decrypt_file(
+            f"data/release/gemma2/{ENCRYPTED}",
+            dst,
+            derive_key(params.paths.source, params.decrypt.key, released_root=params.paths.released),
+        )
+    return dst
+
+
+def _licensee(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "stages.sft", "gemma2", *args]
+    return subprocess.run(command, cwd=ws, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("public", ["parquet", "jsonl.gz"])
+def test_a_licensee_rebuilds_the_same_files_from_the_public_release(built: Path, tmp_path: Path, public):
+    release = tmp_path / "release"  # one public records file only, as a licensee downloads it
+    release.mkdir()
+    shutil.copy(built / f"data/release/gemma2/{STEM}.{public}", release)
+    plain = _decrypted(built, tmp_path / "lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz")
+    done = _licensee(
+        built,
+        *("--release-dir", str(release), "--instructions", str(plain)),
+        *("--lmsys", str(built / "data/raw/lmsys-chat-1m"), "--out", str(tmp_path / "sft")),
+    )
+    assert done.returncode == 0, done.stderr
+    for name in GEMMA2_SETS:
+        rebuilt = (tmp_path / "sft" / f"{name}.jsonl.gz").read_bytes()
+        assert rebuilt == (built / "data/sft/gemma2" / f"{name}.jsonl.gz").read_bytes(), name
+
+
+def test_without_lmsys_a_licensee_gets_the_japanese_sets_that_need_no_redacted_flag(
+    built: Path, tmp_path: Path
+):
+    plain = _decrypted(built, tmp_path / "instructions.jsonl.gz")
+    done = _licensee(built, "--instructions", str(plain), "--out", str(tmp_path / "sft"))
+    assert done.returncode == 2
+    assert "'en-wo-template-wo-pii'" in done.stderr and "pass --lmsys DIR" in done.stderr
+    assert not (tmp_path / "sft").exists()
+    done = _licensee(built, "--instructions", str(plain), "--set", "ja-best", "--out", str(tmp_path / "sft"))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "sft").iterdir()] == ["ja-best.jsonl.gz"]
+    assert (tmp_path / "sft/ja-best.jsonl.gz").read_bytes() == (
+        built / "data/sft/gemma2/ja-best.jsonl.gz"
+    ).read_bytes()
+
+
+def test_instructions_of_another_release_are_refused(built: Path, tmp_path: Path):
+    rows = list(read_jsonl_gz(_decrypted(built, tmp_path / "plain.jsonl.gz")))
+    other = tmp_path / "other.jsonl.gz"
+    write_jsonl_gz(rows[:10] + rows[11:], other)  # one conversation missing
+    done = _licensee(built, "--instructions", str(other), "--set", "ja-best", "--out", str(tmp_path / "sft"))
+    assert done.returncode == 2
+    assert f"{other} has no conversation {rows[10]['conversation_id']}" in done.stderr
+    assert not (tmp_path / "sft").exists()
+
+
+def _params(**option) -> dict:
+    data = yaml.safe_load(compose_params(["profile=sample"]).split("\n", 1)[1])
+    data["sft"] = {"mine": option}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"turns": 2}, "sft.mine.turns=2: variant llama31 has no second turn"),
+        ({"turns": 2, "variants": ["gemma3"]}, "sft.mine.turns=2: variant gemma3 has no second turn"),
+        ({"language": "en", "variants": ["gemma3"]}, "sft.mine.language=en: variant gemma3 has no English"),
+        ({"language": "en", "min_score": 5}, "min_score needs language ja"),
+        ({"variants": ["gemma4"]}, "sft.mine.variants: unknown ['gemma4']"),
+    ],
+)
+def test_an_option_a_variant_cannot_have_fails_naming_the_key(option, message):
+    with pytest.raises(
+        ParamsError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")
+    ):
+        validate(_params(**option))
+    validate(_params(turns=2, variants=["gemma2"]))  # where the variant has a second turn
+
+
+def test_option_sets_for_a_variant():
+    params = validate(_params(turns=2, variants=["gemma2"]))
+    assert list(sft.options_for(params, "gemma2")) == ["mine"]
+    assert sft.options_for(params, "gemma3") == {}
+    with pytest.raises(PipelineError, match=r"sft option sets \['mine'\] do not apply to gemma3"):
+        sft.options_for(params, "gemma3", ["mine"])
+
+
+def _record(scores, multiturn=None, template=None, en=("en",)) -> dict:
+    responses = [{"role": "assistant", "content": f"r{i}"} for i in range(len(scores))]
+    return {
+        "conversation_id": "c1",
+        "is_template_instruction": template,
+        "synthesized_assistant_responses": responses or None,
+        "synthesized_response_scoring_annotations": [{"preference_score": s} for s in scores] or None,
+        "synthesized_assistant_responses_en": [{"role": "assistant", "content": c} for c in en] or None,
+        "synthesized_multiturn_conversation": multiturn,
+    }
+
+
+USER = {"instruction_ja": "質問", "instruction": "question", "redacted": False}
+
+
+@pytest.mark.parametrize(
+    ("scores", "min_score", "want"),
+    [
+        ([3.0, 9.0, 9.0, 1.0], None, "r1"),  # the first of tied best scores
+        ([-1.0, 2.0, -1.0], None, "r1"),  # failed judgements never win
+        ([-1.0, -1.0], None, "no_scored_response"),
+        ([], None, "no_responses"),  # an empty, duplicate or too-long instruction
+        ([4.0, 7.0], 7.0, "r1"),  # min_score is inclusive
+        ([4.0, 6.5], 7.0, "below_min_score"),
+    ],
+)
+def test_best_response_and_min_score(scores, min_score, want):
+    assert sft.best_response(scores) == best_index(scores)  # the response score chose (two-turn's start)
+    turns, reason = sft.conversation(_record(scores), USER, SftOption(min_score=min_score))
+    if want.startswith("r"):
+        assert reason is None
+        assert turns == [{"role": "user", "content": "質問"}, {"role": "assistant", "content": want}]
+    else:
+        assert turns is None and reason == want
+
+
+def test_exclusions_languages_and_two_turns():
+    record = _record([5.0, 8.0], template="company introduction")
+    assert sft.conversation(record, USER, SftOption(exclude_template=True)) == (None, "template")
+    redacted = {**USER, "redacted": True}
+    assert sft.conversation(_record([5.0]), redacted, SftOption(exclude_redacted=True)) == (None, "redacted")
+    assert sft.conversation(_record([5.0]), redacted, SftOption())[1] is None  # kept unless excluded
+    turns, _ = sft.conversation(record, USER, SftOption(language="en"))
+    assert turns == [{"role": "user", "content": "question"}, {"role": "assistant", "content": "en"}]
+    assert sft.conversation(_record([5.0], en=()), USER, SftOption(language="en")) == (None, "no_responses")
+    assert sft.conversation(record, USER, SftOption(turns=2)) == (None, "no_second_turn")
+    follow = [
+        {"role": "assistant", "content": "r1"},
+        {"role": "user", "content": "もっと"},
+        {"role": "assistant", "content": "はい"},
+    ]
+    turns, _ = sft.conversation(_record([5.0, 8.0], multiturn=follow), USER, SftOption(turns=2))
+    assert turns == [{"role": "user", "content": "質問"}, *follow]
+    with pytest.raises(
+        SourceError, match="c1: synthesized_multiturn_conversation does not start at the best"
+    ):
+        sft.conversation(_record([9.0, 8.0], multiturn=follow), USER, SftOption(turns=2))
