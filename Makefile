@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(VENV)/.demo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[cpu]'  # bytecode as modules are first used: half the time
+	$(BIN)/python -m pip install --quiet -e '.[cpu]'
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.demo-installed
