@@ -9,20 +9,18 @@ Neither table is loaded whole: the join streams in bounded memory (stages/core/j
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from stages.core import annotate
 from stages.core.cli import run, start_subsets, timed
 from stages.core.deepl_translate import auth_key, translate_with_deepl
 from stages.core.errors import PipelineError, SourceError
-from stages.core.io import PARQUET_OPTIONS, write_json
-from stages.core.join import BATCH_ROWS, ID, TranslationJoin, llm_rows
+from stages.core.io import write_json
+from stages.core.join import ID, TranslationJoin, llm_rows
 from stages.core.params import Params
 from stages.core.translator import EMPTY_SOURCE, translate_missing
 
@@ -75,19 +73,6 @@ def translate_metrics(counts: Counter, answered: int, how: str) -> dict:
     return {**rows, "deepl_billed_characters": 0, **counts}
 
 
-def subset_first_turns(first_turn: str, subset: str, scratch: Path) -> Path:
-    """The first-turn rows of `subset`: all of them for ja+unsafe; for ja, a copy without the
-    moderation-flagged conversations, written a batch at a time to `scratch`."""
-    if subset == "ja+unsafe":
-        return Path(first_turn)
-    out = scratch / "first-turn-ja.parquet"
-    parquet = pq.ParquetFile(first_turn)
-    with pq.ParquetWriter(out, parquet.schema_arrow, **PARQUET_OPTIONS) as writer:
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-            writer.write_batch(batch.filter(pc.invert(batch.column("flagged"))))
-    return out
-
-
 def translate_subset(params: Params, subset: str) -> None:
     """translate@<subset>: its first turns joined with its released instructions, the missing ones
     translated, the flags added; data/metrics/translate-<subset>.json."""
@@ -97,9 +82,8 @@ def translate_subset(params: Params, subset: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with (
         timed(LOG, f"translate@{subset}") as counts,
-        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".translate-{subset}-") as scratch,
         TranslationJoin(
-            subset_first_turns(paths.first_turn, subset, Path(scratch)), paths.instructions_of(subset), out
+            paths.first_turn, paths.instructions_of(subset), out, without_flagged=subset == "ja"
         ) as join,
     ):
         if repeated := join.repeated_ids():

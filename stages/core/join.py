@@ -162,9 +162,19 @@ class TranslationJoin:
     """One translate run's join: a scratch directory beside `out` (removed at the end) holding the
     DuckDB database of the released conversation_ids and the spills."""
 
-    def __init__(self, first: str | Path, released: str | Path, out: str | Path, rows: int = BATCH_ROWS):
+    def __init__(
+        self,
+        first: str | Path,
+        released: str | Path,
+        out: str | Path,
+        rows: int = BATCH_ROWS,
+        without_flagged: bool = False,
+    ):
+        """`without_flagged`: the moderation-flagged first turns are not part of this join (subset ja):
+        never translated, never written; the first-turn file is read as it is, not copied."""
         self.first, self.released, self.out, self.rows = Path(first), Path(released), Path(out), rows
-        self.rows_in = pq.ParquetFile(self.first).metadata.num_rows
+        self.without_flagged = without_flagged
+        self.rows_total = pq.ParquetFile(self.first).metadata.num_rows  # row positions run over all rows
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> TranslationJoin:
@@ -178,6 +188,8 @@ class TranslationJoin:
         self.db.register("released_ids", _released_ids(self.released, self.rows))
         self.db.execute("CREATE TABLE released AS SELECT * FROM released_ids")
         self.db.unregister("released_ids")
+        where = "WHERE NOT flagged" if self.without_flagged else ""
+        (self.rows_in,) = self._sql(f"SELECT count(*) FROM read_parquet($first) {where}").fetchall()[0]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -197,8 +209,9 @@ class TranslationJoin:
     def missing(self) -> pa.Table:
         """The first-turn rows the release has no translation for (join.LLM_INPUT), in first-turn
         order; only the row groups holding them are read."""
+        where = "WHERE NOT f.flagged" if self.without_flagged else ""
         query = f"""SELECT f.file_row_number AS row FROM read_parquet($first, file_row_number = true) f
-            ANTI JOIN (SELECT {ID} FROM released WHERE has_text) r USING ({ID}) ORDER BY row"""
+            ANTI JOIN (SELECT {ID} FROM released WHERE has_text) r USING ({ID}) {where} ORDER BY row"""
         rows = self._sql(query).fetchnumpy()["row"].astype(np.int64)
         table = read_rows(self.first, rows, LLM_INPUT.names[1:])
         return pa.Table.from_arrays([pa.array(rows), *table.columns], schema=LLM_INPUT)
@@ -251,7 +264,7 @@ class TranslationJoin:
         """Write the translated table to `out` in first-turn order with its flags, a row range at a
         time; `llm`: the answers (LLM_ROWS) of the translator `source` (llm, deepl) for `missing`
         rows (a missing row without one is dropped). Return the rows written."""
-        by_row = self._spill_by_row(llm, max(1, -(-self.rows_in // self.rows)))
+        by_row = self._spill_by_row(llm, max(1, -(-self.rows_total // self.rows)))
         schema = output_schema(pq.read_schema(self.first))
         first = rechunk(read_batches(self.first, None, self.rows), self.rows)
         lacking = missing["row"].to_numpy()
@@ -284,7 +297,10 @@ class TranslationJoin:
             .append_column("instruction_source", pc.if_else(pa.array(answered), source, "released"))
             .append_column("translation_status", llm["translation_status"].take(where))
         )
-        keep = pa.array(answered | ~np.isin(rows, lacking))
+        keep = answered | ~np.isin(rows, lacking)
+        if self.without_flagged:
+            keep &= ~first["flagged"].to_numpy(zero_copy_only=False)
+        keep = pa.array(keep)
         return annotate.with_flags(table.filter(keep), placed["duplicate_of"].filter(keep), templates)
 
 
