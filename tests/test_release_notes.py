@@ -55,7 +55,10 @@ def test_plot_tables_count_what_the_release_holds(tmp_path: Path):
         tmp_path / "r.parquet",
         [([7.0, 7.5, -1.0], [10, 64, 2048]), None, ([10.0], [3000]), ([0.0, 9.99], [127, 128])],
     )
-    tables = plots.release_plots(parquet, {"judgements_failed": 1, "translation_failed": 4})
+    totals = plots.new_totals()
+    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=2):  # counts add up across batches
+        plots.add(totals, batch)
+    tables = plots.plot_tables(totals, {"judgements_failed": 1, "translation_failed": 4})
     scores = {r["preference_score"]: r["responses"] for r in tables["scores"]}
     assert scores == Counter({"failed": 1, "7": 2, "10": 1, "0": 1, "9": 1}) | dict.fromkeys(
         ["1", "2", "3", "4", "5", "6", "8"], 0

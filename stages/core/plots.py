@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from stages.core.io import write_json
 from stages.core.responses import SCORE_FAILED
@@ -60,15 +59,6 @@ def add(totals: dict[str, Counter], batch: pa.RecordBatch | pa.Table) -> None:
     per_row = pc.fill_null(pc.list_value_length(batch.column("synthesized_assistant_responses")), 0)
     for item in pc.value_counts(per_row).to_pylist():
         totals["responses_per_instruction"][str(item["values"])] += item["counts"]
-
-
-def release_plots(parquet: Path, metrics: dict) -> dict[str, list[dict]]:
-    """The plot tables of a release's public Parquet file and its metrics."""
-    totals = new_totals()
-    columns = ["synthesized_assistant_responses", "synthesized_response_scoring_annotations"]
-    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=columns):
-        add(totals, batch)
-    return plot_tables(totals, metrics)
 
 
 def plot_tables(totals: dict[str, Counter], metrics: dict) -> dict[str, list[dict]]:
