@@ -66,13 +66,26 @@ def test_the_key_covers_what_determines_a_response(tmp_path):
     assert engine.cache_identity() == tp.cache_identity()
 
 
-def test_failed_and_too_long_requests_are_not_cached_and_modes_are_honoured(tmp_path):
+def test_failed_requests_are_asked_again_too_long_ones_are_not_and_modes_are_honoured(tmp_path):
     path = tmp_path / "c.sqlite"
     engine = FakeEngine(refuse=("BAD",))
     engine.cache = ResponseCache(path)
     replies = _ask(engine, "fine", "BAD one", "x" * 40_000)
     assert [r.status for r in replies] == [OK, FAILED, TOO_LONG]
-    assert engine.cache.counts()["cache_stored"] == 1
+    assert replies[2].detail == "10004 prompt tokens > 4096 - 16"
+    assert engine.cache.counts()["cache_stored"] == 2  # the answer and the too-long verdict
+    again = FakeEngine()
+    again.cache = ResponseCache(path)
+    assert _ask(again, "fine", "x" * 40_000) == [replies[0], replies[2]]
+    assert (again.requests, again.loads) == ([], 0)  # a re-run loads no model to find it too long again
+    retried = FakeEngine()
+    retried.cache = ResponseCache(path)
+    assert [r.status for r in _ask(retried, "BAD one")] == [OK]  # a failure is asked again
+    assert retried.loads == 1
+    shorter = FakeEngine()  # a longer context is another key: the prompt is sent
+    shorter.llm = shorter.llm.model_copy(update={"max_model_len": 16_384})
+    shorter.cache = ResponseCache(path)
+    assert [r.status for r in _ask(shorter, "x" * 40_000)] == [OK]
     reader = FakeEngine()
     reader.cache = ResponseCache(path, "read")
     _ask(reader, "fine", "new")

@@ -4,8 +4,10 @@ changed run pays only for its new requests.
 An entry's key is a hash of everything that determines the response: the messages after the
 model's chat rules, the sampling parameters, n, the request's seed, the model (id, revision, dtype,
 quantization, context, engine arguments) and the engine (backend and library versions). Its value
-is the completions, with their token counts and finish reasons. Only answered requests are stored:
-a failed or too-long one is asked again next time.
+is the completions, with their token counts and finish reasons, or, for a prompt too long for the
+context, that status and its token counts: the key decides that too, and a re-run whose other
+requests are all cached then loads no model. A failed or partial answer is not stored: it is asked
+again next time.
 
 The store is SQLite in WAL mode: a lookup is a primary-key read, inserts are batched in one
 transaction per engine call, several processes (Ray replicas on one host, two stages) may write at
@@ -35,7 +37,7 @@ MODES = ("off", "read", "read-write")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key BLOB PRIMARY KEY,     -- sha256 of the request (request_key)
-    value BLOB NOT NULL,      -- orjson of the completions
+    value BLOB NOT NULL,      -- orjson of the completions (a list) or of {status, detail} (too long)
     digest BLOB NOT NULL,     -- sha256 of value: a value that does not match is never served
     used_at INTEGER NOT NULL  -- unix seconds of the last run that stored or read it (for prune)
 ) WITHOUT ROWID
@@ -83,14 +85,14 @@ class ResponseCache:
             self._db = db
         return self._db
 
-    def get_many(self, keys: list[bytes]) -> dict[bytes, list]:
-        """The stored completions of each key that has a valid entry."""
+    def get_many(self, keys: list[bytes]) -> dict[bytes, list | dict]:
+        """The stored value of each key that has a valid entry."""
         if not self.enabled or not keys:
             return {}
         with self._lock:
             return self._get_many(keys)
 
-    def _get_many(self, keys: list[bytes]) -> dict[bytes, list]:
+    def _get_many(self, keys: list[bytes]) -> dict[bytes, list | dict]:
         db, found = self._connect(), {}
         for start in range(0, len(keys), LOOKUP_BATCH):
             chunk = keys[start : start + LOOKUP_BATCH]
@@ -108,14 +110,14 @@ class ResponseCache:
             self._touch(list(found))
         return found
 
-    def put_many(self, items: Iterable[tuple[bytes, list]]) -> None:
-        """Store completions by key, all in one transaction (kept if the key exists)."""
+    def put_many(self, items: Iterable[tuple[bytes, list | dict]]) -> None:
+        """Store values by key, all in one transaction (kept if the key exists)."""
         if self.mode != "read-write":
             return
         now = int(time.time())
         rows = []
-        for key, completions in items:
-            value = orjson.dumps(completions)
+        for key, stored in items:
+            value = orjson.dumps(stored)
             rows.append((key, value, hashlib.sha256(value).digest(), now))
         if not rows:
             return

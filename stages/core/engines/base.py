@@ -144,7 +144,7 @@ class Engine(abc.ABC):
             hits = self.cache.get_many(keys)
             for i, key in enumerate(keys):
                 if key in hits:
-                    replies[i] = Reply([Completion(**c) for c in hits[key]])
+                    replies[i] = cached_reply(hits[key])
         todo = [i for i, reply in enumerate(replies) if reply is None]
         if not todo:
             return replies  # every answer was cached: the model is never loaded
@@ -159,9 +159,7 @@ class Engine(abc.ABC):
             replies[i] = reply
         if keys:
             self.cache.put_many(
-                (keys[i], [asdict(c) for c in replies[i].completions])
-                for i in todo
-                if replies[i].status == OK and len(replies[i].completions) == requests[i].n
+                (keys[i], cache_value(replies[i])) for i in todo if cacheable(replies[i], requests[i])
             )
         return replies
 
@@ -218,6 +216,28 @@ class Engine(abc.ABC):
         if self._loaded:
             self.unload()
             self._loaded = False
+
+
+def cacheable(reply: Reply, request: ChatRequest) -> bool:
+    """Whether the response cache keeps `reply`: a complete answer (n completions), or a prompt too
+    long for the context. The length check is decided by what the key holds (messages, max_tokens,
+    the model's revision and context, the library versions), so a re-run that finds it in the cache
+    loads no model to learn it again; a failed or partial answer is asked again next time."""
+    return (reply.status == OK and len(reply.completions) == request.n) or reply.status == TOO_LONG
+
+
+def cache_value(reply: Reply) -> list | dict:
+    """What the cache stores for a `cacheable` reply: its completions, or {status, detail}."""
+    if reply.status == OK:
+        return [asdict(c) for c in reply.completions]
+    return {"status": reply.status, "detail": reply.detail}
+
+
+def cached_reply(value: list | dict) -> Reply:
+    """The Reply a `cache_value` stands for."""
+    if isinstance(value, dict):
+        return Reply([], value["status"], value["detail"])
+    return Reply([Completion(**c) for c in value])
 
 
 def distribution_version(distribution: str) -> str | None:
