@@ -53,3 +53,17 @@ def test_scale_benchmark_every_cpu_stage_keeps_flat_memory(tmp_path):
     assert set(growth) == {"fetch", "translate", "package"}, done.stdout
     assert {stage: int(g) for stage, g in growth.items() if int(g) > GROWTH_MARGIN} == {}, done.stdout
     assert re.search(r"^worst ratio \d+\.\d\d peak_rss_mb \d+$", done.stdout, flags=re.MULTILINE)
+
+
+def test_dvc_reads_its_yaml_files_with_the_c_parser():
+    """DVC loads dvc.yaml, dvc.lock and params.yaml through ruamel.yaml's safe loader on every
+    command; without ruamel.yaml.clib (an extra DVC does not ask for) that is pure Python, most of
+    a no-op `dvc repro` of this DAG."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__ == "ruamel.yaml.clib._ruamel_yaml"
+    lock = "stages:\n  fetch:\n    cmd: python -m stages.fetch\n    deps:\n    - path: stages/fetch.py\n"
+    assert parse_yaml(lock, "dvc.lock") == {
+        "stages": {"fetch": {"cmd": "python -m stages.fetch", "deps": [{"path": "stages/fetch.py"}]}}
+    }
