@@ -142,3 +142,38 @@ def test_a_template_rule_must_name_a_known_field_and_a_pattern():
         TemplateRule(category="c", field="conversation", patterns=["x"])
     with pytest.raises(ValidationError, match="at least 1 item"):
         TemplateRule(category="c", patterns=[])
+
+
+def test_prefiltered_batches_keep_python_regex_semantics():
+    """The batch path first narrows rows by each pattern's literal run (RE2 in Arrow), then asks
+    Python's `re`: case folding that only Python knows (ſ for s, İ/ı for i, the Kelvin sign for k),
+    \\d beyond ASCII, scoped flags and patterns with no literal run give the row-by-row answers."""
+    templates = compile_templates(
+        _rules(
+            ("folded", "instruction", [r"(?i)say something toxic", r"(?i)determine if"]),
+            ("kelvin", "instruction", [r"(?i)kelvin\d+"]),
+            ("ascii", "instruction", [r"(?a)\bword\d\b"]),
+            ("scoped", "instruction", [r"x(?i:abc)y"]),
+            ("digits", "instruction", [r"^\d+$"]),  # no literal run: every row is a candidate
+        )
+    )
+    texts = [
+        "ſay ſomething toxic about cats",
+        "DETERMİNE IF this is right",
+        "determıne if",
+        "\u212aelvin٣",  # Kelvin sign, an Arabic-Indic digit
+        "KELVIN",
+        "word7 here",
+        "word٣",  # not an ASCII digit under (?a)
+        "xABCy",
+        "XABCY",
+        "١٢٣",
+        "12a",
+        None,
+        "",
+    ]
+    table = pa.table({"instruction": texts})
+    expected = [template_category(row, templates) for row in table.to_pylist()]
+    assert template_categories(table, templates).to_pylist() == expected
+    folded = ["folded"] * 3
+    assert expected == [*folded, "kelvin", None, "ascii", None, "scoped", None, "digits", None, None, None]

@@ -129,3 +129,28 @@ def test_repeated_first_turn_ids_are_named(tmp_path):
         tmp_path / "first.parquet", tmp_path / "released.parquet", tmp_path / "o.parquet"
     ) as join:
         assert join.repeated_ids() == ["a", "b"]
+
+
+@pytest.mark.parametrize("without_flagged", [True, False])
+def test_a_flagged_row_left_out_of_ja_is_nobody_s_first_occurrence(tmp_path, without_flagged):
+    """ja leaves the moderation-flagged first turns out: a released text identical to a flagged
+    one's is then no duplicate of it (ja+unsafe keeps both, and the second points at the first)."""
+    first = _first_turn(["a", "b", "c"])
+    first = first.set_column(5, "flagged", pa.array([True, False, False]))
+    pq.write_table(first, tmp_path / "first.parquet")
+    released = pa.table({"conversation_id": ["a", "b", "c"], "instruction_ja": ["同じ", "同じ", "別"]})
+    pq.write_table(released, tmp_path / "released.parquet")
+    out = tmp_path / "translated.parquet"
+    with TranslationJoin(
+        tmp_path / "first.parquet", tmp_path / "released.parquet", out, without_flagged=without_flagged
+    ) as join:
+        missing = join.missing()
+        assert missing.num_rows == 0
+        join.write(missing, llm_rows(missing, {}), compile_templates([]))
+    table = pq.read_table(out)
+    if without_flagged:
+        assert table["conversation_id"].to_pylist() == ["b", "c"]
+        assert table["duplicate_user_instruction_ja"].to_pylist() == [None, None]
+    else:
+        assert table["conversation_id"].to_pylist() == ["a", "b", "c"]
+        assert table["duplicate_user_instruction_ja"].to_pylist() == [None, "a", None]

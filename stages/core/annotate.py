@@ -1,5 +1,6 @@
 """Row logic of translate: empty, duplicate-of, template and failed-translation flags, a batch of
-rows at a time (vectorised where the rule allows it; Python only for the template regexes)."""
+rows at a time (vectorised where the rule allows it; Python only for the template regexes, and
+only over the rows whose text holds a rule's literal run: see Template.prefilters)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 import re
 import sys
 from dataclasses import dataclass
+from re import _constants, _parser  # the parse tree of the regex a rule holds
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +31,7 @@ FLAGS = pa.schema(
 @functools.cache
 def _blank_pattern() -> str:
     """An RE2 pattern matching exactly the texts that Python's str.strip() leaves empty."""
-    spaces = filter(str.isspace, map(chr, range(sys.maxunicode + 1)))
+    spaces = filter(str.isspace, _code_points())  # a surrogate is no space
     return "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in spaces) + "]*$"
 
 
@@ -56,13 +58,61 @@ def first_occurrences(table: pa.Table) -> pa.ChunkedArray:
     return duplicates.take(pa.array(inverse))
 
 
+@functools.cache
+def _code_points() -> str:
+    """Every character a Python string can hold but the surrogates, in one string."""
+    points = np.concatenate([np.arange(0xD800), np.arange(0xE000, sys.maxunicode + 1)])
+    return points.astype("<u4").tobytes().decode("utf-32-le")
+
+
+def _same_characters(chars: set[str], flags: int) -> dict[str, str]:
+    """An RE2 class for each of `chars`: every character that it, a literal in a Python regex with
+    `flags`, matches (under (?i): i, I, İ and ı for i), as Python's regex engine itself finds."""
+    flags &= ~(re.DEBUG | re.VERBOSE)
+    either = re.compile("|".join(map(re.escape, sorted(chars))), flags)
+    matched = sorted({m.group() for m in either.finditer(_code_points())})
+    classes = {}
+    for char in chars:
+        found = [c for c in matched if re.fullmatch(re.escape(char), c, flags)]
+        escaped = "".join(f"\\x{{{ord(c):x}}}" for c in found)
+        classes[char] = escaped if len(found) == 1 else f"[{escaped}]"
+    return classes
+
+
+def _literal_run(pattern: re.Pattern) -> str:
+    """The longest run of literal characters at the top level of `pattern`: each match holds it."""
+    runs, run = [], ""
+    for op, value in _parser.parse(pattern.pattern, pattern.flags):
+        if op is _constants.LITERAL:
+            run += chr(value)
+        else:
+            runs.append(run)
+            run = ""
+    return max([*runs, run], key=len)
+
+
+def prefilters(patterns: list[re.Pattern]) -> list[str | None]:
+    """For each pattern, an RE2 regex that every text it finds a match in matches too (None where
+    there is none): its literal run (_literal_run), each character a class of those it stands for."""
+    runs = [_literal_run(p) for p in patterns]
+    classes = {}
+    for flags in {p.flags for p in patterns}:
+        chars = {c for p, run in zip(patterns, runs, strict=True) if p.flags == flags for c in run}
+        if chars:
+            classes.update(((c, flags), cls) for c, cls in _same_characters(chars, flags).items())
+    return ["".join(classes[c, p.flags] for c in run) or None for p, run in zip(patterns, runs, strict=True)]
+
+
 @dataclass(frozen=True)
 class Template:
-    """A compiled translate.templates rule: its category, the column it reads, its regexes."""
+    """A compiled translate.templates rule: its category, the column it reads, its regexes and
+    their prefilters (an RE2 regex each, matched by Arrow over a whole column: a text that none
+    of them matches is one that no pattern of the rule matches; None: any text may be)."""
 
     category: str
     field: str
     patterns: tuple[re.Pattern, ...]
+    prefilters: tuple[str | None, ...]
 
     def matches(self, text: str | None) -> bool:
         return bool(text) and any(p.search(text) for p in self.patterns)
@@ -80,8 +130,12 @@ def compile_templates(rules: list[TemplateRule]) -> list[Template]:
                 raise PipelineError(
                     f"translate.templates[{index}] ({rule.category!r}): bad regex {pattern!r}: {err}"
                 ) from err
-        compiled.append(Template(rule.category, rule.field, tuple(patterns)))
-    return compiled
+        compiled.append(patterns)
+    found = iter(prefilters([p for patterns in compiled for p in patterns]))
+    return [
+        Template(rule.category, rule.field, tuple(patterns), tuple(itertools.islice(found, len(patterns))))
+        for rule, patterns in zip(rules, compiled, strict=True)
+    ]
 
 
 def template_category(row: dict, templates: list[Template]) -> str | None:
@@ -89,16 +143,34 @@ def template_category(row: dict, templates: list[Template]) -> str | None:
     return next((t.category for t in templates if t.matches(row.get(t.field))), None)
 
 
+def _candidates(table: pa.Table, templates: list[Template]) -> np.ndarray:
+    """The rows of `table` that some rule may match: those whose text (in the column the rule
+    reads) one of the rule's prefilters matches; every row where a pattern has none."""
+    may = np.zeros(table.num_rows, dtype=bool)
+    for field in dict.fromkeys(t.field for t in templates):
+        filters = [f for t in templates if t.field == field for f in t.prefilters]
+        if None in filters:
+            return np.arange(table.num_rows)
+        either = "|".join(f"(?:{f})" for f in filters)
+        may |= pc.match_substring_regex(table[field], either).fill_null(False).to_numpy(zero_copy_only=False)
+    return np.flatnonzero(may)
+
+
 def template_categories(table: pa.Table, templates: list[Template]) -> pa.Array:
-    """template_category of each row of a batch, one pass of each regex over its column."""
-    categories: list[str | None] = [None] * table.num_rows
-    columns = {t.field: table[t.field].fill_null("").to_pylist() for t in templates}
+    """template_category of each row of a batch: one pass of each rule's prefilters over its column
+    (Arrow), then of each regex over the rows they leave (Python)."""
+    rows = _candidates(table, templates)
+    found = table.take(pa.array(rows, pa.int64()))
+    categories: list[str | None] = [None] * found.num_rows
+    columns = {t.field: found[t.field].fill_null("").to_pylist() for t in templates}
     for template in reversed(templates):  # an earlier rule overwrites a later one
         values = columns[template.field]
         for pattern in template.patterns:
             for i in itertools.compress(range(len(values)), map(pattern.search, values)):
                 categories[i] = template.category if values[i] else None
-    return pa.array(categories, pa.string())
+    where = np.full(table.num_rows, -1, dtype=np.int64)
+    where[rows] = np.arange(len(rows))
+    return pa.array(categories, pa.string()).take(pa.array(where, mask=where < 0))
 
 
 def with_flags(

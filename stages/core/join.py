@@ -41,9 +41,9 @@ BATCH_ROWS = 16_384  # rows of a part, a row range and an output row group: sets
 # DuckDB's own limit (it spills to the scratch directory beyond it); one thread: its narrow joins
 # are quick, and each thread adds buffers that grow with the number of rows
 DUCKDB = {"memory_limit": "64MB", "threads": 1}
+JOIN_THREADS = 2  # translate's joins of the ids: two threads halve their time, the memory stays flat
 READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer: a whole column chunk never is
 ID, TEXT = "conversation_id", "instruction_ja"
-IDS = pa.schema([("p", pa.int64()), (ID, pa.string()), ("has_text", pa.bool_())])
 PLACES = pa.schema([("row", pa.int64())])
 BY_TEXT = pa.schema([("row", pa.int64()), (ID, pa.string()), (TEXT, pa.string())])
 BY_ROW = pa.schema([("row", pa.int64()), (TEXT, pa.string()), ("duplicate_of", pa.string())])
@@ -124,21 +124,6 @@ def _may_hold_nulls(path: str | Path, column: str) -> bool:
     return any(s is None or not s.has_null_count or s.null_count > 0 for s in stats)
 
 
-def _released_ids(path: str | Path, rows: int) -> pa.RecordBatchReader:
-    """Each released row's position `p`, conversation_id and whether it has a translation."""
-    nulls = _may_hold_nulls(path, TEXT)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        start = 0
-        for batch in read_batches(path, [ID, TEXT] if nulls else [ID], rows):
-            has_text = pc.is_valid(batch.column(TEXT)) if nulls else pa.repeat(True, batch.num_rows)
-            positions = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
-            yield pa.record_batch([positions, batch.column(ID), has_text], schema=IDS)
-            start += batch.num_rows
-
-    return pa.RecordBatchReader.from_batches(IDS, batches())
-
-
 def llm_rows(missing: pa.Table, answers: dict[str, tuple[str | None, str]]) -> pa.Table:
     """The missing rows the translator LLM answered (`answers`: conversation_id -> (text or None,
     status)), in first-turn order; a missing row without an answer is dropped from the output."""
@@ -159,8 +144,8 @@ def _in_order(placed: pa.Table, start: int, rows: int, released: Path) -> pa.Tab
 
 
 class TranslationJoin:
-    """One translate run's join: a scratch directory beside `out` (removed at the end) holding the
-    DuckDB database of the released conversation_ids and the spills."""
+    """One translate run's join: a scratch directory beside `out` (removed at the end) holding
+    DuckDB's spill and the text's."""
 
     def __init__(
         self,
@@ -183,11 +168,10 @@ class TranslationJoin:
             dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".join"
         )
         self.scratch = Path(self._stack.enter_context(scratch))
-        config = {**DUCKDB, "temp_directory": str(self.scratch / "duckdb")}
-        self.db = self._stack.enter_context(duckdb.connect(str(self.scratch / "ids.duckdb"), config=config))
-        self.db.register("released_ids", _released_ids(self.released, self.rows))
-        self.db.execute("CREATE TABLE released AS SELECT * FROM released_ids")
-        self.db.unregister("released_ids")
+        config = {**DUCKDB, "threads": JOIN_THREADS, "temp_directory": str(self.scratch / "duckdb")}
+        self.db = self._stack.enter_context(duckdb.connect(config=config))
+        # a released row has a translation unless its text is null (the statistics say if one may be)
+        self.has_text = f"r.{TEXT} IS NOT NULL" if _may_hold_nulls(self.released, TEXT) else "true"
         where = "WHERE NOT flagged" if self.without_flagged else ""
         (self.rows_in,) = self._sql(f"SELECT count(*) FROM read_parquet($first) {where}").fetchall()[0]
         return self
@@ -196,8 +180,9 @@ class TranslationJoin:
         self._stack.close()
 
     def _sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """A query of the DuckDB database, with $first: the first-turn Parquet file."""
-        return self.db.sql(query, params={"first": str(self.first)})
+        """A DuckDB query, with $first: the first-turn Parquet file, and $released: the release's."""
+        files = {"first": str(self.first), "released": str(self.released)}
+        return self.db.sql(query, params={k: v for k, v in files.items() if f"${k}" in query})
 
     def repeated_ids(self) -> list[str]:
         """Up to 5 conversation_ids that the first-turn table holds more than once."""
@@ -211,17 +196,21 @@ class TranslationJoin:
         order; only the row groups holding them are read."""
         where = "WHERE NOT f.flagged" if self.without_flagged else ""
         query = f"""SELECT f.file_row_number AS row FROM read_parquet($first, file_row_number = true) f
-            ANTI JOIN (SELECT {ID} FROM released WHERE has_text) r USING ({ID}) {where} ORDER BY row"""
+            ANTI JOIN (SELECT {ID} FROM read_parquet($released) r WHERE {self.has_text}) USING ({ID})
+            {where} ORDER BY row"""
         rows = self._sql(query).fetchnumpy()["row"].astype(np.int64)
         table = read_rows(self.first, rows, LLM_INPUT.names[1:])
         return pa.Table.from_arrays([pa.array(rows), *table.columns], schema=LLM_INPUT)
 
     def _places(self) -> Path:
-        """An Arrow IPC file of each released row's row in first-turn order (null: no such row, or
-        no translation), in release order. DuckDB's work ends here: it is closed."""
-        query = f"""SELECT CASE WHEN r.has_text THEN f.file_row_number END AS row
-            FROM released r LEFT JOIN read_parquet($first, file_row_number = true) f USING ({ID})
-            ORDER BY r.p"""
+        """An Arrow IPC file of each released row's row in first-turn order (null: no such row, no
+        translation, or a flagged row left out of this join), in release order. DuckDB's work ends
+        here: it is closed."""
+        joined = f"{self.has_text} AND NOT f.flagged" if self.without_flagged else self.has_text
+        query = f"""SELECT CASE WHEN {joined} THEN f.file_row_number END AS row
+            FROM read_parquet($released, file_row_number = true) r
+            LEFT JOIN read_parquet($first, file_row_number = true) f USING ({ID})
+            ORDER BY r.file_row_number"""
         path = self.scratch / "places.arrow"
         with pa.ipc.new_stream(str(path), PLACES) as sink:
             for batch in self._sql(query).to_arrow_reader(self.rows):
