@@ -8,6 +8,8 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -15,6 +17,7 @@ from typing import ClassVar
 import pytest
 
 from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, apply_chat_rules, make_engine
+from stages.core.engines.transformers import SeededSampler
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from tests.conftest import FakeEngine
@@ -37,6 +40,41 @@ def test_transformers_engine_returns_n_completions_with_token_counts():
         assert 1 <= completion.completion_tokens <= 6
         assert completion.prompt_tokens > 3
     assert first == again  # same seeds, same batches: same samples
+
+
+def test_transformers_engine_draws_each_request_from_its_own_seed_in_any_thread():
+    """No global RNG: two shards generated at once in two threads get the answers each gets alone,
+    and a request's answers follow its seed, not the requests it shares a batch with."""
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32"), EngineParams(backend="transformers", batch_size=6)
+    )
+    sampling = Sampling(temperature=1.0, max_tokens=8)
+    shards = [
+        [ChatRequest([{"role": "user", "content": f"質問 {s}-{i}"}], n=2, seed=10 * s + i) for i in range(4)]
+        for s in range(2)
+    ]
+    with engine:
+        alone = [engine.chat(shard, sampling) for shard in shards]
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda shard: engine.chat(shard, sampling), shards))
+        single = engine.chat([shards[0][2]], sampling)
+        reseeded = engine.chat([replace(shards[0][2], seed=99)], sampling)
+    assert together == alone
+    assert single == [alone[0][2]]  # the same draw in a batch of 3 requests and alone
+    texts = [[c.text for c in r.completions] for r in (*alone[0], *alone[1])]
+    assert len({t for pair in texts for t in pair}) > 8  # varied, not one reply repeated
+    assert [c.text for c in reseeded[0].completions] != texts[2]
+
+
+def test_the_seeded_sampler_draws_from_the_softmax_of_the_warped_scores():
+    torch = pytest.importorskip("torch")
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    scores = probs.log().expand(20_000, 4)  # one request, 20,000 samples
+    draws = SeededSampler([7], 20_000)(None, scores).argmax(dim=1)
+    share = torch.bincount(draws, minlength=4) / 20_000
+    assert torch.allclose(share, probs, atol=0.015) and share[3] == 0  # top-p's -inf is never drawn
+    again = SeededSampler([7], 20_000)(None, scores).argmax(dim=1)
+    assert torch.equal(draws, again)
 
 
 def test_gemma_rules_merge_the_system_prompt_into_the_first_user_turn():

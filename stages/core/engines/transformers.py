@@ -1,5 +1,10 @@
 """Hugging Face transformers engine: batched sampling on the CPU or one GPU; logprobs from the raw
-logits where a request asks for them, no structured output (a request with a JSON schema is refused)."""
+logits where a request asks for them, no structured output (a request with a JSON schema is refused).
+
+Sampling is the params' own (temperature, top_p; no top_k that the model's generation_config may
+carry) and each request draws from its own generator seeded by its seed, not from torch's global
+one: the answer to a request does not depend on the other threads, and several shards may be
+generated at once (on 2 CPU cores two threads finish the sample's batches ~1.6x sooner)."""
 
 from __future__ import annotations
 
@@ -21,9 +26,37 @@ from stages.core.errors import PipelineError
 from stages.core.params import Sampling
 
 
+class SeededSampler:
+    """A transformers LogitsProcessor that makes greedy decoding draw a sample: for each request
+    (its n rows), Exp(1) noise from the request's own generator, and scores - log(noise), whose
+    argmax is a draw from softmax(scores) (the Gumbel-max trick; vLLM's sampler does the same).
+    It runs after the temperature and top-p warpers, so the draw follows them."""
+
+    def __init__(self, seeds: list[int], n: int) -> None:
+        self.seeds, self.n = seeds, n
+        self.generators: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        rows = scores.shape[1]
+        noise = torch.cat(
+            [
+                torch.empty((self.n, rows), device=scores.device, dtype=torch.float32).exponential_(
+                    generator=g
+                )
+                for g in self.generators
+            ]
+        )
+        return scores.float() - noise.log()
+
+
 @dataclass
 class TransformersEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("transformers", "torch")
+    CONCURRENT: ClassVar[bool] = True  # no global state: each thread's batches draw from their own seeds
     _model: Any = field(default=None, init=False, repr=False)
 
     def load(self) -> None:
@@ -64,6 +97,11 @@ class TransformersEngine(Engine):
 
     def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[Reply]:
         import torch
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         texts = [
             self._tokenizer.apply_chat_template(
@@ -72,15 +110,23 @@ class TransformersEngine(Engine):
             for r in batch
         ]
         enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(batch[0].seed)  # one seed per batch: transformers samples a batch jointly
+        processors = LogitsProcessorList()
+        if sampling.temperature > 0:  # greedy decoding over seeded Gumbel noise is sampling
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+            processors.append(SeededSampler([r.seed for r in batch], n))
+        # each prompt n times in a row (greedy decoding returns one sequence per input row)
+        rows = {k: v.repeat_interleave(n, dim=0) for k, v in enc.items()}
         with torch.inference_mode():
             out = self._model.generate(
-                **enc,
-                do_sample=sampling.temperature > 0,
-                temperature=sampling.temperature if sampling.temperature > 0 else None,
-                top_p=sampling.top_p if sampling.temperature > 0 else None,
+                **rows,
+                do_sample=False,
+                temperature=None,  # the model's generation_config must add no warper of its own
+                top_p=None,
+                top_k=None,
+                logits_processor=processors,
                 max_new_tokens=sampling.max_tokens,
-                num_return_sequences=n,
                 pad_token_id=self._tokenizer.pad_token_id,
                 return_dict_in_generate=True,
                 output_logits=any(r.top_logprobs for r in batch),  # raw, before temperature and top_p
