@@ -18,9 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stages.core.errors import SourceError
-from stages.core.first_turn import filter_batch
+from stages.core.first_turn import SeenIds, filter_batch
 from stages.core.params import FilterSpec
 from stages.core.source import AccessError, ChecksumError
 from tests.conftest import ROOT, run_stage, set_params
@@ -104,7 +106,7 @@ def test_duplicates_within_a_batch_and_after_a_dropped_row():
     rows = [row("a", "German", "eins"), row("a", "English", "one"), row("a", "English", "two")]
     rows += [row("b", "English", "three"), row("b", "English", "four")]
     spec = FilterSpec(languages=["English"], redacted="keep", long_first_turn_chars=3)
-    counts, seen = Counter(), set()
+    counts, seen = Counter(), SeenIds()
     table = filter_batch(pa.RecordBatch.from_pylist(rows), spec, counts, seen)
     assert table.column("instruction").to_pylist() == ["one", "three"]  # German "a" is no duplicate
     assert counts["dropped_language"] == 1 and counts["dropped_duplicate_id"] == 2
@@ -345,3 +347,23 @@ def test_release_config_refuses_a_branch_revision():
         ValueError, match=r"fetch\.source\.revision='main': a release config must pin a 40-hex commit"
     ):
         compose_params(["fetch.source.revision=main"])
+
+
+IDS = st.one_of(
+    st.none(), st.sampled_from(["", "a", "a\x00", "\x00", "ab", "長いＩＤ" * 9]), st.text(max_size=6)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(IDS, max_size=12), max_size=8))
+def test_kept_ids_drop_what_a_set_of_the_ids_would(batches):
+    """fetch's compact store of the ids kept so far answers as a Python set of them: an id seen in
+    an earlier batch or earlier in its own is dropped, whatever its length, NULs or a null."""
+    seen, kept = SeenIds(), set()
+    for batch in batches:
+        expected = []
+        for cid in batch:
+            expected.append(cid in kept)
+            kept.add(cid)
+        assert seen.drop(pa.array(batch, pa.string())).tolist() == expected
+    assert len(seen) == len(kept)

@@ -6,6 +6,7 @@ import gzip
 import json
 import random
 import threading
+import time
 
 import orjson
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pytest
 from stages.core.io import (
     GZIP_BLOCK,
     RowGroups,
+    in_thread,
     iter_aligned,
     json_lines,
     jsonl_gz_table_writer,
@@ -181,3 +183,24 @@ def test_row_groups_give_the_same_parquet_bytes_for_any_batching(tmp_path):
         assert pq.ParquetFile(tmp_path / f"{rows}.parquet").metadata.num_row_groups == 2
         files.add((tmp_path / f"{rows}.parquet").read_bytes())
     assert len(files) == 1
+
+
+def test_a_writer_thread_takes_tables_in_order_and_passes_its_error_on():
+    got: list[int] = []
+
+    def write(table: pa.Table) -> None:
+        time.sleep(0.01 * (table["x"][0].as_py() % 2))  # uneven work: the order must still hold
+        got.append(table["x"][0].as_py())
+
+    with in_thread(write) as hand_over:
+        for i in range(10):
+            hand_over(pa.table({"x": [i]}))
+    assert got == list(range(10))  # all written, in order, when the block ends
+
+    def broken(table: pa.Table) -> None:
+        if table["x"][0].as_py() == 3:
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"), in_thread(broken) as hand_over:
+        for i in range(50):
+            hand_over(pa.table({"x": [i]}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import hashlib
@@ -11,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -306,6 +308,28 @@ def iter_aligned(
             raise SourceError(
                 f"{reader.path} has more rows than {first.path}: re-run the stage that wrote it"
             )
+
+
+@contextlib.contextmanager
+def in_thread(write: Callable[[pa.Table], object], depth: int = 2) -> Iterator[Callable[[pa.Table], None]]:
+    """Yield a function that hands tables to `write` in a thread of its own, in order, with at most
+    `depth` waiting (the memory of `depth` tables). An error `write` raised comes out of the next
+    hand-over or the block's end; the thread has finished every table when the block ends."""
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool:
+        pending: collections.deque[Future] = collections.deque()
+
+        def hand_over(table: pa.Table) -> None:
+            pending.append(pool.submit(write, table))
+            while len(pending) > depth or (pending and pending[0].done()):
+                pending.popleft().result()
+
+        try:
+            yield hand_over
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class RowGroups:
