@@ -50,7 +50,8 @@ class SeededSampler:
                 for g in self.generators
             ]
         )
-        return scores.float() - noise.log()
+        # an exact 0 would put log(0) = -inf under a token (+inf after the minus, NaN on a -inf score)
+        return scores.float() - noise.clamp_(min=torch.finfo(torch.float32).tiny).log()
 
 
 @dataclass
