@@ -66,6 +66,50 @@ def test_transformers_engine_draws_each_request_from_its_own_seed_in_any_thread(
     assert [c.text for c in reseeded[0].completions] != texts[2]
 
 
+class _LockChecked:
+    """A tokenizer whose every call records whether the engine held its tokenizer lock."""
+
+    def __init__(self, tokenizer, lock: threading.Lock, unlocked: list[str]) -> None:
+        self._tokenizer, self._lock, self._unlocked = tokenizer, lock, unlocked
+
+    def _check(self, name: str) -> None:
+        if not self._lock.locked():
+            self._unlocked.append(name)
+
+    def __call__(self, *args, **kwargs):
+        self._check("__call__")
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def checked(*args, **kwargs):
+            self._check(name)
+            return value(*args, **kwargs)
+
+        return checked
+
+
+def test_every_tokenizer_call_of_the_engine_holds_its_lock():
+    """A fast tokenizer changes its backend's padding per call: a prompt counted in one thread
+    while another thread encodes a padded batch gave ragged batches ("Unable to create tensor",
+    seen in CI) and padded counts. The shards in flight share one tokenizer, so the engine takes
+    a lock around every use of it, the generation itself left outside."""
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32"), EngineParams(backend="transformers", batch_size=4)
+    )
+    unlocked: list[str] = []
+    requests = [ChatRequest([{"role": "user", "content": "質問 " * k}], n=2, seed=k) for k in range(1, 6)]
+    with engine:
+        engine.chat(requests[:1], Sampling(temperature=0.0, max_tokens=1))  # loads the model
+        engine._tokenizer = _LockChecked(engine._tokenizer, engine._tokenizer_lock, unlocked)
+        replies = engine.chat(requests, Sampling(temperature=1.0, max_tokens=4))
+    assert [len(r.completions) for r in replies] == [2] * 5
+    assert unlocked == []
+
+
 def test_the_seeded_sampler_draws_from_the_softmax_of_the_warped_scores():
     torch = pytest.importorskip("torch")
     probs = torch.tensor([0.6, 0.3, 0.1, 0.0])

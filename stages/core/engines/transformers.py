@@ -8,6 +8,7 @@ generated at once (on 2 CPU cores two threads finish the sample's batches ~1.6x 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, ClassVar
@@ -57,8 +58,11 @@ class SeededSampler:
 @dataclass
 class TransformersEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("transformers", "torch")
-    CONCURRENT: ClassVar[bool] = True  # no global state: each thread's batches draw from their own seeds
+    CONCURRENT: ClassVar[bool] = True  # no global RNG: each thread's batches draw from their own seeds
     _model: Any = field(default=None, init=False, repr=False)
+    # a fast tokenizer keeps its padding settings in the Rust backend and changes them per call:
+    # a count (no padding) beside a batch encode (padding) in another thread gets ragged rows
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -80,6 +84,10 @@ class TransformersEngine(Engine):
 
     def context_length(self) -> int | None:
         return self.llm.max_model_len or getattr(self._model.config, "max_position_embeddings", None)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        with self._tokenizer_lock:
+            return super().count_tokens(messages)
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         if any(r.json_schema is not None for r in requests):
@@ -104,13 +112,14 @@ class TransformersEngine(Engine):
             TopPLogitsWarper,
         )
 
-        texts = [
-            self._tokenizer.apply_chat_template(
-                apply_chat_rules(r.messages, self.llm), tokenize=False, add_generation_prompt=True
-            )
-            for r in batch
-        ]
-        enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with self._tokenizer_lock:
+            texts = [
+                self._tokenizer.apply_chat_template(
+                    apply_chat_rules(r.messages, self.llm), tokenize=False, add_generation_prompt=True
+                )
+                for r in batch
+            ]
+            enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         processors = LogitsProcessorList()
         if sampling.temperature > 0:  # greedy decoding over seeded Gumbel noise is sampling
             processors.append(TemperatureLogitsWarper(sampling.temperature))
@@ -134,10 +143,16 @@ class TransformersEngine(Engine):
             )
         new_tokens = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        with self._tokenizer_lock:  # decoding borrows the backend too
+            return self._replies(batch, n, new_tokens, prompt_lens, out.logits)
+
+    def _replies(
+        self, batch: list[ChatRequest], n: int, new_tokens: list, prompt_lens: list, logits: Any
+    ) -> list[Reply]:
         return [
             Reply(
                 [
-                    self._completion(new_tokens[i * n + j], prompt_lens[i], r, out.logits, i * n + j)
+                    self._completion(new_tokens[i * n + j], prompt_lens[i], r, logits, i * n + j)
                     for j in range(n)
                 ]
             )
