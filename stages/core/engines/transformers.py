@@ -4,7 +4,7 @@ logits where a request asks for them, no structured output (a request with a JSO
 Sampling is the params' own (temperature, top_p; no top_k that the model's generation_config may
 carry) and each request draws from its own generator seeded by its seed, not from torch's global
 one: the answer to a request does not depend on the other threads, and several shards may be
-generated at once (on 2 CPU cores two threads finish the sample's batches ~1.6x sooner)."""
+generated at once."""
 
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ class SeededSampler:
 
         if not self.generators:
             self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
-        rows = scores.shape[1]
+        vocab = scores.shape[1]
         noise = torch.cat(
             [
-                torch.empty((self.n, rows), device=scores.device, dtype=torch.float32).exponential_(
+                torch.empty((self.n, vocab), device=scores.device, dtype=torch.float32).exponential_(
                     generator=g
                 )
                 for g in self.generators
