@@ -69,6 +69,8 @@ def main() -> None:
             stage=f"generate@{name}",
             role="generate",
             key=key,
+            statuses=("status_ja", "status_en"),
+            ceiling=(f"models.{name}.generate.max_failure_rate", spec.max_failure_rate),
             total=shard_count(translated, spec.shard_size),
         )
         counts.update(value_counts(out, ["status_ja", "status_en"]))

@@ -79,6 +79,8 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
             stage=f"score@{name}",
             role="judge",
             key=key,
+            statuses=("judge_status",),
+            ceiling=(f"models.{name}.score.max_failure_rate", variant.score.max_failure_rate),
             total=shard_count(generated, size),
         )
 
@@ -115,6 +117,8 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
             role="second_turn",
             carry=judged,
             key=key,
+            statuses=("multiturn_status",),
+            ceiling=(f"models.{name}.second_turn.max_failure_rate", variant.second_turn.max_failure_rate),
             total=shard_count(generated, size),
         )
 

@@ -57,6 +57,7 @@ class FakeEngine(Engine):
     refuse: tuple[str, ...] = ()
     delay: float = 0.0  # seconds each call takes, for tests that kill a stage mid-run
     loads: int = 0
+    choices: int | None = None  # like a server that ignores `n`: at most this many completions a request
 
     def load(self) -> None:
         self.loads += 1
@@ -71,7 +72,9 @@ class FakeEngine(Engine):
             raise RequestError(f"{len(bad)} of {len(requests)} prompts refused")
         self.requests.extend(requests)
         return [
-            Reply([Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)])
+            Reply(
+                [Completion(fake_reply(r.messages, j), "stop", 20, 5 + j) for j in range(r.n)][: self.choices]
+            )
             for r in requests
         ]
 

@@ -156,6 +156,7 @@ def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
     assert sorted(k["Key"] for k in keys) == [
         "checkpoints/generate@t/k/00000.parquet",
         "checkpoints/generate@t/k/00001.parquet",
+        "checkpoints/generate@t/k/_complete",  # the mark `python -m stages.core.shards prune` reads
     ]
 
 

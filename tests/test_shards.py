@@ -4,12 +4,23 @@ in stale ones."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.shards import INPUT_DIGEST, run_sharded, slices
+from stages.core.shards import (
+    INPUT_DIGEST,
+    ROWS_DIGEST,
+    CheckpointStore,
+    key_dirs,
+    main,
+    prunable,
+    rows_digest,
+    run_sharded,
+    slices,
+)
 
 SCHEMA = pa.schema([("conversation_id", pa.string()), ("x", pa.int64())])
 
@@ -84,11 +95,28 @@ def test_an_invalid_shard_is_recomputed(tmp_path, caplog):
     _run(table, fn, tmp_path)
     shard = tmp_path / "t" / "k1" / "00002.parquet"
     kept = pq.read_table(shard)
-    pq.write_table(kept.slice(0, 2), shard)  # readable, same digest, but a row short
+    short = kept.slice(0, 2).replace_schema_metadata(None)
+    meta = {INPUT_DIGEST: kept.schema.metadata[INPUT_DIGEST], ROWS_DIGEST: rows_digest(short)}
+    pq.write_table(short.replace_schema_metadata(meta), shard)  # readable, both digests hold, a row short
     calls.clear()
     with caplog.at_level(logging.WARNING, logger="stages.core.shards"):
         _run(table, fn, tmp_path)
     assert calls == [2] and "2 rows for 3 input rows" in caplog.text
+
+
+def test_a_checkpoint_rewritten_with_intact_metadata_is_recomputed(tmp_path, caplog):
+    table, calls = _table(list(range(10))), []
+    fn = _double(calls)
+    _run(table, fn, tmp_path)
+    shard = tmp_path / "t" / "k1" / "00001.parquet"
+    kept = pq.read_table(shard)
+    forged = pa.table([kept["conversation_id"], [0, 0, 0]], schema=SCHEMA)
+    pq.write_table(forged.replace_schema_metadata(kept.schema.metadata), shard)
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.core.shards"):
+        _run(table, fn, tmp_path)
+    assert calls == [1] and "does not match its digest" in caplog.text
+    assert pq.read_table(tmp_path / "out.parquet")["x"].to_pylist() == [2 * i for i in range(10)]
 
 
 def test_a_changed_input_row_recomputes_only_its_shard(tmp_path):
@@ -105,13 +133,98 @@ def test_a_changed_input_row_recomputes_only_its_shard(tmp_path):
     assert INPUT_DIGEST in meta
 
 
-def test_a_new_key_ignores_and_removes_stale_shards(tmp_path):
+def test_a_new_key_ignores_stale_shards_and_keeps_them_for_the_run_that_owns_them(tmp_path):
     table = _table([1, 2, 3])
     _run(table, lambda p, i: p, tmp_path, key="old")
     zeros = lambda p, i: pa.table([p["conversation_id"], [0] * p.num_rows], schema=SCHEMA)  # noqa: E731
     _run(table, zeros, tmp_path, key="new")
     assert pq.read_table(tmp_path / "out.parquet")["x"].to_pylist() == [0, 0, 0]
-    assert [p.name for p in (tmp_path / "t").iterdir()] == ["new"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["new", "old"]
+    calls: list[int] = []
+    assert _run(table, _double(calls), tmp_path, key="old") == 3  # the other run resumes: nothing asked
+    assert calls == []
+
+
+def test_prune_keeps_each_stage_latest_completed_key_and_recent_runs(tmp_path, capsys):
+    table = _table([1, 2, 3])
+    for key in ("a", "b"):
+        _run(table, lambda p, i: p, tmp_path, key=key)
+    (tmp_path / "t" / "c").mkdir()  # a run in progress: written to just now, never completed
+    (tmp_path / "t" / "c" / "00000.parquet").write_bytes(b"x")
+    store = CheckpointStore(tmp_path)
+    dirs = {d["key"]: d for d in key_dirs(store)}
+    assert dirs["a"]["shards"] == 1 and dirs["c"]["completed"] is None
+    dirs["a"]["completed"] -= 10  # a completed before b
+    assert [d["key"] for d in prunable(list(dirs.values()), 0, now=dirs["b"]["touched"] + 1)] == ["a", "c"]
+    assert [d["key"] for d in prunable(list(dirs.values()), 30, now=dirs["b"]["touched"] + 1)] == []
+    main(["prune", str(tmp_path), "--older-than", "0", "--dry-run"])
+    assert (tmp_path / "t" / "a").is_dir() and "would remove" in capsys.readouterr().out
+    main(["prune", str(tmp_path), "--older-than", "0"])
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["b"]
+
+
+STATUS = pa.schema([("conversation_id", pa.string()), ("status", pa.string()), ("x", pa.int64())])
+
+
+def _flaky(calls: list[list[str]], failing: set[str]):
+    """Answer each row; rows whose id is in `failing` fail (the set may change between runs)."""
+
+    def fn(part: pa.Table, index: int) -> pa.Table:
+        ids = part["conversation_id"].to_pylist()
+        calls.append(ids)
+        status = ["failed" if c in failing else "ok" for c in ids]
+        x = [None if c in failing else int(c[1:]) * 10 for c in ids]
+        return pa.table([part["conversation_id"], status, x], schema=STATUS)
+
+    return fn
+
+
+def _run_status(table: pa.Table, fn, tmp_path, tally: Counter | None = None) -> int:
+    return run_sharded(
+        slices(table, 3),
+        fn,
+        out=tmp_path / "out.parquet",
+        schema=STATUS,
+        checkpoints=tmp_path,
+        stage="t",
+        key="k",
+        statuses=("status",),
+        tally=tally,
+    )
+
+
+def test_a_failed_request_is_asked_again_next_run_and_only_it(tmp_path):
+    table = pa.table({"conversation_id": [f"c{i}" for i in range(8)]})
+    calls: list[list[str]] = []
+    failing = {"c1", "c4", "c5"}
+    tally: Counter = Counter()
+    _run_status(table, _flaky(calls, failing), tmp_path, tally)
+    assert tally == Counter(ok=5, failed=3)
+    calls.clear()
+    failing.clear()  # the engine is fixed
+    tally = Counter()
+    assert _run_status(table, _flaky(calls, failing), tmp_path, tally) == 8
+    assert calls == [["c1"], ["c4", "c5"]]  # exactly the failed rows, shard by shard
+    assert tally == Counter(ok=8)
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out["x"].to_pylist() == [i * 10 for i in range(8)]  # equal to an uninterrupted run
+    calls.clear()
+    _run_status(table, _flaky(calls, failing), tmp_path)
+    assert calls == []  # now final: nothing is asked again
+
+
+def test_a_decided_skip_is_final(tmp_path):
+    table = pa.table({"conversation_id": ["c0", "c1"]})
+
+    def fn(part: pa.Table, index: int) -> pa.Table:
+        calls.append(index)
+        n = part.num_rows
+        return pa.table([part["conversation_id"], ["skipped_too_long"] * n, [None] * n], schema=STATUS)
+
+    calls: list[int] = []
+    _run_status(table, fn, tmp_path)
+    _run_status(table, fn, tmp_path)
+    assert calls == [0]
 
 
 def test_a_stage_returning_other_rows_is_a_bug_not_a_checkpoint(tmp_path):

@@ -22,13 +22,13 @@ import orjson
 import pyarrow as pa
 
 from stages.core.cache import ResponseCache
-from stages.core.engines.base import OK, TOO_LONG, missing_extra
+from stages.core.engines.base import FAILED, OK, TOO_LONG, missing_extra
 from stages.core.errors import PipelineError
 from stages.core.io import ENGINE_METADATA, value_counts
 from stages.core.params import DeepLParams, Params
 from stages.core.resume import code_digest, digest, recipe
 from stages.core.shards import run_sharded, slices
-from stages.core.translator import EMPTY_OUTPUT, TRANSLATED, read_answers, split_empty
+from stages.core.translator import TRANSLATED, read_answers, split_empty
 
 LOG = logging.getLogger(__name__)
 BACKEND = "deepl"
@@ -169,7 +169,7 @@ class DeepL:
 def _answer(found: list | None, too_long: bool) -> tuple[str | None, str]:
     if found is not None:
         return found[0], OK
-    return None, TOO_LONG if too_long else EMPTY_OUTPUT
+    return None, TOO_LONG if too_long else FAILED  # DeepL answered nothing: asked again next run
 
 
 def translate_table(client: DeepL, rows: pa.Table) -> pa.Table:
@@ -200,6 +200,7 @@ def translate_with_deepl(
             checkpoints=params.paths.shards,
             stage=stage,
             key=digest("translate", BACKEND, client.settings, code_digest(__name__)),
+            statuses=("translation_status",),  # an empty answer (FAILED) is asked again next run
             metadata={f"{ENGINE_METADATA}translate".encode(): orjson.dumps(client.identity())},
         )
     finally:

@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from stages.core.cache import ResponseCache
 from stages.core.cli import LOG_FORMAT, run
-from stages.core.engines import Engine, make_engine
+from stages.core.engines import Engine, make_engine, unfinished
 from stages.core.engines.base import missing_extra
 from stages.core.errors import PipelineError
 from stages.core.io import ENGINE_METADATA, engines_of
@@ -45,33 +46,74 @@ class Executor(abc.ABC):
         """Requests answered from the response cache, and those sent, so far."""
         return {}
 
+    def failure_details(self) -> Counter:
+        """Failed requests by error text, so far."""
+        return Counter()
+
     def identity(self) -> dict:
         """What of the engine determines results (for resume keys and the release manifest)."""
         return make_engine(self.llm, self.options).identity()
 
     @abc.abstractmethod
-    def submit(self, work: Work, shard: pa.Table) -> Future: ...
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
+        """Run `work` on shard number `index`; its result, or the error that ended it."""
 
     def close(self) -> None:  # noqa: B027 - nothing to free by default
         """Free the engines (and their GPUs)."""
 
     def run_sharded(
-        self, work: Work, shards: Any, *, role: str, carry: str | Path | None = None, **kwargs: Any
+        self,
+        work: Work,
+        shards: Any,
+        *,
+        role: str,
+        carry: str | Path | None = None,
+        statuses: tuple[str, ...] = (),
+        ceiling: tuple[str, float] | None = None,
+        **kwargs: Any,
     ) -> int:
         """`shards.run_sharded` with `work` on this executor's engines. `out` records this engine's
-        identity as `role` (and the roles recorded in the Parquet file `carry`, an input)."""
+        identity as `role` (and the roles recorded in the Parquet file `carry`, an input). `statuses`
+        names the out's request-status columns: unfinished requests of reused shards are asked again,
+        and with `ceiling` (its params key, its rate) the stage fails when more than that share of
+        the out's requests did not finish. `self.tally` then holds the out's status counts."""
         metadata = engines_of(carry) if carry else {}
         metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
+        self.tally, stage = Counter(), kwargs.get("stage", role)
         rows = run_sharded(
             shards,
-            lambda shard, _: self.submit(work, shard),
+            lambda shard, index: self.submit(work, shard, index),
             window=self.capacity,
             metadata=metadata,
+            statuses=statuses,
+            tally=self.tally,
             **kwargs,
         )
         if counts := self.cache_counts():
-            LOG.info("%s: response cache: %s", kwargs.get("stage", role), counts)
+            LOG.info("%s: response cache: %s", stage, counts)
+        if statuses:
+            LOG.info("%s: request statuses: %s", stage, dict(self.tally))
+        if ceiling:
+            check_ceiling(stage, self.tally, *ceiling, self.failure_details())
         return rows
+
+
+def check_ceiling(stage: str, tally: Counter, key: str, rate: float, details: Counter) -> None:
+    """Raise when more than `rate` of the requests counted in `tally` are unfinished (failed, partial,
+    mode ignored): the message names the stage, the counts, the params key and the commonest error."""
+    asked = sum(tally.values())
+    bad = {status: n for status, n in tally.items() if unfinished(status)}
+    failed = sum(bad.values())
+    if not asked or failed / asked <= rate:
+        return
+    common = details.most_common(1)
+    why = f"; most common error ({common[0][1]:,}x): {common[0][0]}" if common else ""
+    kinds = ", ".join(f"{status} {n:,}" for status, n in bad.items())
+    raise PipelineError(
+        f"{stage}: {failed:,} of {asked:,} requests did not finish ({kinds}"
+        f"; {failed / asked:.1%} > {key}={rate}){why}. The out is written and every finished request "
+        "is kept: fix the cause and re-run, and only the unfinished requests are asked again"
+    )
 
 
 class LocalExecutor(Executor):
@@ -87,11 +129,14 @@ class LocalExecutor(Executor):
     def identity(self) -> dict:
         return self.engine.identity()
 
-    def submit(self, work: Work, shard: pa.Table) -> Future:
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
         return self._threads.submit(work, self.engine, shard)
 
     def cache_counts(self) -> dict[str, int]:
         return self.engine.cache.counts() if self.engine.cache else {}
+
+    def failure_details(self) -> Counter:
+        return Counter(self.engine.failures)
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
@@ -111,8 +156,15 @@ class Replica:
     def run(self, work: Work, shard: pa.Table) -> pa.Table:
         return work(self.engine, shard)
 
+    def identity(self) -> dict:
+        """The engine's identity where it runs: the library versions of this replica's host."""
+        return self.engine.identity()
+
     def cache_counts(self) -> dict[str, int]:
         return self.engine.cache.counts() if self.engine.cache else {}
+
+    def failure_details(self) -> Counter:
+        return Counter(self.engine.failures)
 
     def close(self) -> None:
         self.engine.__exit__(None, None, None)
@@ -149,8 +201,10 @@ class RayExecutor(Executor):
         actor = ray.remote(Replica).options(
             num_gpus=gpus,
             num_cpus=1,
-            max_restarts=-1,  # a replica whose process dies is started again ...
-            max_task_retries=-1,  # ... and its unfinished shards are retried on it
+            # a replica whose process dies is started again and its unfinished shards retried on it,
+            # a bounded number of times: a shard that kills its replica each time fails the stage
+            max_restarts=options.ray_max_retries,
+            max_task_retries=options.ray_max_retries,
             max_concurrency=options.shards_in_flight,
         )
         self._actors = [actor.remote(llm, options, str(cache) if cache else None) for _ in range(replicas)]
@@ -159,17 +213,49 @@ class RayExecutor(Executor):
         self.capacity = replicas * options.shards_in_flight
         LOG.info("%s: %d Ray replicas, %d GPUs each", llm.model, replicas, gpus)
 
-    def submit(self, work: Work, shard: pa.Table) -> Future:
+    def identity(self) -> dict:
+        """The engine's identity as the replicas report it (their hosts' library versions); replicas
+        that disagree (hosts with other versions) stop the stage."""
+        found = self._ray.get([a.identity.remote() for a in self._actors])
+        if any(other != found[0] for other in found[1:]):
+            versions = sorted({json.dumps(f["libraries"], sort_keys=True) for f in found})
+            raise PipelineError(f"{self.llm.model}: the Ray replicas run different engines: {versions}")
+        return found[0]
+
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
         with self._lock:
             i = min(range(len(self._actors)), key=self._busy.__getitem__)
             self._busy[i] += 1
-        future = self._actors[i].run.remote(work, shard).future()
-        future.add_done_callback(lambda _: self._done(i))
-        return future
+        ray_future = self._actors[i].run.remote(work, shard).future()
+        result: Future = Future()
+        ray_future.add_done_callback(lambda done: self._done(i, index, done, result))
+        return result
 
-    def _done(self, i: int) -> None:
+    def _done(self, i: int, index: int, done: Future, result: Future) -> None:
+        """Hand a replica's answer on; a replica that died past its retries fails the shard by name."""
         with self._lock:
             self._busy[i] -= 1
+        error = done.exception() if not done.cancelled() else None
+        if done.cancelled():
+            result.cancel()
+        elif isinstance(error, self._ray.exceptions.RayActorError):
+            retries = self.options.ray_max_retries
+            result.set_exception(
+                PipelineError(
+                    f"shard {index:05d}: its Ray replica died and was restarted {retries} times "
+                    f"(engine.ray_max_retries={retries}); the shard fails the stage: {error}"
+                )
+            )
+        elif error is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(done.result())
+
+    def failure_details(self) -> Counter:
+        totals: Counter = Counter()
+        for details in self._ray.get([a.failure_details.remote() for a in self._actors]):
+            totals.update(details)
+        return totals
 
     def cache_counts(self) -> dict[str, int]:
         totals: dict[str, int] = {}

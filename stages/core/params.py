@@ -199,6 +199,10 @@ class EngineParams(Strict):
     max_retries: int = Field(3, ge=0, json_schema_extra=RUNTIME)  # openai: 429, 5xx, timeouts
     # openai: seconds per attempt; a request fails after (max_retries + 1) attempts of at most this
     request_timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)
+    # the engine is taken as down, and the stage stops, after this many requests in a row failed
+    max_consecutive_failures: int = Field(32, ge=1, json_schema_extra=RUNTIME)
+    # ray: restarts of a replica whose process died, and retries of its shard, before the stage fails
+    ray_max_retries: int = Field(3, ge=0, json_schema_extra=RUNTIME)
 
     @property
     def base_urls(self) -> list[str | None]:
@@ -272,6 +276,9 @@ class GenerateParams(Strict):
     # engine: ask llm for the responses; published: take them from the variant's published file
     # (`published`), loading no model: a team can re-judge or re-package the published responses
     source: Literal["engine", "published"] = "engine"
+    # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
+    # finish (failed, partial, mode ignored); they are asked again on the next run
+    max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
 
 
 class ScoreParams(Strict):
@@ -286,11 +293,17 @@ class ScoreParams(Strict):
     # rating over the rating tokens' top_logprobs after "[[")
     mode: Literal["parse", "structured", "logprob"] = "parse"
     top_logprobs: int = Field(20, ge=1, le=20)  # logprob mode: alternatives per token (OpenAI allows 20)
+    # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
+    # finish (failed, partial, mode ignored); they are asked again on the next run
+    max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
 
 
 class SecondTurnParams(Strict):
     prompt: str  # asks the generator for the user's follow-up
     sampling: Sampling
+    # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
+    # finish (failed, partial, mode ignored); they are asked again on the next run
+    max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
 
 
 class VariantParams(Strict):

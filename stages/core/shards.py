@@ -1,11 +1,17 @@
 """Sharded, resumable processing: each finished shard is checkpointed under the stage's resume key
-(stages/core/resume.py) with the digest of its input rows; a rerun reuses it only when it is
-readable, valid and computed from the same input."""
+(stages/core/resume.py) with the digests of its input rows and of its own rows; a rerun reuses it
+only when it is readable, intact, valid and computed from the same input, and asks again the rows
+whose requests did not finish (failed, partial: `engines.unfinished`).
+
+`python -m stages.core.shards list|prune` shows and removes checkpoints; a run never removes
+another key's checkpoints (two runs with different keys may share one store)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,12 +23,15 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
+from stages.core.engines.base import unfinished
 from stages.core.errors import PipelineError
 from stages.core.io import PARQUET_OPTIONS, atomic_path, write_table
 from stages.core.resume import input_digest
 
 LOG = logging.getLogger(__name__)
 INPUT_DIGEST = b"lmsys_synth.input_digest"  # Parquet metadata key of a checkpoint shard
+ROWS_DIGEST = b"lmsys_synth.rows_digest"  # ... and of the digest of its own rows, checked on reuse
+COMPLETE = "_complete"  # marker file of a key whose run assembled its out (for `prune`)
 
 
 def slices(table: pa.Table, size: int) -> Iterable[pa.Table]:
@@ -71,20 +80,21 @@ class CheckpointStore:
         pq.write_table(table, sink, **PARQUET_OPTIONS)
         self.fs.pipe_file(path, sink.getvalue().to_pybytes())
 
-    def remove_other_keys(self, stage: str, key: str) -> None:
-        directory = f"{self.root}/{stage}"
-        if not self.fs.exists(directory):
-            return
-        for stale in self.fs.ls(directory, detail=False):
-            if stale.rstrip("/").rsplit("/", 1)[-1] != key and self.fs.isdir(stale):
-                LOG.info("%s: removing checkpoints of another key %s", stage, stale)
-                self.fs.rm(stale, recursive=True)
+    def complete(self, stage: str, key: str) -> None:
+        """Mark `key`'s checkpoints as those of a run that assembled its out."""
+        self.fs.pipe_file(f"{self.root}/{stage}/{key}/{COMPLETE}", str(int(time.time())).encode())
+
+
+def rows_digest(table: pa.Table) -> str:
+    """The digest of a checkpoint's own rows, stored beside them and checked when it is reused."""
+    return input_digest(table.replace_schema_metadata(None))
 
 
 def _reuse(
     store: CheckpointStore, path: str, want: str, shard: pa.Table, schema: pa.Schema, label: str
 ) -> pa.Table | None:
-    """The checkpoint at `path` if it can be read back, was computed from this input and is valid."""
+    """The checkpoint at `path` if it can be read back, was computed from this input, is intact and
+    is valid."""
     try:
         table = store.read(path)
     except (pa.ArrowException, OSError) as err:
@@ -92,25 +102,53 @@ def _reuse(
         return None
     if table is None:
         return None
-    if (table.schema.metadata or {}).get(INPUT_DIGEST) != want.encode():
+    meta = table.schema.metadata or {}
+    if meta.get(INPUT_DIGEST) != want.encode():
         LOG.info("%s: its input rows changed since %s was written: recomputing it", label, path)
+        return None
+    table = table.replace_schema_metadata(None)
+    if meta.get(ROWS_DIGEST) != rows_digest(table).encode():
+        LOG.warning("%s: checkpoint %s does not match its digest (altered): recomputing it", label, path)
         return None
     if problem := mismatch(table, schema, shard):
         LOG.warning("%s: checkpoint %s is invalid (%s): recomputing it", label, path, problem)
         return None
-    LOG.info("%s: already done, reusing %s", label, path)
-    return table.replace_schema_metadata(None)
+    return table
+
+
+def statuses_of(table: pa.Table, columns: tuple[str, ...]) -> list[list[str]]:
+    """Each row's request statuses, from `columns` (a status, or a list of statuses, per row)."""
+    found: list[list[str]] = [[] for _ in range(table.num_rows)]
+    for name in columns:
+        for row, value in zip(found, table[name].to_pylist(), strict=True):
+            row.extend(v for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return found
+
+
+def unfinished_rows(table: pa.Table, columns: tuple[str, ...]) -> list[int]:
+    """Positions of the rows holding a request status that is not final (failed, partial, ...)."""
+    return [i for i, row in enumerate(statuses_of(table, columns)) if any(map(unfinished, row))]
+
+
+def merged(old: pa.Table, redone: pa.Table, rows: list[int]) -> pa.Table:
+    """`old` with its rows at positions `rows` replaced by those of `redone`, in order."""
+    order = list(range(old.num_rows))
+    for k, i in enumerate(rows):
+        order[i] = old.num_rows + k
+    return pa.concat_tables([old, redone.replace_schema_metadata(None)]).take(order)
 
 
 @dataclass
 class _Slot:
-    """One shard on its way to `out`: its reused checkpoint, or its result (a table or a Future)."""
+    """One shard on its way to `out`: its reused checkpoint, and/or its result (a table or a Future)
+    for the whole shard (nothing reused) or for the reused checkpoint's rows at `redo`."""
 
     index: int
     shard: pa.Table
     path: str
     want: str
     reused: pa.Table | None
+    redo: list[int]
     result: pa.Table | Future | None = None
 
     def ready(self) -> bool:
@@ -129,16 +167,20 @@ def run_sharded(
     total: int | None = None,
     window: int = 1,
     metadata: dict[bytes, bytes] | None = None,
+    statuses: tuple[str, ...] = (),
+    tally: Counter | None = None,
 ) -> int:
     """Apply `fn(shard, index)` to each input shard and stream the results into `out`; return its rows.
 
     `fn` returns the result, or a Future of it: up to `window` shards are then in flight at once
     (read ahead, computing, or waiting to be written), and results are written in input order.
     Each result (with `schema`, one row per input row, same conversation_id) is written atomically
-    to `<checkpoints>/<stage>/<key>/<i:05d>.parquet` with its input digest. A rerun reuses a shard
-    only if it reads back, matches the input digest and is valid; otherwise it is recomputed with a
-    warning. Directories of other keys are removed once this key has finished. `out` (with
-    `metadata` in its schema) takes its place only when every shard is done.
+    to `<checkpoints>/<stage>/<key>/<i:05d>.parquet` with its input digest and its own digest. A
+    rerun reuses a shard only if it reads back, matches both digests and is valid; otherwise it is
+    recomputed with a warning. Where `statuses` names the out's request-status columns, a reused
+    shard's rows holding an unfinished status are given to `fn` again (those rows only) and merged
+    back; `tally` counts every status of `out`. `out` (with `metadata` in its schema) takes its
+    place only when every shard is done; other keys' checkpoints are never removed here.
     """
     store, rows, count = CheckpointStore(checkpoints), 0, 0
     slots: deque[_Slot] = deque()
@@ -147,23 +189,21 @@ def run_sharded(
 
         def finish(slot: _Slot) -> None:
             nonlocal rows, count
-            table, label = slot.reused, f"{stage} shard {slot.index:05d}"
-            if table is None:
-                table = slot.result.result() if isinstance(slot.result, Future) else slot.result
-                if problem := mismatch(table, schema, slot.shard):
-                    raise RuntimeError(f"{label}: the stage returned an invalid shard: {problem}")
-                store.write(table.replace_schema_metadata({INPUT_DIGEST: slot.want}), slot.path)
+            table = _result(slot, schema, f"{stage} shard {slot.index:05d}")
+            if slot.result is not None:
+                store.write(_sealed(table, slot.want), slot.path)
             writer.write_table(table.replace_schema_metadata(metadata))
+            if tally is not None:
+                tally.update(s for row in statuses_of(table, statuses) for s in row)
             rows, count = rows + table.num_rows, count + 1
 
         try:
             for i, shard in enumerate(tqdm(shards, desc=stage, unit="shard", total=total)):
-                path, want = store.path(stage, key, i), input_digest(shard)
-                slot = _Slot(
-                    i, shard, path, want, _reuse(store, path, want, shard, schema, f"{stage} shard {i:05d}")
-                )
+                slot = _slot(store, stage, key, i, shard, schema, statuses)
                 if slot.reused is None:
                     slot.result = fn(shard, i)
+                elif slot.redo:
+                    slot.result = fn(shard.take(slot.redo), i)
                 slots.append(slot)
                 while slots and (len(slots) >= window or slots[0].ready()):
                     finish(slots.popleft())
@@ -176,5 +216,108 @@ def run_sharded(
             raise
         if count == 0:
             raise PipelineError(f"{stage}: no input rows: re-run the stage that writes its input")
-    store.remove_other_keys(stage, key)
+    store.complete(stage, key)
     return rows
+
+
+def _slot(
+    store: CheckpointStore,
+    stage: str,
+    key: str,
+    index: int,
+    shard: pa.Table,
+    schema: pa.Schema,
+    statuses: tuple[str, ...],
+) -> _Slot:
+    """Shard `index` with its checkpoint, if one can be reused, and the rows of it to ask again."""
+    path, want, label = store.path(stage, key, index), input_digest(shard), f"{stage} shard {index:05d}"
+    reused = _reuse(store, path, want, shard, schema, label)
+    redo = unfinished_rows(reused, statuses) if reused is not None and statuses else []
+    if redo:
+        LOG.info("%s: %d rows with unfinished requests are asked again (%s)", label, len(redo), path)
+    elif reused is not None:
+        LOG.info("%s: already done, reusing %s", label, path)
+    return _Slot(index, shard, path, want, reused, redo)
+
+
+def _result(slot: _Slot, schema: pa.Schema, label: str) -> pa.Table:
+    """The finished table of a slot: computed, reused, or reused with its redone rows merged in."""
+    table = slot.result.result() if isinstance(slot.result, Future) else slot.result
+    if table is not None:
+        part = slot.shard if slot.reused is None else slot.shard.take(slot.redo)
+        if problem := mismatch(table, schema, part):
+            raise RuntimeError(f"{label}: the stage returned an invalid shard: {problem}")
+    if slot.reused is None:
+        return table
+    return slot.reused if table is None else merged(slot.reused, table, slot.redo)
+
+
+def _sealed(table: pa.Table, want: str) -> pa.Table:
+    """A checkpoint: the table with its input digest and the digest of its rows in its metadata."""
+    return table.replace_schema_metadata({INPUT_DIGEST: want, ROWS_DIGEST: rows_digest(table)})
+
+
+def key_dirs(store: CheckpointStore) -> list[dict]:
+    """Every stage/key directory of `store`: its shards, bytes, and when its run completed (or None)."""
+    found = []
+    for stage_dir in sorted(store.fs.ls(store.root, detail=False)) if store.fs.exists(store.root) else []:
+        for key_dir in sorted(store.fs.ls(stage_dir, detail=False)):
+            if not store.fs.isdir(key_dir):
+                continue
+            files = store.fs.ls(key_dir, detail=True)
+            marker = [f for f in files if f["name"].rstrip("/").endswith(f"/{COMPLETE}")]
+            shards = [f for f in files if f["name"].endswith(".parquet")]
+            found.append(
+                {
+                    "stage": stage_dir.rstrip("/").rsplit("/", 1)[-1],
+                    "key": key_dir.rstrip("/").rsplit("/", 1)[-1],
+                    "path": key_dir,
+                    "shards": len(shards),
+                    "bytes": sum(f.get("size") or 0 for f in shards),
+                    "completed": int(store.fs.cat_file(marker[0]["name"])) if marker else None,
+                    "touched": max((_mtime(f) for f in files), default=0.0),
+                }
+            )
+    return found
+
+
+def _mtime(info: dict) -> float:
+    """Seconds since the epoch a file was last written, from an fsspec `ls` entry (local or S3)."""
+    stamp = info.get("mtime") or info.get("LastModified") or 0.0
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+def prunable(dirs: list[dict], older_than_days: float, now: float) -> list[dict]:
+    """The key directories `prune` removes: all but each stage's most recently completed key, and of
+    those only the ones not written to for longer than the age given (a run in progress is kept)."""
+    latest: dict[str, dict] = {}
+    for d in dirs:
+        if d["completed"] is not None and d["completed"] >= latest.get(d["stage"], {}).get("completed", -1):
+            latest[d["stage"]] = d
+    cutoff = now - older_than_days * 86400
+    return [d for d in dirs if d is not latest.get(d["stage"]) and d["touched"] <= cutoff]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`list` the checkpoint directories of a store, or `prune` old keys (never a stage's latest)."""
+    parser = argparse.ArgumentParser(prog="python -m stages.core.shards", description=main.__doc__)
+    parser.add_argument("command", choices=["list", "prune"])
+    parser.add_argument("store", help="the checkpoint store: paths.shards in params.yaml, or an fsspec URL")
+    parser.add_argument("--older-than", type=float, default=0.0, metavar="DAYS", help="prune: age in days")
+    parser.add_argument("--dry-run", action="store_true", help="prune: list what would be removed")
+    args = parser.parse_args(argv)
+    store = CheckpointStore(args.store)
+    dirs = key_dirs(store)
+    if args.command == "list":
+        for d in dirs:
+            done = time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["completed"])) if d["completed"] else "-"
+            print(f"{d['stage']}\t{d['key']}\t{d['shards']} shards\t{d['bytes']:,} bytes\tcompleted {done}")
+        return
+    for d in prunable(dirs, args.older_than, time.time()):
+        print(f"{'would remove' if args.dry_run else 'removing'} {d['path']} ({d['shards']} shards)")
+        if not args.dry_run:
+            store.fs.rm(d["path"], recursive=True)
+
+
+if __name__ == "__main__":
+    main()

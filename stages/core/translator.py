@@ -102,6 +102,7 @@ def translate_missing(
             stage=stage,
             role="translate",
             key=key,
+            statuses=("translation_status",),  # translate's own ceiling: translate.max_failure_rate
         )
     LOG.info(
         "translator LLM on %d first turns: %s",

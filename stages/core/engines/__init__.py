@@ -4,30 +4,38 @@ from __future__ import annotations
 
 from stages.core.engines.base import (
     FAILED,
+    MODE_IGNORED,
     OK,
+    PARTIAL,
     TOO_LONG,
     ChatRequest,
     Completion,
     Engine,
+    EngineDown,
     Reply,
     RequestError,
     apply_chat_rules,
+    unfinished,
 )
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec
 
 __all__ = [
     "FAILED",
+    "MODE_IGNORED",
     "OK",
+    "PARTIAL",
     "STRUCTURED_OUTPUT",
     "TOO_LONG",
     "ChatRequest",
     "Completion",
     "Engine",
+    "EngineDown",
     "Reply",
     "RequestError",
     "apply_chat_rules",
     "make_engine",
+    "unfinished",
 ]
 STRUCTURED_OUTPUT = ("vllm", "openai")  # backends that take ChatRequest.json_schema (all take top_logprobs)
 

@@ -9,10 +9,12 @@ import contextlib
 import hashlib
 import inspect
 import itertools
+import json
 import logging
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -20,12 +22,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.core.cache import ResponseCache, engine_identity, request_key
+from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from stages.core.resume import recipe
 
 LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
 OK, TOO_LONG, FAILED = "ok", "skipped_too_long", "failed"  # Reply.status
+PARTIAL = "partial"  # Reply.status: fewer completions than the request's n came back
+# a judgement status: the server answered but did not honour the judge mode asked (no logprobs, text
+# that is not the schema's JSON); the score is read from the text and the request counts as failed
+MODE_IGNORED = "mode_ignored"
+# statuses that are not final: the next run of the stage asks such a request again
+RETRY = (FAILED, PARTIAL, MODE_IGNORED)
 LOGPROB_SPAN = 2  # tokens that keep their alternatives after each `logprobs_after` text ("1", "0" of a 10)
 
 
@@ -73,6 +82,17 @@ class Reply:
     detail: str | None = None  # the error or the token counts, for logs
 
 
+class EngineDown(PipelineError):
+    """The backend cannot answer any request (connection refused, the engine process died, a run of
+    consecutive failures): the stage stops at once, keeping the shards it finished."""
+
+
+def unfinished(status: str | None) -> bool:
+    """Whether a request status recorded in a stage's out is to be asked again on the next run:
+    failed or partial, also as the suffix of a compound status (`follow_up_failed`)."""
+    return status is not None and (status in RETRY or status.endswith(tuple(f"_{s}" for s in RETRY)))
+
+
 class RequestError(RuntimeError):
     """The backend refused or could not answer the requests of one call; `chat` then isolates the
     request at fault by splitting the call."""
@@ -95,6 +115,11 @@ class Engine(abc.ABC):
     _loaded: bool = field(default=False, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _call_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # failed requests by their error text (the ceiling's message names the most common one), and the
+    # length of the current run of failures (the circuit breaker), guarded by _health_lock
+    failures: Counter = field(default_factory=Counter, init=False, repr=False)
+    _failing: int = field(default=0, init=False, repr=False)
+    _health_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     cache: ResponseCache | None = field(default=None, init=False, repr=False)  # set by the executor
 
     @property
@@ -155,6 +180,7 @@ class Engine(abc.ABC):
                 self._loaded = True
         with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
             sent = self._chat_loaded([requests[i] for i in todo], sampling)
+        self._watch(sent)
         for i, reply in zip(todo, sent, strict=True):
             replies[i] = reply
         if keys:
@@ -162,6 +188,26 @@ class Engine(abc.ABC):
                 (keys[i], cache_value(replies[i])) for i in todo if cacheable(replies[i], requests[i])
             )
         return replies
+
+    def _watch(self, replies: list[Reply]) -> None:
+        """Count failures by error text; raise EngineDown once `engine.max_consecutive_failures`
+        requests in a row have failed (a dead server, a crashed engine): the stage stops instead of
+        failing every request left one by one."""
+        with self._health_lock:
+            for reply in replies:
+                if reply.status == FAILED:
+                    self.failures[(reply.detail or "no detail")[:300]] += 1
+                    self._failing += 1
+                elif reply.status in (OK, PARTIAL):
+                    self._failing = 0
+            failing, limit = self._failing, self.options.max_consecutive_failures
+        if failing >= limit:
+            last = next((r.detail for r in reversed(replies) if r.status == FAILED), None)
+            raise EngineDown(
+                f"{self.model_name} ({self.options.backend}): {failing} requests in a row failed "
+                f"(engine.max_consecutive_failures={limit}), the engine looks down; last error: {last}. "
+                "Finished shards are kept: fix the engine and re-run"
+            )
 
     def cache_identity(self) -> bytes:
         """The part of a cache key that names the engine: `identity()` without the engine's source."""
@@ -202,8 +248,13 @@ class Engine(abc.ABC):
 
     @staticmethod
     def _checked(reply: Reply, request: ChatRequest) -> Reply:
-        if len(reply.completions) > request.n:
-            raise RuntimeError(f"{len(reply.completions)} completions for a request of n={request.n}")
+        """`reply` as the contract has it: never more than n completions; "ok" only with all n (fewer
+        is PARTIAL, asked again on the next run)."""
+        got = len(reply.completions)
+        if got > request.n:
+            raise RuntimeError(f"{got} completions for a request of n={request.n}")
+        if reply.status == OK and got < request.n:
+            return Reply(reply.completions, PARTIAL, f"{got} of n={request.n} completions came back")
         return reply
 
     @abc.abstractmethod
@@ -219,11 +270,32 @@ class Engine(abc.ABC):
 
 
 def cacheable(reply: Reply, request: ChatRequest) -> bool:
-    """Whether the response cache keeps `reply`: a complete answer (n completions), or a prompt too
-    long for the context. The length check is decided by what the key holds (messages, max_tokens,
-    the model's revision and context, the library versions), so a re-run that finds it in the cache
-    loads no model to learn it again; a failed or partial answer is asked again next time."""
-    return (reply.status == OK and len(reply.completions) == request.n) or reply.status == TOO_LONG
+    """Whether the response cache keeps `reply`: a complete answer (n completions, in the form the
+    request asked: JSON for a schema, logprobs where asked), or a prompt too long for the context.
+    The length check is decided by what the key holds (messages, max_tokens, the model's revision and
+    context, the library versions), so a re-run that finds it in the cache loads no model to learn it
+    again; a failed or partial answer, or one that ignored the form asked, is asked again next time."""
+    if reply.status == TOO_LONG:
+        return True
+    return (
+        reply.status == OK
+        and len(reply.completions) == request.n
+        and all(honoured(c, request) for c in reply.completions)
+    )
+
+
+def honoured(completion: Completion, request: ChatRequest) -> bool:
+    """Whether a completion came back in the form its request asked: JSON where a schema was sent,
+    logprobs where top_logprobs were asked (a server may ignore either and still answer 200)."""
+    if request.top_logprobs and not completion.logprobs:
+        return False
+    if request.json_schema is None:
+        return True
+    try:
+        json.loads(completion.text)
+    except ValueError:
+        return False
+    return True
 
 
 def cache_value(reply: Reply) -> list | dict:
