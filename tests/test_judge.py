@@ -90,6 +90,47 @@ def test_parse_score(text, score):
         pytest.param("I give [[12]]... no, final answer Rating: 8/10", 8.0, id="out-of-range-falls-through"),
         pytest.param("[[7]]\n(A draft said [[70]], which is off the scale.)", 7.0, id="last-in-range"),
         pytest.param("The conclusion follows.\n[9]", 9.0, id="bare-bracket-last-resort"),
+        # an unlabelled rating ("8/10", "7点", "[7]") counts only standing alone at the close of the text
+        pytest.param(
+            "Step 1/10 is wrong. The answer is otherwise fine.", FAILED, id="step-fraction-mid-text"
+        ),
+        pytest.param("See [3] for details; the answer is incomplete.", FAILED, id="citation-mid-text"),
+        pytest.param(
+            "The list has 3/10 items done… the rest of the task is missing.", FAILED, id="fraction-mid-text"
+        ),
+        pytest.param("Refer to [2] and [5].", FAILED, id="citations-closing-a-sentence"),
+        pytest.param("Point 7点 of the rubric is not addressed.", FAILED, id="ja-points-mid-text"),
+        pytest.param("On 3/10 the API changed; otherwise the answer holds.", FAILED, id="date-mid-text"),
+        pytest.param("The figures are current as of 3/10.", FAILED, id="date-closing-a-sentence"),
+        pytest.param("It gives 3/10 of the users a wrong total, which matters.", FAILED, id="fraction-of"),
+        pytest.param("I'd say 8/10.", FAILED, id="unlabelled-inside-the-last-sentence"),
+        pytest.param(
+            "Sources checked:\n[1] MDN\n[2] PEP 8\nThe answer follows both.", FAILED, id="reference-list"
+        ),
+        pytest.param("改善点は、正確さ、簡潔さ、丁寧さの3点。", FAILED, id="ja-counter-closing"),
+        pytest.param(
+            "評価は3つの観点から行いました。全体的に良い回答です。", FAILED, id="ja-label-then-counter"
+        ),
+        pytest.param("評価は5段階で行います。詳細は省略します。", FAILED, id="ja-label-then-steps"),
+        pytest.param("3点を付け加えます。まず、例が不足しています。", FAILED, id="ja-adding-points"),
+        pytest.param(
+            "The answer is correct and well organised. Overall: a solid answer. 8/10",
+            8.0,
+            id="closing-fraction",
+        ),
+        pytest.param("Step 1/10 is wrong. The rest is fine. Overall, 5/10.", 5.0, id="mid-text-then-closing"),
+        pytest.param("**Overall: 8/10**", 8.0, id="closing-bold"),
+        pytest.param("The steps are right but terse — 6/10!", 6.0, id="closing-after-dash"),
+        pytest.param("Clear and correct.\n\n8/10 </rating>", 8.0, id="closing-html-tag"),
+        pytest.param("Final verdict:\n\n**[6]**", 6.0, id="closing-bold-bracket"),
+        pytest.param("See [3] for the source.\n\n[4]", 4.0, id="citation-then-closing-bracket"),
+        pytest.param("Step 1/10 is wrong. Rating: [[3]]", 3.0, id="mid-text-fraction-then-double-bracket"),
+        pytest.param("I'd give it a solid 7/10 overall, mainly for clarity.", 7.0, id="rating-verb-mid-text"),
+        pytest.param("総合的に良い回答です。[7]", 7.0, id="ja-closing-bracket"),
+        pytest.param("正確で丁寧な説明です。\n\n「８点」", 8.0, id="ja-closing-quoted-points"),
+        pytest.param("丁寧です。10点中7点", 7.0, id="ja-closing-ten-chu"),
+        pytest.param("この回答には7点をつけます。", 7.0, id="ja-rating-verb-tsukeru"),
+        pytest.param("以上を踏まえ、8点とします。", 8.0, id="ja-rating-verb-to-suru"),
         pytest.param("Score: 85/100", FAILED, id="out-of-hundred"),
         pytest.param("Rating: 4/5 stars", FAILED, id="other-scale"),
         pytest.param("Score: -3 (the answer is harmful)", FAILED, id="negative"),
