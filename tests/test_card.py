@@ -105,3 +105,15 @@ def test_licences_follow_the_models_that_produced_the_release():
     ]
     both = card.licences(producers("google/gemma-3-27b-it", "meta-llama/Llama-3.1-70B-Instruct"))
     assert any("Llama 3.1 Community License" in t for t in both) and any("Gemma Terms" in t for t in both)
+
+
+def test_the_card_says_which_judge_mode_produced_the_scores():
+    from stages.core.card import scoring
+
+    assert scoring("structured", {"judge_mode_ignored": 0}) == (
+        "Scores: judge mode `structured` (`score.mode`), for every judgement."
+    )
+    assert scoring("logprob", {"judge_mode_ignored": 1234}) == (
+        "Scores: judge mode `logprob` (`score.mode`), except 1,234 judgements that the server answered "
+        "without it (status `mode_ignored`): those are scored by parsing their text."
+    )

@@ -110,6 +110,18 @@ def _table(header: tuple[str, str], rows: list[tuple[object, object]]) -> str:
     return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows])
 
 
+def scoring(mode: str, metrics: dict) -> str:
+    """Which judge mode produced the release's scores (a server may ignore the one asked)."""
+    ignored = metrics.get("judge_mode_ignored", 0)
+    line = f"Scores: judge mode `{mode}` (`score.mode`)"
+    if not ignored:
+        return line + ", for every judgement."
+    return (
+        line + f", except {ignored:,} judgements that the server answered without it (status "
+        "`mode_ignored`): those are scored by parsing their text."
+    )
+
+
 def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]) -> str:
     """README.md of a release directory, from its manifest (files, metrics, producers, provenance)."""
     variant, metrics = params.models[name], manifest["metrics"]
@@ -125,6 +137,8 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
         + (", with a synthesized second turn" if variant.second_turn else "")
         + ". The Japanese instructions are only in the encrypted file (see *Licences*)."
         + ("" if en else " The file name keeps the published `ja+en`, though this variant has Japanese only.")
+        + "\n\n"
+        + scoring(variant.score.mode, metrics)
         + "\n",
         "## Files\n\n"
         + _table(

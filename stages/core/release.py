@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.engines import FAILED as FAILED_REQUEST
-from stages.core.engines import TOO_LONG
+from stages.core.engines import MODE_IGNORED, PARTIAL, TOO_LONG
 from stages.core.engines.base import distribution_version
 from stages.core.responses import ANNOTATION, MESSAGE, SCORE_FAILED, SKIPPED_REDACTED
 
@@ -130,6 +130,9 @@ def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
     for stage, found in statuses.items():  # why requests have no answer (second turn: follow_up_failed...)
         totals[f"{stage}_skipped_too_long"] += _count(pc.ends_with(found, TOO_LONG))
         totals[f"{stage}_failed_requests"] += _count(pc.ends_with(found, FAILED_REQUEST))
+        totals[f"{stage}_partial_requests"] += _count(pc.ends_with(found, PARTIAL))
+    # judgements the server answered without the judge mode asked: scored by parsing their text
+    totals["judge_mode_ignored"] += _count(pc.equal(statuses["judge"], MODE_IGNORED))
     totals["generate_skipped_redacted"] += _count(pc.equal(rows["status_ja"], SKIPPED_REDACTED))
     totals["score_sum"] += pc.sum(pc.filter(scores, pc.invert(invalid))).as_py() or 0.0
 
