@@ -16,7 +16,16 @@ from typing import ClassVar
 
 import pytest
 
-from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, apply_chat_rules, make_engine
+from stages.core.engines import (
+    FAILED,
+    OK,
+    PARTIAL,
+    TOO_LONG,
+    ChatRequest,
+    EngineDown,
+    apply_chat_rules,
+    make_engine,
+)
 from stages.core.engines.transformers import SeededSampler
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
@@ -140,7 +149,7 @@ def test_openai_engine_needs_its_key_variable(monkeypatch):
     pytest.importorskip("openai")
     monkeypatch.delenv("MY_SERVER_KEY", raising=False)
     options = EngineParams(backend="openai", batch_size=1, api_key_env="MY_SERVER_KEY")
-    with pytest.raises(PipelineError, match=r"\$MY_SERVER_KEY"):
+    with pytest.raises(PipelineError, match=r"\$MY_SERVER_KEY.*any value: export MY_SERVER_KEY=none"):
         make_engine(LLMSpec(model="m"), options).load()
 
 
@@ -159,18 +168,31 @@ def test_vllm_engine_on_a_gpu():
 
 
 class _ChatServer(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /v1/chat/completions endpoint on 127.0.0.1 that records what it was asked
-    and misbehaves on purpose, by a word in the last message: REFUSE (HTTP 400, as for a prompt over
-    the context), FLAKY (HTTP 500 every time), SLOW (answers after 3 s), GARBAGE (a body that is not
-    JSON), NOCHOICES (JSON without choices), NOLOGPROBS (no per-token logprobs). Choice i of a good
-    answer has 5 + i tokens, each with its logprob."""
+    """An OpenAI-compatible server on 127.0.0.1: /v1/models lists `models` (a key other than
+    sk-local gets HTTP 401) and /v1/chat/completions records what it was asked, answers only for a
+    listed model (HTTP 404, as vLLM; any model where none is listed) and misbehaves on purpose, by a
+    word in the last message: REFUSE (HTTP 400, as for a prompt over the context), FLAKY (HTTP 500
+    every time), SLOW (answers after 3 s), GARBAGE (a body that is not JSON), NOCHOICES (JSON without
+    choices), NOLOGPROBS (no per-token logprobs), ONE (one choice whatever n, as `transformers
+    serve`), ODD (HTTP 400 for an odd seed). Choice i of a good answer has 5 + i tokens, each with
+    its logprob."""
 
     seen: ClassVar[list[dict]] = []
+    models: ClassVar[tuple[str, ...]] = ()
+
+    def do_GET(self) -> None:
+        if self.headers["Authorization"] != "Bearer sk-local":
+            return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+        self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _ChatServer.seen.append({"path": self.path, "auth": self.headers["Authorization"], **body})
         last = body["messages"][-1]["content"]
+        if self.models and body["model"] not in self.models:
+            return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+        if "ODD" in last and body["seed"] % 2:
+            return self._send(400, {"error": {"message": "odd seed", "type": "invalid"}})
         if "REFUSE" in last:
             return self._send(
                 400, {"error": {"message": "maximum context length exceeded", "type": "invalid"}}
@@ -187,7 +209,7 @@ class _ChatServer(BaseHTTPRequestHandler):
             )
         choices = [
             self._choice(i, last, body.get("logprobs") and "NOLOGPROBS" not in last)
-            for i in range(body.get("n", 1))
+            for i in range(1 if "ONE" in last else body.get("n", 1))
         ]
         tokens = sum(5 + i for i in range(len(choices)))
         usage = {"prompt_tokens": 11, "completion_tokens": tokens, "total_tokens": 11 + tokens}
@@ -219,9 +241,11 @@ class _ChatServer(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def _server(monkeypatch, **options) -> Iterator[EngineParams]:
-    """The misbehaving server on 127.0.0.1 and engine params that point at it (stopped after)."""
+def _server(monkeypatch, models: tuple[str, ...] = ("m",), **options) -> Iterator[EngineParams]:
+    """The misbehaving server on 127.0.0.1, serving `models`, and engine params that point at it
+    (stopped after)."""
     _ChatServer.seen.clear()
+    _ChatServer.models = models
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -240,7 +264,10 @@ def test_openai_engine_against_a_local_server(monkeypatch):
     request = ChatRequest(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "質問"}], n=2, seed=7
     )
-    with _server(monkeypatch) as options, make_engine(gemma, options) as engine:
+    with (
+        _server(monkeypatch, models=("other", gemma.model)) as options,
+        make_engine(gemma, options) as engine,
+    ):
         [reply] = engine.chat([request], Sampling(temperature=0.6, top_p=0.9, max_tokens=32))
     [sent] = _ChatServer.seen
     assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-local"
@@ -287,10 +314,59 @@ def test_openai_engine_counts_prompts_with_the_tokenizer_and_sends_none_too_long
     pytest.importorskip("openai")
     llm = LLMSpec(model="served-name", tokenizer=TINY, max_model_len=256)
     requests = [ChatRequest([{"role": "user", "content": t}]) for t in ("short", "long " * 2000)]
-    with _server(monkeypatch) as options, make_engine(llm, options) as engine:
+    with _server(monkeypatch, models=("served-name",)) as options, make_engine(llm, options) as engine:
         replies = engine.chat(requests, Sampling(temperature=0.0, max_tokens=32))
     assert [r.status for r in replies] == [OK, TOO_LONG]
     assert [s["messages"][-1]["content"] for s in _ChatServer.seen] == ["short"]
+
+
+def test_openai_engine_completes_a_reply_with_fewer_choices_than_n(monkeypatch):
+    pytest.importorskip("openai")
+    requests = [ChatRequest([{"role": "user", "content": w}], n=3, seed=40) for w in ("ONE", "ONE ODD")]
+    with _server(monkeypatch) as options, make_engine(LLMSpec(model="m"), options) as engine:
+        full, partial = engine.chat(requests, Sampling(temperature=0.6, max_tokens=32))
+    asked = [(s["messages"][-1]["content"], s["n"], s["seed"]) for s in _ChatServer.seen]
+    # choice 0 came back from seed 40; choice j is asked alone with seed 40 + j
+    assert sorted(a for a in asked if a[0] == "ONE") == [("ONE", 1, 41), ("ONE", 1, 42), ("ONE", 3, 40)]
+    assert (full.status, [c.completion_tokens for c in full.completions]) == (OK, [5, 5, 5])
+    # seed 41 is refused: 2 of 3 came back, asked again on the next run
+    assert (partial.status, len(partial.completions)) == (PARTIAL, 2)
+    assert "2 of n=3" in partial.detail and "BadRequestError" in partial.detail
+
+
+def test_openai_engine_stops_naming_the_url_of_a_server_that_went_away(monkeypatch):
+    pytest.importorskip("openai")
+    with _server(monkeypatch, max_retries=1) as options:
+        engine = make_engine(LLMSpec(model="m"), options)
+        [first] = engine.chat([ChatRequest([{"role": "user", "content": "fine"}])], SAMPLING)
+    # the server is gone: the next requests stop the stage instead of each failing alone
+    requests = [ChatRequest([{"role": "user", "content": f"q{i}"}], n=2) for i in range(8)]
+    try:
+        with pytest.raises(EngineDown, match=f"{options.base_url}.* cannot be reached after 1 retries"):
+            engine.chat(requests, SAMPLING)
+    finally:
+        engine.unload()
+    assert first.status == OK
+
+
+def test_openai_engine_checks_the_served_model_and_the_key(monkeypatch):
+    pytest.importorskip("openai")
+    with _server(monkeypatch, models=("vendor/served",)) as options:
+        with pytest.raises(PipelineError, match=r"does not serve 'vendor/other'.*\['vendor/served'\]"):
+            make_engine(LLMSpec(model="vendor/other"), options).load()
+        monkeypatch.setenv("LOCAL_KEY", "sk-wrong")
+        with pytest.raises(PipelineError, match=r"refuses the key in \$LOCAL_KEY"):
+            make_engine(LLMSpec(model="vendor/served"), options).load()
+    assert [s["max_tokens"] for s in _ChatServer.seen] == [1]  # one probe for the unlisted model
+
+
+def test_openai_engine_takes_an_unlisted_model_the_server_answers(monkeypatch, caplog):
+    pytest.importorskip("openai")
+    # a server that loads models on demand lists only those it holds (`transformers serve` without one)
+    with _server(monkeypatch, models=()) as options, make_engine(LLMSpec(model="m"), options) as engine:
+        [reply] = engine.chat([ChatRequest([{"role": "user", "content": "fine"}])], SAMPLING)
+    assert reply.status == OK and "m is not among the models" in caplog.text
+    assert [s["max_tokens"] for s in _ChatServer.seen] == [1, 8]  # the probe, then the request
 
 
 def test_transformers_engine_skips_a_prompt_too_long_for_the_model():

@@ -1,12 +1,15 @@
-"""Engine for any OpenAI-compatible server (`vllm serve`, hosted APIs): the async client on one
-event loop, at most `engine.max_concurrency` requests in flight, each sent to the least busy of the
-servers `engine.base_url` lists.
+"""Engine for any OpenAI-compatible server (`vllm serve`, `transformers serve`, hosted APIs): the async
+client on one event loop, at most `engine.max_concurrency` requests in flight, each sent to the least busy
+of the servers `engine.base_url` lists.
 
-Each request runs on its own: an error after the client's retries (HTTP 4xx/5xx, timeout,
-connection, a malformed body) fails only that request. Per-choice token counts come from the
-returned logprobs (one entry per generated token); a server that returns none gets n single-choice
-requests, whose usage is exact. A request's JSON schema is sent as `response_format` (type json_schema,
-strict), which OpenAI and `vllm serve` both take, and its top_logprobs as `top_logprobs`."""
+`load()` checks that every server answers and serves `llm.model`. A request that cannot reach its server
+after the client's retries stops the stage (EngineDown); any other error (HTTP 4xx/5xx, a timeout, a
+malformed body) fails only that request. A server may ignore `n`, logprobs and `response_format` with
+HTTP 200 (`transformers serve` does): a reply with k < n choices is completed with one single-choice
+request per missing choice j (seed + j), and what still cannot be had stays missing (PARTIAL). Per-choice
+token counts come from the returned logprobs (one entry per generated token); a server that returns
+several choices without them gets n single-choice requests, whose usage is exact. A request's JSON schema
+is sent as `response_format` (type json_schema, strict) and its top_logprobs as `top_logprobs`."""
 
 from __future__ import annotations
 
@@ -15,14 +18,17 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from stages.core.engines.base import (
     FAILED,
+    PARTIAL,
     ChatRequest,
     Completion,
     Engine,
+    EngineDown,
     Reply,
     apply_chat_rules,
     by_text,
@@ -33,6 +39,8 @@ from stages.core.errors import PipelineError
 from stages.core.params import Sampling
 
 LOG = logging.getLogger(__name__)
+CHECK_TIMEOUT = 5.0  # seconds per attempt (two in all) of load()'s look at a server's model list
+PROBE = [{"role": "user", "content": "ping"}]  # one-token request for a model the server does not list
 
 
 @dataclass
@@ -43,21 +51,23 @@ class OpenAIEngine(Engine):
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _servers: list[_Server] = field(default_factory=list, init=False, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
-    _errors: tuple = field(default=(), init=False, repr=False)
+    _openai: Any = field(default=None, init=False, repr=False)  # the library, for its error classes
 
     def load(self) -> None:
         try:
             import openai
         except ImportError as err:
             raise missing_extra("openai", "openai") from err
-        key = os.environ.get(self.options.api_key_env)
+        self._openai = openai
+        env = self.options.api_key_env
+        key = os.environ.get(env)
         if not key:
             raise PipelineError(
-                f"the openai engine needs an API key in ${self.options.api_key_env} "
-                "(engine.api_key_env names the variable)"
+                f"the openai engine needs an API key in ${env} (engine.api_key_env names the variable); "
+                f"a local server without keys takes any value: export {env}=none"
             )
-        # after the client's own retries; a body that is not JSON fails the request too
-        self._errors = (openai.APIError, json.JSONDecodeError)
+        for url in self.options.base_urls:
+            self._check(url, key)
         if self.llm.max_model_len is not None:  # prompts are counted before sending
             self._tokenizer = _tokenizer(self.llm.tokenizer or self.llm.model, self.llm.revision)
         self._loop = asyncio.new_event_loop()
@@ -80,6 +90,40 @@ class OpenAIEngine(Engine):
 
         asyncio.run_coroutine_threadsafe(clients(), self._loop).result()
 
+    def _check(self, url: str | None, key: str) -> None:
+        """Raise unless the server at `url` answers and serves `llm.model`: its model list names it, or a
+        one-token request for it is answered (a server that loads models on demand, as `transformers serve`
+        started without a model does, lists only the ones it holds)."""
+        openai, model = self._openai, self.llm.model
+        with openai.OpenAI(base_url=url, api_key=key, max_retries=1, timeout=CHECK_TIMEOUT) as client:
+            where = f"{client.base_url} (engine.base_url)"
+            try:
+                served = [m.id for m in client.models.list()]
+            except openai.APIConnectionError as err:  # refused, unknown host, or no answer in time
+                raise EngineDown(f"no OpenAI-compatible server answers at {where}: {err}") from err
+            except openai.AuthenticationError as err:
+                raise PipelineError(
+                    f"the server at {where} refuses the key in ${self.options.api_key_env}: {err.message}"
+                ) from err
+            except openai.APIStatusError:  # no model list on this server
+                served = []
+            if model in served:
+                return
+            try:
+                client.with_options(timeout=self.options.request_timeout).chat.completions.create(
+                    model=model, messages=PROBE, max_tokens=1
+                )
+            except openai.APIStatusError as err:
+                raise PipelineError(
+                    f"the server at {where} does not serve {model!r} (llm.model); it lists {served}: "
+                    f"{err.message}"
+                ) from err
+            except openai.APIConnectionError as err:
+                raise EngineDown(f"the server at {where} did not answer a request: {err}") from err
+        LOG.warning(  # a server that loads models on demand lists only those it holds
+            "%s is not among the models %s lists (%s) but is answered", model, where, served
+        )
+
     def unload(self) -> None:
         if self._loop is None:
             return
@@ -96,17 +140,43 @@ class OpenAIEngine(Engine):
         self._servers = []
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
-        async def every() -> list[Reply]:
-            return list(await asyncio.gather(*(self._one(r, sampling) for r in requests)))
-
-        return asyncio.run_coroutine_threadsafe(every(), self._loop).result()
+        every = _gathered(self._one(r, sampling) for r in requests)
+        return asyncio.run_coroutine_threadsafe(every, self._loop).result()
 
     async def _one(self, request: ChatRequest, sampling: Sampling) -> Reply:
+        response = await self._send(request, sampling)
+        if isinstance(response, Reply):
+            return response
+        choices = sorted(getattr(response, "choices", None) or [], key=lambda c: c.index)
+        usage = getattr(response, "usage", None)
+        if not choices or usage is None or any(c.message is None for c in choices):
+            return Reply([], FAILED, "malformed response: no choices, message or usage")
+        counted = [
+            len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
+            for c in choices
+        ]
+        if None in counted and len(choices) > 1:  # no per-choice counts: ask one choice at a time
+            return await self._completed(request, sampling, [])
+        have = [
+            Completion(
+                text=c.message.content or "",
+                finish_reason="length" if c.finish_reason == "length" else "stop",
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens if tokens is None else tokens,
+                logprobs=_logprobs(c.logprobs, request) if request.top_logprobs and tokens else None,
+            )
+            for c, tokens in zip(choices, counted, strict=True)
+        ]
+        return await self._completed(request, sampling, have)
+
+    async def _send(self, request: ChatRequest, sampling: Sampling) -> Any:
+        """The server's response to `request`, or the FAILED Reply of an error after the client's retries;
+        a server that cannot be reached raises EngineDown."""
         async with self._slots:
             server = min(self._servers, key=lambda s: s.in_flight)  # the least busy server
             server.in_flight += 1
             try:
-                response = await server.client.chat.completions.create(
+                return await server.client.chat.completions.create(
                     model=self.llm.model,
                     messages=apply_chat_rules(request.messages, self.llm),
                     n=request.n,
@@ -117,41 +187,45 @@ class OpenAIEngine(Engine):
                     logprobs=True,
                     **request_options(request),
                 )
-            except self._errors as err:
-                LOG.warning(
-                    "%s: a request failed after %d retries: %s",
-                    self.model_name,
-                    self.options.max_retries,
-                    err,
-                )
+            except (self._openai.APIError, json.JSONDecodeError) as err:  # or a body that is not JSON
+                retries, openai = self.options.max_retries, self._openai
+                if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError):
+                    where = f"{server.client.base_url} (engine.base_url)"
+                    raise EngineDown(
+                        f"the server at {where} cannot be reached after {retries} retries: {err}"
+                    ) from err
+                LOG.warning("%s: a request failed after %d retries: %s", self.model_name, retries, err)
                 return Reply([], FAILED, f"{type(err).__name__}: {err}")
             finally:
                 server.in_flight -= 1
-        choices = sorted(getattr(response, "choices", None) or [], key=lambda c: c.index)
-        usage = getattr(response, "usage", None)
-        if not choices or usage is None or any(c.message is None for c in choices):
-            return Reply([], FAILED, "malformed response: no choices, message or usage")
-        counted = [
-            len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
-            for c in choices
-        ]
-        if None in counted and len(choices) > 1:  # no per-choice counts: ask one choice at a time
-            singles = await asyncio.gather(
-                *(self._one(replace(request, n=1, seed=request.seed + j), sampling) for j in range(request.n))
-            )
-            return Reply([c for s in singles for c in s.completions], *_combined(list(singles)))
-        return Reply(
-            [
-                Completion(
-                    text=c.message.content or "",
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens if tokens is None else tokens,
-                    logprobs=_logprobs(c.logprobs, request) if request.top_logprobs and tokens else None,
-                )
-                for c, tokens in zip(choices, counted, strict=True)
-            ]
+
+    async def _completed(self, request: ChatRequest, sampling: Sampling, have: list[Completion]) -> Reply:
+        """`have` (choices 0..k-1 of `request`) with one single-choice request (seed + j) for each missing
+        choice j < n; PARTIAL (or FAILED, with none) where some still did not come back."""
+        if len(have) >= request.n:
+            return Reply(have)
+        singles = await _gathered(
+            self._one(replace(request, n=1, seed=request.seed + j), sampling)
+            for j in range(len(have), request.n)
         )
+        got = have + [c for s in singles for c in s.completions]
+        failed = [s for s in singles if not s.completions]
+        if not failed:
+            return Reply(got)
+        if not got:
+            return Reply([], failed[0].status, failed[0].detail)
+        return Reply(got, PARTIAL, f"{len(got)} of n={request.n} completions came back; {failed[0].detail}")
+
+
+async def _gathered(replies: Iterable[Awaitable[Reply]]) -> list[Reply]:
+    """The replies, in order; the first EngineDown cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(r) for r in replies]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except EngineDown:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def request_options(request: ChatRequest) -> dict[str, Any]:
@@ -187,12 +261,6 @@ def _logprobs(logprobs: Any, request: ChatRequest) -> list[list]:
 class _Server:
     client: Any
     in_flight: int = 0
-
-
-def _combined(replies: list[Reply]) -> tuple[str, str | None]:
-    """The status of n single-choice replies taken together: ok (up to n) unless every one failed."""
-    ok = [r for r in replies if r.completions]
-    return (replies[0].status, replies[0].detail) if not ok else (ok[0].status, None)
 
 
 def _tokenizer(name: str, revision: str | None) -> Any:
