@@ -117,3 +117,29 @@ def test_the_card_says_which_judge_mode_produced_the_scores():
         "Scores: judge mode `logprob` (`score.mode`), except 1,234 judgements that the server answered "
         "without it (status `mode_ignored`): those are scored by parsing their text."
     )
+
+
+def test_code_provenance_does_not_move_with_unrelated_history_and_names_uncommitted_code(tmp_path):
+    import subprocess
+
+    from stages.core.card import code_provenance
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "a.py").write_text("x = 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "README.md").write_text("v0.1\n")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "v0.1"], ["tag", "v0.1"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True)
+    first = code_provenance(tmp_path)
+    assert first["uncommitted"] == [] and len(first["git_commit"]) == 40
+    (tmp_path / "README.md").write_text("v0.2\n")  # history moves, the code does not
+    (tmp_path / "stages" / "__pycache__").mkdir()
+    (tmp_path / "stages" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    for args in (["commit", "-qam", "v0.2"], ["tag", "v0.2"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True)
+    assert code_provenance(tmp_path) == first
+    (tmp_path / "stages" / "a.py").write_text("x = 2\n")
+    dirty = code_provenance(tmp_path)
+    assert dirty["uncommitted"] == ["stages/a.py"] and dirty["git_commit"] == first["git_commit"]
+    assert dirty["code_sha256"] != first["code_sha256"]

@@ -175,6 +175,24 @@ def test_the_trained_tiny_model_behaves_through_the_dag(built: Path):
         assert metrics["translation_failed"] == translation_failed
 
 
+def bytecode(repo: Path) -> None:
+    """Import every module of `repo`'s stages package and byte-compile the rest, bytecode writing on."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    code = "import importlib, pkgutil, stages; [importlib.import_module(m.name) for m in "
+    code += "pkgutil.walk_packages(stages.__path__, 'stages.') if not m.name.endswith(('vllm', '__main__'))]"
+    for args in (["-c", code], ["-m", "compileall", "-q", "stages"]):
+        done = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_bytecode_never_makes_a_stage_stale(built: Path):
+    bytecode(built)
+    assert list((built / "stages/core/engines").glob("__pycache__/*.pyc"))
+    assert "Data and pipelines are up to date." in dvc(built, "status")
+    lock = (built / "dvc.lock").read_text(encoding="utf-8")
+    assert "__pycache__" not in lock and ".pyc" not in lock
+
+
 def test_second_repro_runs_nothing(built: Path):
     output = dvc(built, "repro")
     assert ran(output) == set()
@@ -389,6 +407,9 @@ def test_tags_carry_metrics_plots_and_release_notes(built: Path, tmp_path: Path,
             dvc(clone, "remote", "modify", "--local", remote, "endpointurl", endpoint)
         dvc(clone, "pull")
     assert _release_bytes(clone, "gemma3") == v01
+    assert "Data and pipelines are up to date." in dvc(clone, "status")
+    bytecode(clone)  # a teammate imports every module, with Python writing its bytecode
+    assert list((clone / "stages/core/engines").glob("__pycache__/*.pyc"))
     assert "Data and pipelines are up to date." in dvc(clone, "status")
 
     metrics = json.loads(dvc(clone, "metrics", "diff", "v0.1", "v0.2", "--json"))

@@ -4,11 +4,13 @@ the files hold, under which licences, and what produced them."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import yaml
 
+from stages.core.engines.base import distribution_version
 from stages.core.params import Params
 from stages.core.resume import digest, recipe
 
@@ -23,6 +25,7 @@ FAMILIES = {
     'Use Policy: "Built with Llama"',
     "gemma": "Gemma Terms of Use (https://ai.google.dev/gemma/terms) and its Prohibited Use Policy",
 }
+LOCKS = ["requirements/test.lock", "requirements/demo.lock"]  # the dependency locks `make` installs
 SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 FIELDS = {
     "conversation_id": "LMSYS-Chat-1M's conversation id: the join key with the encrypted instructions",
@@ -39,21 +42,62 @@ FIELDS = {
 }
 
 
-def _git(*args: str) -> str | None:
+CODE = ["stages", "scripts", "dvc.yaml", "pyproject.toml", *LOCKS]  # what builds a release
+LIBRARIES = ["pyarrow", "polars", "orjson", "zlib-ng", "python-gnupg"]  # what writes its bytes
+
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=True)
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
 
 
+def code_provenance(root: Path = Path(".")) -> dict:
+    """The code a release is built from, in terms that do not move with unrelated git history: the
+    last commit that changed the code (not HEAD, not a describe of the latest tag), the code files
+    that differ from it (uncommitted), a digest of the code's content, the dependency lock's digest
+    and the versions of the libraries that write the release's bytes. No timestamps."""
+    files = sorted(
+        p
+        for name in CODE
+        for p in ([root / name] if (root / name).is_file() else (root / name).rglob("*"))
+        if p.is_file() and not _bytecode(p.as_posix())
+    )
+    lock = next((root / name for name in LOCKS if (root / name).is_file()), None)
+    changed = _git(root, "diff", "--name-only", "HEAD", "--", *CODE) or ""
+    dirty = changed + "\n" + (_git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE) or "")
+    return {
+        "git_commit": _git(root, "log", "-1", "--format=%H", "--", *CODE),
+        "uncommitted": sorted(f for f in dirty.split() if not _bytecode(f)),
+        "code_sha256": _digest_files(files, root),
+        "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
+        "libraries": {name: distribution_version(name) for name in LIBRARIES},
+    }
+
+
+def _bytecode(path: str) -> bool:
+    return "__pycache__/" in path or path.endswith((".pyc", ".pyo"))
+
+
+def _digest_files(files: list[Path], root: Path) -> str:
+    """sha256 over the files' paths (relative to `root`) and contents, in order."""
+    found = hashlib.sha256()
+    for path in files:
+        found.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return found.hexdigest()
+
+
 def provenance(params: Params, name: str) -> dict:
-    """What a release was built from: code (git), sources (pinned revisions), and a fingerprint of every
-    parameter that changes the variant's rows (runtime knobs excluded, like the resume keys)."""
+    """What a release was built from: code (`code_provenance`), sources (pinned revisions), and a
+    fingerprint of every parameter that changes the variant's rows (runtime knobs excluded, like the
+    resume keys)."""
     variant, fetch = params.models[name], params.fetch
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_describe": _git("describe", "--tags", "--always"),  # the last tag and commits since
+        "code": code_provenance(),
         "sources": {
             key: {"uri": spec.uri, "revision": spec.revision}
             for key, spec in (("source", fetch.source), ("released", fetch.released))
@@ -108,6 +152,19 @@ def front_matter(params: Params, name: str, files: list[str], features: list[dic
 def _table(header: tuple[str, str], rows: list[tuple[object, object]]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows])
+
+
+def code_rows(code: dict) -> list[tuple[str, str]]:
+    """The card's provenance rows for the code a release was built from."""
+    changed = ", ".join(f"`{f}`" for f in code["uncommitted"]) or "none"
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted(code["libraries"].items()))
+    return [
+        ("code: last commit that changed it", f"`{code['git_commit']}`"),
+        ("code: uncommitted changes", changed),
+        ("code: sha256 of its files", f"`{code['code_sha256']}`"),
+        ("dependency lock: sha256", f"`{code['lock_sha256']}`"),
+        ("libraries that write the files", libraries),
+    ]
 
 
 def scoring(mode: str, metrics: dict) -> str:
@@ -169,7 +226,7 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
                 *((f"{k} (`{s['uri']}`)", f"`{s['revision']}`") for k, s in source["sources"].items()),
                 ("subset", source["subset"]),
                 ("params fingerprint", f"`{source['params_fingerprint']}`"),
-                ("git commit (git describe)", f"`{source['git_commit']}` ({source['git_describe']})"),
+                *code_rows(source["code"]),
             ],
         )
         + "\n\nThe release is tagged on the commit whose `dvc.lock` records these files.",
