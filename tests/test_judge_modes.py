@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import types
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,16 +15,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer
-from stages.core.engines import ChatRequest, Completion, Reply, make_engine
+from stages.core.engines import FAILED as FAILED_REQUEST
+from stages.core.engines import MODE_IGNORED, OK, ChatRequest, Completion, Reply, make_engine
 from stages.core.engines import vllm as vllm_engine
 from stages.core.engines.base import token_logprobs
 from stages.core.errors import PipelineError
 from stages.core.judge import (
     FAILED,
     JUDGEMENT_SCHEMA,
+    effective_mode,
     expected_rating,
     judge_request,
     judge_rows,
+    judge_status,
     parse_score,
     score_of,
     structured_score,
@@ -247,7 +249,135 @@ def test_the_transformers_engine_returns_logprobs_and_refuses_a_json_schema():
         assert alternatives[token] >= max(alternatives.values()) - 1e-6  # greedy: the most likely token
 
 
+# --- a server that ignores the mode asked: the parse score, and status mode_ignored ----------------
+
+
+@dataclass
+class HonouringEngine(LogprobEngine):
+    """Follows a json_schema: JSON whose "rating" is other_rating of the plain judgement's own (so the
+    structured score is told from the parse score); returns logprobs where asked (LogprobEngine)."""
+
+    def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
+        replies = super()._chat(requests, sampling)
+        return [
+            Reply([replace(c, text=as_json(c.text)) for c in reply.completions]) if r.json_schema else reply
+            for r, reply in zip(requests, replies, strict=True)
+        ]
+
+
+def as_json(text: str) -> str:
+    return json.dumps({"explanation": text, "rating": other_rating(int(parse_score(text)))})
+
+
+def judged_texts(notes: list[list[dict]]) -> list[str]:
+    return [n["judgement"] for row in notes for n in row]
+
+
+@pytest.mark.parametrize("mode", ["structured", "logprob"])
+def test_a_mode_the_server_ignores_gives_the_parse_score_and_status_mode_ignored(mode):
+    engine = FakeEngine()  # plain "... Rating: [[k]]" text, no logprobs, whatever the request asks
+    found, statuses = judge_rows(engine, judge_input(3, 2), spec(mode), seed=0)
+    assert statuses == [[MODE_IGNORED] * 2] * 3
+    texts = judged_texts(found)
+    assert all(re.fullmatch(r"The answer is relevant and fluent\. Rating: \[\[\d+\]\]", t) for t in texts)
+    scores = [n["preference_score"] for row in found for n in row]
+    assert scores == [float(re.search(r"\[\[(\d+)\]\]", t)[1]) for t in texts]
+    asked = engine.requests  # the mode was asked for: the server is what ignored it
+    assert all((r.json_schema is not None) == (mode == "structured") for r in asked)
+    assert all(r.top_logprobs == (20 if mode == "logprob" else 0) for r in asked)
+
+
+@pytest.mark.parametrize("mode", ["parse", "structured", "logprob"])
+def test_a_mode_the_server_honours_stays_ok_and_is_scored_by_it(mode):
+    found, statuses = judge_rows(HonouringEngine(), judge_input(3, 2), spec(mode), seed=0)
+    assert statuses == [[OK] * 2] * 3
+    for text, n in zip(judged_texts(found), (n for row in found for n in row), strict=True):
+        if mode == "structured":
+            plain = json.loads(text)["explanation"]
+            assert n["preference_score"] == other_rating(int(parse_score(plain))) != parse_score(plain)
+        elif mode == "logprob":
+            k = parse_score(text)
+            assert n["preference_score"] == (k + other_rating(k)) / 2 != k
+        else:
+            assert n["preference_score"] == parse_score(text) != FAILED
+
+
+def test_only_an_ok_reply_becomes_mode_ignored():
+    engine = FakeEngine(refuse=("回答 0-1",))  # the engine fails that one request
+    found, statuses = judge_rows(
+        engine,
+        [*judge_input(1, 3), {**judge_input(1, 1)[0], "responses_ja": None}],
+        spec("structured"),
+        seed=0,
+    )
+    assert statuses == [[MODE_IGNORED, FAILED_REQUEST, MODE_IGNORED], None]
+    assert [n["preference_score"] == FAILED for n in found[0]] == [False, True, False]
+    assert found[1] is None
+    cut = Reply([Completion('{"explanation": "Rating: [[6]]", "rati', "length", 9, 64)])
+    assert judge_status(cut, "structured") == MODE_IGNORED  # cut at max_tokens: no JSON
+    assert score_of(cut.completions[0], "structured") == 6.0  # the text's own rating
+    assert judge_status(replace(cut, status="partial"), "structured") == "partial"  # already not final
+    assert judge_status(Reply([], "skipped_too_long"), "logprob") == "skipped_too_long"
+    assert judge_status(Reply([Completion("no rating", "stop", 1, 1)]), "parse") == OK
+
+
+RATED_TOKENS = [["Rating: ", {}], ["[[", {}], ["7", {"7": LOG(0.5), "8": LOG(0.5)}], ["]]", {}]]
+NO_RATING_TOKENS = [["Rating: ", {}], ["[[", {}], ["**", {"**": LOG(0.9)}], ["]]", {}]]
+
+
+@pytest.mark.parametrize(
+    ("completion", "mode", "honoured", "score"),
+    [
+        (Completion('{"explanation": "ok", "rating": 7}', "stop", 1, 1), "structured", "structured", 7.0),
+        (Completion('{"explanation": "ok", "rating": 7.5}', "stop", 1, 1), "structured", "structured", 7.5),
+        (
+            Completion('{"explanation": "Rating: [[2]]", "rating": 0}', "stop", 1, 1),
+            "structured",
+            "structured",
+            0.0,
+        ),
+        (Completion("Good. Rating: [[7]]", "stop", 1, 1), "structured", "parse", 7.0),
+        (Completion('{"explanation": "Rating: [[6]]", "rati', "length", 1, 1), "structured", "parse", 6.0),
+        (Completion('{"explanation": "x", "rating": 11}', "stop", 1, 1), "structured", "parse", FAILED),
+        (  # a string is not the schema's rating, but the text's JSON_FIELD rating
+            Completion('{"explanation": "x", "rating": "7"}', "stop", 1, 1),
+            "structured",
+            "parse",
+            7.0,
+        ),
+        (Completion('{"explanation": "x", "rating": true}', "stop", 1, 1), "structured", "parse", FAILED),
+        (Completion('{"explanation": "x", "rating": NaN}', "stop", 1, 1), "structured", "parse", FAILED),
+        (Completion("[7]", "stop", 1, 1), "structured", "parse", 7.0),
+        (judged(RATED_TOKENS), "logprob", "logprob", 7.5),
+        (judged(RATED_TOKENS, "Rating: [[9]]"), "logprob", "logprob", 7.5),  # the alternatives, not the text
+        (Completion("Rating: [[4]]", "stop", 1, 1), "logprob", "parse", 4.0),  # logprobs None
+        (judged([], "Rating: [[4]]"), "logprob", "parse", 4.0),  # logprobs []
+        (judged(NO_RATING_TOKENS, "Rating: [[6]]"), "logprob", "parse", 6.0),
+        (judged(NO_RATING_TOKENS), "logprob", "parse", FAILED),
+        (judged(RATED_TOKENS), "parse", "parse", 7.0),
+        (Completion('{"rating": 3}', "stop", 1, 1), "parse", "parse", 3.0),
+    ],
+)
+def test_the_score_follows_the_mode_the_judgement_honours(completion, mode, honoured, score):
+    assert effective_mode(completion, mode) == honoured
+    assert score_of(completion, mode) == score
+    status = judge_status(Reply([completion]), mode)
+    assert status == (OK if honoured == mode else MODE_IGNORED)
+
+
 # --- the openai engine against the local fake vLLM server ----------------------------------------
+
+
+def judge_input(conversations: int, responses: int) -> list[dict]:
+    """Rows to judge: `conversations` questions with `responses` answers each ("回答 i-j")."""
+    return [
+        {
+            "conversation_id": f"c{i}",
+            "instruction_ja": f"質問 {i}",
+            "responses_ja": [{"content": f"回答 {i}-{j}", "completion_tokens": 5} for j in range(responses)],
+        }
+        for i in range(conversations)
+    ]
 
 
 def judge_on_server(monkeypatch, server: FakeVLLMServer, mode: str) -> list[dict]:
@@ -256,14 +386,7 @@ def judge_on_server(monkeypatch, server: FakeVLLMServer, mode: str) -> list[dict
     options = EngineParams(
         backend="openai", batch_size=8, base_url=server.base_url, api_key_env="JUDGE_MODES_KEY"
     )
-    rows = [
-        {
-            "conversation_id": f"c{i}",
-            "instruction_ja": f"質問 {i}",
-            "responses_ja": [{"content": f"回答 {i}-{j}", "completion_tokens": 5} for j in range(3)],
-        }
-        for i in range(4)
-    ]
+    rows = judge_input(4, 3)
     with make_engine(LLMSpec(model="fake"), options) as engine:
         found, statuses = judge_rows(engine, rows, spec(mode), seed=0)
     assert statuses == [["ok"] * 3] * 4
@@ -341,28 +464,21 @@ def test_vllm_logprobs_become_the_expected_rating():
     assert expected_rating(judged(tokens)) == pytest.approx(7.5)
 
 
-@pytest.mark.parametrize("name", ["StructuredOutputsParams", "GuidedDecodingParams"])
-def test_vllm_structured_output_in_the_installed_vllms_terms(monkeypatch, name):
+def test_vllm_sampling_params_carry_the_schema_or_the_logprobs():
     @dataclass
-    class Params:
+    class Params:  # stands in for vllm's StructuredOutputsParams
         json: dict
 
-    module = types.ModuleType("vllm.sampling_params")
-    setattr(module, name, Params)
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module)
-    request = judge_request(spec("structured"), "q", "a", 3)
-    args = vllm_engine.sampling_arguments(request, Sampling(temperature=0.0, max_tokens=9))
-    key = "structured_outputs" if name == "StructuredOutputsParams" else "guided_decoding"
-    assert args == {
+    api = vllm_engine.VLLMApi(dict, Params, RuntimeError, (), lambda: None)  # SamplingParams(**args): args
+    sampling = Sampling(temperature=0.0, max_tokens=9)
+    structured = api.params(judge_request(spec("structured"), "q", "a", 3), sampling)
+    assert structured == {
         "n": 1,
         "seed": 3,
         "temperature": 0.0,
         "top_p": 1.0,
         "max_tokens": 9,
-        key: Params(JUDGEMENT_SCHEMA),
+        "structured_outputs": Params(JUDGEMENT_SCHEMA),
     }
-    logprob = vllm_engine.sampling_arguments(
-        judge_request(spec("logprob"), "q", "a", 3), Sampling(temperature=0, max_tokens=9)
-    )
-    assert logprob["logprobs"] == 20 and key not in logprob
+    logprob = api.params(judge_request(spec("logprob"), "q", "a", 3), sampling)
+    assert logprob["logprobs"] == 20 and "structured_outputs" not in logprob

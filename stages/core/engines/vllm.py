@@ -1,21 +1,30 @@
-"""vLLM offline engine for GPU hosts; needs the `vllm` extra and a CUDA GPU.
+"""vLLM offline engine for GPU hosts (the `vllm` extra): chat requests in, Replies out via `vllm.LLM`.
 
-One thread feeds the engine (`LLMEngine.add_request` / `step`, the loop `LLM.chat` runs inside):
-requests from every shard in flight join the running batch, so the end of one shard does not
-drain it. Prompts are rendered with the model's chat template and tokenized once, by the same
-tokenizer that counted them, and sent as token ids. A request's JSON schema becomes vLLM's structured
-output (`StructuredOutputsParams`, or `GuidedDecodingParams` before vLLM 0.11) and its top_logprobs
-SamplingParams.logprobs (vLLM's raw logprobs, the sampled token's among them)."""
+API: an engine call (one shard) is `LLM.enqueue_chat` then `LLM.wait_for_completion`, the two halves of
+`LLM.chat` (vLLM 0.33): vLLM's own chat renderer (the processor's template first, as Gemma-3 needs),
+the call's requests in one batch, and their ids back, so that a call that fails or is interrupted aborts
+its own requests (`llm_engine.abort_request`, as LLM itself does; LLM has no abort). Not chosen:
+`AsyncLLM` on a loop thread would batch across shards, but has no chat renderer (we would rebuild
+LLM.chat's from vLLM's renderer internals); the LLMEngine add_request/step loop is vLLM's legacy class.
+An LLM takes one call at a time: a shard's batch drains before the next. Only the calling thread can
+abort (vLLM's sync client is not thread-safe): a close waits for no request, but cannot stop a call
+that another thread is running.
+
+Failures: a request vLLM refuses before generating (a chat template's error, an invalid prompt or
+parameter: VLLMClientError, ValueError, TypeError; enqueue_chat drops what it had added) raises
+RequestError, and `Engine._isolated` splits the call down to it. A dead engine core (EngineDeadError)
+raises EngineDown: the stage stops. Any other error while generating (KeyboardInterrupt too) aborts the
+call's requests and propagates.
+
+Prompts are counted with the chat template vLLM resolves (`resolve_chat_template`) and its tokenizer;
+Completion.prompt_tokens is what vLLM rendered. A JSON schema becomes `StructuredOutputsParams`,
+top_logprobs SamplingParams.logprobs (raw logprobs, the sampled token's among them)."""
 
 from __future__ import annotations
 
 import gc
 import inspect
-import itertools
-import logging
-import queue
-import threading
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +33,9 @@ from stages.core.engines.base import (
     ChatRequest,
     Completion,
     Engine,
+    EngineDown,
     Reply,
+    RequestError,
     apply_chat_rules,
     by_text,
     missing_extra,
@@ -33,15 +44,52 @@ from stages.core.engines.base import (
 from stages.core.errors import PipelineError
 from stages.core.params import Sampling
 
-LOG = logging.getLogger(__name__)
+FINISHED = ("stop", "length")  # vLLM's finish reasons of a completion that came back whole
+
+
+@dataclass(frozen=True)
+class VLLMApi:
+    """What the engine uses of vllm besides the `LLM` object; `installed()` reads it from vllm."""
+
+    sampling_params: Callable[..., Any]  # vllm.SamplingParams
+    structured_outputs: Callable[..., Any]  # vllm.sampling_params.StructuredOutputsParams
+    engine_dead: type[BaseException]  # vllm.v1.engine.exceptions.EngineDeadError
+    refused: tuple[type[BaseException], ...]  # what vLLM raises for a request it will not take
+    cleanup: Callable[[], None]  # frees the GPUs: vllm.distributed.parallel_state
+
+    @classmethod
+    def installed(cls) -> VLLMApi:
+        import vllm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        dead, refused = EngineDeadError, (VLLMClientError, ValueError, TypeError)
+        return cls(vllm.SamplingParams, StructuredOutputsParams, dead, refused, cleanup_dist_env_and_memory)
+
+    def params(self, request: ChatRequest, sampling: Sampling) -> Any:
+        """The SamplingParams of one request (a request's options only where set)."""
+        args: dict[str, Any] = {
+            "n": request.n,
+            "seed": request.seed,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if request.top_logprobs:
+            args["logprobs"] = request.top_logprobs
+        if request.json_schema is not None:
+            args["structured_outputs"] = self.structured_outputs(json=request.json_schema)
+        return self.sampling_params(**args)
 
 
 @dataclass
 class VLLMEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("vllm",)
-    CONCURRENT: ClassVar[bool] = True
     _llm: Any = field(default=None, init=False, repr=False)
-    _feeder: _Feeder | None = field(default=None, init=False, repr=False)
+    _api: VLLMApi | None = field(default=None, init=False, repr=False)
+    _template: str | None = field(default=None, init=False, repr=False)
 
     def engine_args(self) -> dict[str, Any]:
         """The arguments of `vllm.LLM`: the model's placement and `llm.engine_kwargs`."""
@@ -68,77 +116,67 @@ class VLLMEngine(Engine):
             import vllm
         except ImportError as err:
             raise missing_extra("vllm", "vllm") from err
+        from vllm.renderers.hf import resolve_chat_template
+
         args = self.engine_args()
         check_arguments(args, accepted_engine_args(vllm), f"vllm {vllm.__version__} LLM()", self.llm.model)
-        self._llm = vllm.LLM(**args)
-        self._tokenizer = self._llm.get_tokenizer()
-        self._feeder = _Feeder(self._llm.llm_engine)
+        llm = vllm.LLM(**args)
+        template = resolve_chat_template(
+            llm.get_tokenizer(), llm.chat_template, None, model_config=llm.model_config
+        )
+        self.attach(llm, VLLMApi.installed(), template)
+
+    def attach(self, llm: Any, api: VLLMApi, template: str | None) -> None:
+        """Serve from `llm` (a `vllm.LLM`, or an object with the part of its API used here), counting
+        prompts with chat `template` (None: the tokenizer's)."""
+        self._llm, self._api, self._template = llm, api, template
+        self._tokenizer, self._loaded = llm.get_tokenizer(), True
 
     def unload(self) -> None:
-        """Stop the feeder and free the GPUs the way vLLM's own tests do; a model that must give
-        its memory back to another runs in its own process (stages/core/executors.py)."""
-        if self._feeder is not None:
-            self._feeder.close()
-        engine = getattr(self._llm, "llm_engine", None)
-        if engine is not None and hasattr(getattr(engine, "engine_core", None), "shutdown"):
-            engine.engine_core.shutdown()
-        self._llm = self._tokenizer = self._feeder = None
+        """Shut the engine core down at once (a call that failed has aborted its requests; nothing is
+        waited for) and free the GPUs the way vLLM's own tests do."""
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+        self._llm = self._tokenizer = None
         gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-        except ImportError:
-            return
-        cleanup_dist_env_and_memory()
+        if self._api is not None:
+            self._api.cleanup()
 
     def context_length(self) -> int | None:
-        return self._llm.llm_engine.model_config.max_model_len
+        return self._llm.model_config.max_model_len
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        ids = self._tokenizer.apply_chat_template(
+            messages, chat_template=self._template, tokenize=True, add_generation_prompt=True
+        )
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        api, llm = self._api, self._llm
+        chats = [apply_chat_rules(r.messages, self.llm) for r in requests]
+        try:
+            params = [api.params(r, sampling) for r in requests]  # SamplingParams validates its values
+            ids = llm.enqueue_chat(chats, params, use_tqdm=False)
+        except api.engine_dead as err:
+            raise self._down(err) from err
+        except api.refused as err:  # nothing of this call is left in the engine
+            raise RequestError(f"{type(err).__name__}: {err}") from err
+        try:
+            outputs = llm.wait_for_completion(use_tqdm=False)  # in request order
+        except api.engine_dead as err:
+            raise self._down(err) from err
+        except BaseException:
+            llm.llm_engine.abort_request(ids, internal=True)
+            raise
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs to {len(requests)} requests")
+        return [_reply(out, r) for out, r in zip(outputs, requests, strict=True)]
 
-        futures = []
-        for r in requests:
-            ids = self._tokenizer.apply_chat_template(
-                apply_chat_rules(r.messages, self.llm), tokenize=True, add_generation_prompt=True
-            )
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            # all n completions at the end, as LLM.chat asks (the default streams them, and with n > 1
-            # the finished output would hold only the last sample)
-            params = SamplingParams(
-                **sampling_arguments(r, sampling), output_kind=RequestOutputKind.FINAL_ONLY
-            )
-            futures.append(self._feeder.submit({"prompt_token_ids": ids}, params))
-        return [_reply(f, r) for f, r in zip(futures, requests, strict=True)]
-
-
-def sampling_arguments(request: ChatRequest, sampling: Sampling) -> dict[str, Any]:
-    """The arguments of `vllm.SamplingParams` for one request (a request's options only where set)."""
-    args = {
-        "n": request.n,
-        "seed": request.seed,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-    }
-    if request.top_logprobs:
-        args["logprobs"] = request.top_logprobs
-    if request.json_schema is not None:
-        args.update(structured_output(request.json_schema))
-    return args
-
-
-def structured_output(schema: dict) -> dict[str, Any]:
-    """The SamplingParams argument that makes vLLM's output follow a JSON schema, in the installed
-    vLLM's terms: `structured_outputs` (0.11 on; `guided_decoding` was removed in 0.12) or
-    `guided_decoding` (up to 0.10)."""
-    try:
-        from vllm.sampling_params import StructuredOutputsParams
-    except ImportError:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        return {"guided_decoding": GuidedDecodingParams(json=schema)}
-    return {"structured_outputs": StructuredOutputsParams(json=schema)}
+    def _down(self, err: BaseException) -> EngineDown:
+        return EngineDown(
+            f"{self.model_name}: the vLLM engine died ({type(err).__name__}: {err}); the stage stops "
+            "and finished shards are kept. Find the cause in vLLM's log above, then re-run"
+        )
 
 
 def accepted_engine_args(vllm: Any) -> set[str]:
@@ -157,12 +195,9 @@ def check_arguments(args: dict[str, Any], accepted: set[str], where: str, model:
         )
 
 
-def _reply(future: Future, request: ChatRequest) -> Reply:
-    try:
-        out = future.result()
-    except _Rejected as err:  # vLLM refused the request before generating (validation)
-        LOG.warning("a request failed: %s", err)
-        return Reply([], FAILED, str(err))
+def _reply(out: Any, request: ChatRequest) -> Reply:
+    """The Reply of one finished RequestOutput: its whole completions (all n, as LLM asks for the
+    final output only)."""
     done = [o for o in out.outputs if o.finish_reason in FINISHED]  # not "abort" or "error"
     if not done:
         reasons = sorted({str(o.finish_reason) for o in out.outputs})
@@ -196,96 +231,3 @@ def _logprobs(output: Any, request: ChatRequest) -> list[list]:
         lambda k: by_text((text(steps[k], i), float(lp.logprob)) for i, lp in steps[k].items()),
         request,
     )
-
-
-FINISHED = ("stop", "length")  # vLLM's finish reasons of a completion that came back whole
-
-
-class _Rejected(RuntimeError):
-    """`add_request` refused one request (a bad prompt or sampling parameter)."""
-
-
-class _Feeder:
-    """Owns a vLLM LLMEngine: adds requests from any thread, steps it while any is unfinished and
-    resolves each request's future with its final RequestOutput."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine, self._inbox = engine, queue.SimpleQueue()
-        self._pending: dict[str, Future] = {}
-        self._ids = itertools.count()
-        self._dead: BaseException | None = None
-        self._gate = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="vllm-feeder", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt: dict, params: Any) -> Future:
-        future: Future = Future()
-        with self._gate:  # never queued after the feeder stopped taking requests
-            if self._dead is not None:
-                raise RuntimeError(f"the vLLM engine has stopped: {self._dead!r}")
-            self._inbox.put((prompt, params, future))
-        return future
-
-    def close(self) -> None:
-        with self._gate:
-            if self._dead is None:
-                self._inbox.put(None)
-        self._thread.join()
-
-    def _take(self, item: tuple | None) -> bool:
-        if item is None:
-            return False
-        prompt, params, future = item
-        request_id = str(next(self._ids))
-        try:
-            self._engine.add_request(request_id, prompt, params)
-        except Exception as err:
-            future.set_exception(_Rejected(f"{type(err).__name__}: {err}"))
-        else:
-            self._pending[request_id] = future
-        return True
-
-    def _run(self) -> None:
-        try:
-            while True:
-                if not self._pending and not self._take(self._inbox.get()):
-                    self._stop(RuntimeError("closed"))
-                    return  # idle and asked to stop
-                while True:  # everything that arrived joins the next step
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not self._take(item):
-                        self._drain()
-                        self._stop(RuntimeError("closed"))
-                        return
-                if self._pending:  # an idle engine's step() blocks until a request arrives
-                    self._step()
-        except BaseException as err:  # the engine died: every waiting request learns why
-            for future in self._pending.values():
-                future.set_exception(err)
-            self._pending.clear()
-            self._stop(err)
-            raise
-
-    def _stop(self, why: BaseException) -> None:
-        """Take no more requests; those already queued fail with `why`."""
-        with self._gate:
-            self._dead = why
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item[2].set_exception(why)
-
-    def _step(self) -> None:
-        for out in self._engine.step():
-            if out.finished:
-                self._pending.pop(out.request_id).set_result(out)
-
-    def _drain(self) -> None:
-        while self._pending:
-            self._step()
