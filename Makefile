@@ -41,17 +41,20 @@ lint: install
 	ruff format --check .
 
 # Not part of `make test`: vllm is a large CUDA install. Needs no GPU; loads no model.
-check-vllm:  ## check the vllm engine's arguments against the vllm that pip installs (own venv, .venv-vllm)
+check-vllm:  ## check the vllm engine against the vllm that pip installs (own venv, .venv-vllm), deprecations as errors
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install --quiet -e '.[vllm]' 'pytest>=8'
-	.venv-vllm/bin/python -m pytest tests/test_vllm_api.py -q
+	.venv-vllm/bin/python -W error::DeprecationWarning -c "import vllm; print('check-vllm: testing vllm', vllm.__version__)"
+	.venv-vllm/bin/python -m pytest tests/test_vllm_api.py -q -W error::DeprecationWarning
 
 format: install
 	ruff check --fix .
 	ruff format .
 
-params: install  ## write the production params.yaml
-	python -m stages.compose
+# The way back to production after `make demo` (or an experiment): drops, and names, the overrides
+# params.yaml records; the project and hydra are all it needs, not the test tools.
+params: $(VENV)/.demo-installed  ## write the production params.yaml
+	python -m stages.compose --drop-overrides
 
 sample: install  ## rebuild the bundled sample data and tiny model (seeded)
 	python scripts/make_sample.py

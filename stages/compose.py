@@ -3,7 +3,11 @@
 python -m stages.compose                  # production release config
 python -m stages.compose profile=sample   # bundled sample, CPU, offline
 python -m stages.compose models.gemma3.generate.n_ja=4 --out params.yaml
-python -m stages.compose --check          # is params.yaml a composition of conf/? (exit 1 if not)
+python -m stages.compose --check          # is params.yaml a composition of conf/? (exit 2 if not)
+python -m stages.compose --drop-overrides # production, even if params.yaml records overrides
+
+Before writing, compose reads the overrides the file records and refuses (exit 2) to drop one or
+change its value unless `--drop-overrides` says so: a lasting change belongs in conf/.
 
 `dvc exp run -S key=value` composes conf/ itself and writes params.yaml without our header; `--check`
 accepts such a file when it equals the composition of its profile with its differing values as
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,11 +51,21 @@ def compose_params(overrides: list[str], conf_dir: Path = CONF_DIR) -> str:
         ) from err
     data = OmegaConf.to_container(cfg)
     validate(data, Path("<composition of conf/>"))
-    args = "".join(f" {o}" for o in overrides)
+    args = "".join(f" {shlex.quote(o)}" for o in overrides)
     return HEADER.format(args=args) + OmegaConf.to_yaml(cfg)
 
 
 HEADER_RE = re.compile("^" + re.escape(HEADER.split("{args}")[0]) + r"(?P<args>[^`]*)`")
+
+
+def _read(path: Path) -> tuple[list[str] | None, str]:
+    """The overrides `path`'s header records (None without one) and its text; PipelineError if unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        header = HEADER_RE.match(text)
+        return (shlex.split(header["args"]) if header else None), text
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or unbalanced quotes in the header
+        raise PipelineError(f"{path} is unreadable: {err}") from err
 
 
 def _leaves(data, prefix: str = "") -> dict[str, object]:
@@ -59,10 +75,14 @@ def _leaves(data, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): data}
 
 
+def _flow(value: object) -> str:
+    """`value` as flow-style YAML, which is valid override grammar."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
 def _override(key: str, value: object) -> str:
-    """A Hydra override that sets `key` to `value` (flow-style YAML is valid override grammar)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
-    return f"{key}={text}"
+    """A Hydra override that sets `key` to `value`."""
+    return f"{key}={_flow(value)}"
 
 
 def check_params(path: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -73,15 +93,18 @@ def check_params(path: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> list[st
     `profile` plus one value override per differing leaf: a key that conf/ lacks, or one conf/ has and
     the file lacks (a stale file, or a group choice such as `engine=openai`), is refused by name.
     """
-    text = path.read_text(encoding="utf-8")
-    header = HEADER_RE.match(text)
-    if header:
-        overrides = header["args"].split()
+    overrides, text = _read(path)
+    if overrides is not None:
         if text != compose_params(overrides, conf_dir):
-            raise PipelineError(f"{path} is stale: run `python -m stages.compose {' '.join(overrides)}`")
+            raise PipelineError(f"{path} is stale: run `{_command(overrides)}`")
         return overrides
-    data = yaml.safe_load(text)
-    profile = data.get("profile", "production") if isinstance(data, dict) else "production"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path} is not YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is not a composition of conf/: not a YAML mapping")
+    profile = data.get("profile", "production")
     base_overrides = [] if profile == "production" else [f"profile={profile}"]
     base = _leaves(yaml.safe_load(compose_params(base_overrides, conf_dir)))
     ours = _leaves(data)
@@ -106,18 +129,97 @@ def check_params(path: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> list[st
     return overrides
 
 
+def recorded_overrides(path: Path, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The overrides `path` records ([] when there is no file); PipelineError when it cannot tell.
+
+    With our header, the header's: the command that wrote the file (a conf/ change since then makes
+    the file stale, not its overrides unknown). Without it, those `check_params` derives.
+    """
+    if not path.exists():
+        return []
+    overrides, _ = _read(path)
+    return overrides if overrides is not None else check_params(path, conf_dir)
+
+
+def _effects(overrides: list[str]) -> dict[str, tuple[str, str]]:
+    """Key -> (override, the value it sets as Hydra parses it: `0.70` as `0.7`); of a key, the last wins."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise PipelineError(f"cannot parse the overrides {shlex.join(overrides)}: {err}") from err
+    return {
+        ("~" if o.is_delete() else "") + o.key_or_group + (f"@{o.package}" if o.package else ""): (
+            o.input_line,
+            _flow(o.value()),
+        )
+        for o in parsed
+    }
+
+
+def dropped_overrides(recorded: list[str], overrides: list[str]) -> dict[str, str | None]:
+    """Each recorded override that `overrides` does not repeat -> the one setting its key now, or None."""
+    new = _effects(overrides)
+    return {
+        line: new[key][0] if key in new else None
+        for key, (line, value) in _effects(recorded).items()
+        if new.get(key, (None, None))[1] != value
+    }
+
+
+def _command(overrides: list[str], *flags: str) -> str:
+    return shlex.join(["python", "-m", "stages.compose", *overrides, *flags])
+
+
+def dropped_or_refuse(out: Path, overrides: list[str], drop: bool) -> str:
+    """A line naming the overrides `out` records that a composition with `overrides` drops ("" for
+    none); PipelineError naming them and the ways out, unless `drop`. A file whose overrides cannot
+    be told (unreadable, or a header-less file that is no composition of conf/) is refused too.
+    """
+    flags = [] if out == PARAMS_FILE else ["--out", str(out)]
+    try:
+        dropped = dropped_overrides(recorded_overrides(out), overrides)
+    except PipelineError as err:
+        if drop:
+            return f"replaced {out}, whose overrides cannot be told: {err}"
+        raise PipelineError(
+            f"cannot tell which overrides {out} records, so it is kept: {err}\n"
+            f"Replace it with `{_command(overrides, *flags, '--drop-overrides')}`."
+        ) from err
+    if dropped and not drop:
+        lines = [f"  {o}" + (f"  (this command sets {new})" if new else "") for o, new in dropped.items()]
+        kept = [o for o, new in dropped.items() if new is None]
+        raise PipelineError(
+            "\n".join(
+                [f"{out} records overrides that this command drops:", *lines]
+                + ([f"Keep them: `{_command(overrides + kept, *flags)}`"] if kept else [])
+                + [
+                    f"Drop them: `{_command(overrides, *flags, '--drop-overrides')}`",
+                    "A lasting change belongs in conf/, not in an override.",
+                ]
+            )
+        )
+    return f"dropped the overrides {out} recorded: {shlex.join(dropped)}" if dropped else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=sample")
     parser.add_argument("--out", type=Path, default=PARAMS_FILE)
     parser.add_argument("--check", action="store_true", help="check --out instead of writing it")
+    parser.add_argument(
+        "--drop-overrides", action="store_true", help="write --out even if that drops overrides it records"
+    )
     args = parser.parse_args()
     if args.check:
         overrides = check_params(args.out)
         print(f"{args.out} is the composition of conf/ with {' '.join(overrides) or 'no overrides'}")
         sys.exit(0)
-    args.out.write_text(compose_params(args.overrides), encoding="utf-8")
-    print(f"wrote {args.out} ({' '.join(args.overrides) or 'production'})")
+    text = compose_params(args.overrides)
+    dropped = dropped_or_refuse(args.out, args.overrides, args.drop_overrides)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out} ({shlex.join(args.overrides) or 'production'})")
+    if dropped:
+        print(dropped)
 
 
 if __name__ == "__main__":
