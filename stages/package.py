@@ -2,7 +2,9 @@
 published field names, the Japanese instructions gpg-encrypted (named after the variant's subset),
 a dataset card (README.md), a manifest with the release's provenance, metrics and plot tables.
 
-Rows are streamed in batches: memory does not grow with the size of the release."""
+Rows are streamed in batches: memory does not grow with the size of the release. Every file is
+written under a temporary name and the release directory replaced whole, so a failure (a full disk
+is one line naming the file) leaves the previous release as it was."""
 
 from __future__ import annotations
 
@@ -11,23 +13,20 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.core import card, plots, release
 from stages.core.cli import run, start, timed
 from stages.core.crypto import derive_key, encrypt_file
 from stages.core.io import (
-    PARQUET_OPTIONS,
-    RowGroups,
-    atomic_path,
     engine_roles,
     in_thread,
     iter_aligned,
     jsonl_gz_table_writer,
+    parquet_table_writer,
     sha256_file,
     staged_dir,
     write_json,
@@ -64,7 +63,7 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Co
             public.append(stack.enter_context(in_thread(jsonl)))
         if "parquet" in spec.formats:
             schema = release.public_schema(with_en, with_second_turn)
-            parquet = stack.enter_context(_parquet(out / f"{stem}.parquet", schema))
+            parquet = stack.enter_context(parquet_table_writer(out / f"{stem}.parquet", schema, ROW_GROUP))
             public.append(stack.enter_context(in_thread(parquet)))
         for part in released_rows(params, name):
             part, failed = release.released(part)
@@ -91,15 +90,6 @@ def released_rows(params: Params, name: str) -> Iterator[pa.Table]:
 def _jsonl_gz(spec: ReleaseParams, path: Path) -> contextlib.AbstractContextManager:
     """A table writer of gzip JSON lines at the release's level (the same bytes whatever the threads)."""
     return jsonl_gz_table_writer(path, level=spec.gzip_level, threads=spec.gzip_threads)
-
-
-@contextlib.contextmanager
-def _parquet(path: Path, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
-    """Yield a function that appends tables to a Parquet file in row groups of ROW_GROUP rows."""
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
-        groups = RowGroups(writer, ROW_GROUP)
-        yield groups.write
-        groups.close()
 
 
 def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, scratch: Path) -> str:

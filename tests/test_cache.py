@@ -1,8 +1,12 @@
 """The response cache: a changed run sends only its new requests, a killed writer leaves no torn
-entry, and a release built through the cache equals one built without it."""
+entry, a damaged entry or file never stops or poisons a run, and a release built through the cache
+equals one built without it."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
 import shutil
 import signal
 import sqlite3
@@ -11,14 +15,25 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.cache import ResponseCache, merge, prune, request_key
-from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest
+from stages.core.cache import (
+    COMPLETION_FIELDS,
+    OPTIONAL_FIELDS,
+    ResponseCache,
+    main,
+    merge,
+    prune,
+    request_key,
+    valid_value,
+)
+from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, Completion
 from stages.core.errors import PipelineError
-from stages.core.params import Sampling
+from stages.core.executors import LocalExecutor
+from stages.core.params import EngineParams, Sampling
 from stages.core.responses import request_seed
 from tests.conftest import ROOT, FakeEngine, run_stage, set_params
 
@@ -44,7 +59,7 @@ def test_a_cached_request_is_answered_without_the_model(tmp_path):
     third.cache = ResponseCache(tmp_path / "c.sqlite")
     _ask(third, "c", "a")
     assert (third.requests, third.loads) == ([], 0)  # all cached: the model is never loaded
-    assert third.cache.counts() == {"cache_hits": 2, "cache_misses": 0, "cache_stored": 0}
+    assert third.cache.counts() == {"cache_hits": 2, "cache_misses": 0, "cache_stored": 0, "cache_damaged": 0}
 
 
 def test_the_key_covers_what_determines_a_response(tmp_path):
@@ -89,7 +104,12 @@ def test_failed_requests_are_asked_again_too_long_ones_are_not_and_modes_are_hon
     reader = FakeEngine()
     reader.cache = ResponseCache(path, "read")
     _ask(reader, "fine", "new")
-    assert reader.cache.counts() == {"cache_hits": 1, "cache_misses": 1, "cache_stored": 0}
+    assert reader.cache.counts() == {
+        "cache_hits": 1,
+        "cache_misses": 1,
+        "cache_stored": 0,
+        "cache_damaged": 0,
+    }
     off = FakeEngine()
     off.cache = ResponseCache(path, "off")
     _ask(off, "fine")
@@ -98,20 +118,99 @@ def test_failed_requests_are_asked_again_too_long_ones_are_not_and_modes_are_hon
         ResponseCache(path, "sometimes")
 
 
-def test_an_entry_that_fails_its_digest_is_never_served(tmp_path):
+def _poison(path: Path, value: bytes, digest: bytes | None = None) -> None:
+    """Overwrite every entry of the cache file `path` with `value` (and its digest, unless given)."""
+    db = sqlite3.connect(path)
+    digest = hashlib.sha256(value).digest() if digest is None else digest
+    db.execute("UPDATE responses SET value = ?, digest = ?", (value, digest))
+    db.commit()
+    db.close()
+
+
+DAMAGED = [  # (value, digest): what a bad disk, a bad copy or an old bug can leave
+    (b'[{"text": "forged"}]', b"\0" * 32),  # a value that does not match its digest
+    (b"not json {", None),  # a valid digest of a value that is not JSON
+    (b'[{"text": "forged"}]', None),  # JSON, but not a completion
+    (b'{"text": "forged"}', None),  # a dict without a status
+    (b"[]", None),  # no completions
+    (b'"forged"', None),
+]
+
+
+@pytest.mark.parametrize(("value", "digest"), DAMAGED)
+def test_a_damaged_entry_is_a_miss_asked_again_and_replaced(tmp_path, caplog, value, digest):
+    path = tmp_path / "c.sqlite"
+    engine = FakeEngine()
+    engine.cache = ResponseCache(path)
+    [first] = _ask(engine, "q")
+    engine.cache.close()
+    _poison(path, value, digest)
+    again = FakeEngine()
+    again.cache = ResponseCache(path)
+    with caplog.at_level(logging.WARNING, logger="stages.core.cache"):
+        assert _ask(again, "q") == [first]  # asked again: the right answer, not the stored one
+        again.cache.close()
+        again.cache.close()
+    assert len(again.requests) == 1
+    assert again.cache.counts() == {"cache_hits": 0, "cache_misses": 1, "cache_stored": 1, "cache_damaged": 1}
+    [warning] = [r.getMessage() for r in caplog.records]  # once per run, with the count
+    assert str(path) in warning and "1 damaged entries" in warning and "replaced" in warning
+    third = FakeEngine()
+    third.cache = ResponseCache(path)
+    assert _ask(third, "q") == [first] and third.requests == []  # the entry was replaced
+
+
+def test_valid_value_knows_the_shape_of_every_stored_value():
+    completion = dataclasses.asdict(Completion("a", "stop", 3, 4))
+    assert {f.name for f in dataclasses.fields(Completion)} == COMPLETION_FIELDS.keys() | OPTIONAL_FIELDS
+    assert valid_value([completion, {**completion, "logprobs": [["a", {"a": -0.1}]]}])
+    assert valid_value({"status": TOO_LONG, "detail": "10004 prompt tokens > 4096 - 16"})
+    assert valid_value(["翻訳", 12])  # a DeepL translation and its billed characters
+    for bad in (
+        [],
+        [completion, {}],
+        [{**completion, "extra": 1}],
+        [{**completion, "prompt_tokens": "3"}],
+        [{**completion, "completion_tokens": True}],
+        {"status": TOO_LONG},
+        {"detail": None},
+        ["翻訳", "12"],
+        "text",
+        None,
+    ):
+        assert not valid_value(bad), bad
+
+
+def test_a_cache_file_that_cannot_be_opened_stops_before_any_request(tmp_path, fake_engine):
     path = tmp_path / "c.sqlite"
     engine = FakeEngine()
     engine.cache = ResponseCache(path)
     _ask(engine, "q")
     engine.cache.close()
-    db = sqlite3.connect(path)
-    db.execute('UPDATE responses SET value = CAST(\'[{"text": "forged"}]\' AS BLOB)')
-    db.commit()
-    db.close()
-    again = FakeEngine()
-    again.cache = ResponseCache(path)
-    [reply] = _ask(again, "q")
-    assert len(again.requests) == 1 and "forged" not in reply.completions[0].text
+    with path.open("r+b") as handle:
+        handle.write(b"\0" * 16)  # a damaged header
+    options = EngineParams(backend="transformers", batch_size=8)
+    with pytest.raises(PipelineError, match="file is not a database") as err:
+        LocalExecutor(fake_engine.llm, options, cache=path)  # a stage's first step
+    assert str(path) in str(err.value) and "engine.cache=off" in str(err.value)
+    assert (fake_engine.requests, fake_engine.loads) == ([], 0)
+    off = LocalExecutor(fake_engine.llm, options.model_copy(update={"cache": "off"}), cache=path)
+    off.close()  # the way round it
+
+
+def test_a_full_disk_under_the_cache_turns_writes_off_and_the_run_goes_on(tmp_path, caplog):
+    path = tmp_path / "c.sqlite"
+    engine = FakeEngine()
+    engine.cache = ResponseCache(path)
+    db = engine.cache._connect()
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")  # full
+    with caplog.at_level(logging.WARNING, logger="stages.core.cache"):
+        replies = _ask(engine, *(f"question {i} " + "x" * 4000 for i in range(20)))
+        more = _ask(engine, "another")
+    assert [r.status for r in replies + more] == [OK] * 21  # the answers, for the stage's outs
+    assert engine.cache.counts()["cache_stored"] == 0
+    [warning] = [r.getMessage() for r in caplog.records]  # once, not on every later store
+    assert str(path) in warning and "database or disk is full" in warning
 
 
 WRITER = """
@@ -154,9 +253,57 @@ def test_merge_and_prune(tmp_path):
         engine.cache = ResponseCache(path)
         _ask(engine, *texts)
         engine.cache.close()
-    assert merge(a, b) == 1  # "r"; "q" was there
+    assert merge(a, b) == {"added": 1, "replaced": 0, "kept": 1, "skipped": 0}  # "r"; "q" was there
     assert prune(a, unused_days=1) == 0
     assert prune(a, unused_days=-1) == 3  # everything is older than tomorrow
+
+
+def _stored_keys(path: Path) -> list[bytes]:
+    db = sqlite3.connect(path)
+    keys = [k for (k,) in db.execute("SELECT key FROM responses")]
+    db.close()
+    return keys
+
+
+def test_merge_imports_only_sound_entries_and_repairs_damaged_ones(tmp_path, capsys):
+    ours, theirs = tmp_path / "ours.sqlite", tmp_path / "theirs.sqlite"
+    for path, texts in ((ours, ("p", "q")), (theirs, ("q", "r"))):
+        engine = FakeEngine()
+        engine.cache = ResponseCache(path)
+        _ask(engine, *texts)
+        engine.cache.close()
+    completion = orjson.dumps([dataclasses.asdict(Completion("forged", "stop", 1, 1))])
+    db = sqlite3.connect(theirs)
+    forged = [  # a teammate's bad entries: served, they would be responses
+        (b"1" * 32, completion, b"\0" * 32, 0),  # the digest does not match
+        (b"2" * 32, b"not json", hashlib.sha256(b"not json").digest(), 0),
+        (b"3" * 32, b'{"text": "x"}', hashlib.sha256(b'{"text": "x"}').digest(), 0),
+        (b"short", completion, hashlib.sha256(completion).digest(), 0),  # not a request key
+    ]
+    db.executemany("INSERT INTO responses VALUES (?, ?, ?, ?)", forged)
+    db.commit()
+    db.close()
+    _poison(ours, b"[]")  # our "p" and "q" are damaged: their sound "q" replaces ours
+    main(["--path", str(ours), "merge", str(theirs)])
+    printed = capsys.readouterr().out
+    assert "1 entries added" in printed and "1 damaged ones replaced" in printed
+    assert "0 already there" in printed and f"4 damaged entries of {theirs} skipped" in printed
+    assert not {k for k, *_ in forged} & set(_stored_keys(ours))
+    engine = FakeEngine()
+    engine.cache = ResponseCache(ours)
+    served = _ask(engine, "q", "r")
+    assert engine.requests == [] and all(r.status == OK and len(r.completions) == 2 for r in served)
+    [reply] = _ask(engine, "p")  # ours is damaged and theirs lacks it: asked again
+    assert len(engine.requests) == 1 and reply.status == OK
+    assert merge(ours, theirs) == {"added": 0, "replaced": 0, "kept": 2, "skipped": 4}
+
+
+def test_merge_refuses_a_file_that_is_not_a_cache(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello " * 1000)
+    with pytest.raises(PipelineError, match=r"notes\.txt"):
+        merge(tmp_path / "c.sqlite", tmp_path / "notes.txt")
+    with pytest.raises(PipelineError, match="no such cache file"):
+        merge(tmp_path / "c.sqlite", tmp_path / "missing.sqlite")
 
 
 def _rows(path: Path, columns: list[str]) -> list[dict]:

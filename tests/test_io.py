@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
+import io
 import json
 import random
 import threading
@@ -13,16 +16,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.core.errors import PipelineError
 from stages.core.io import (
     GZIP_BLOCK,
     RowGroups,
+    WriteError,
+    atomic_path,
     in_thread,
     iter_aligned,
     json_lines,
     jsonl_gz_table_writer,
     jsonl_gz_writer,
     read_jsonl_gz,
+    staged_dir,
     write_jsonl_gz,
+    writing,
 )
 
 WORDS = ["猫", "東京", "翻訳", "データ", "モデル", "応答", "です。", "ます。", "the", "model", "answers", "a"]
@@ -204,3 +212,80 @@ def test_a_writer_thread_takes_tables_in_order_and_passes_its_error_on():
     with pytest.raises(OSError, match="No space left"), in_thread(broken) as hand_over:
         for i in range(50):
             hand_over(pa.table({"x": [i]}))
+
+
+def _full_disk() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_write_error_names_the_file_and_the_space_left(tmp_path):
+    path = tmp_path / "a.parquet"
+    with pytest.raises(WriteError) as err, writing(path):
+        raise _full_disk()
+    assert isinstance(err.value, PipelineError) and isinstance(err.value, OSError)
+    assert err.value.errno == errno.ENOSPC
+    message = str(err.value)
+    assert message.startswith(f"cannot write {path}: No space left on device (") and "\n" not in message
+    assert " free on its disk); free some space and run the stage again" in message
+
+
+def test_only_a_full_disk_in_the_block_of_atomic_path_is_called_a_write_error(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("previous")
+    with pytest.raises(FileNotFoundError), atomic_path(path):
+        (tmp_path / "missing").read_text()  # an input that is missing is not a write error
+    with pytest.raises(WriteError, match=r"cannot write .*a\.json: No space left"), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise _full_disk()
+    with (
+        pytest.raises(WriteError, match=r"cannot write .*release: No space left"),
+        staged_dir(tmp_path / "release") as out,
+    ):
+        (out / "README.md").write_text("half")
+        raise _full_disk()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and path.read_text() == "previous"
+
+
+class _Stuck(io.RawIOBase):
+    """A file whose every write and close raises the one error it stored, as zlib-ng's threaded
+    writer does after a failed write."""
+
+    def __init__(self) -> None:
+        self.error = _full_disk()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        raise self.error
+
+    def close(self) -> None:
+        super().close()
+        raise self.error
+
+
+def test_an_error_that_is_its_own_context_does_not_hang_an_exit_stack(tmp_path):
+    """contextlib.ExitStack walks the __context__ chain of an error raised on exit while another
+    is pending: a chain that loops spins forever. `writing` cuts the loop."""
+    outcome: list[BaseException] = []
+
+    def close() -> None:
+        stream = io.BufferedWriter(_Stuck())
+        stream.write(b"x")
+        with writing(tmp_path / "a.jsonl.gz"):
+            stream.close()  # flush raises the error, close raises it again: chained to itself
+
+    def package() -> None:
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(close)
+                raise OSError(errno.EIO, "the Parquet writer failed first")
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=package, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "ExitStack spun on a looping exception chain"
+    [err] = outcome
+    assert isinstance(err, WriteError) and "a.jsonl.gz" in str(err)

@@ -1,9 +1,13 @@
-"""Deterministic, atomic file I/O: Parquet tables, jsonl.gz records, checksums."""
+"""Deterministic, atomic file I/O: Parquet tables, jsonl.gz records, checksums.
+
+A write that fails (a full disk, a quota) raises WriteError: one line naming the file and the space
+left on its filesystem, and the file's previous version stays whole."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -21,13 +25,76 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from zlib_ng import gzip_ng_threaded
 
-from stages.core.errors import SourceError
+from stages.core.errors import PipelineError, SourceError
 
 CHUNK = 1 << 20
 GZIP_LEVEL = 9  # zlib-ng 9: a little smaller than stdlib gzip 9, and parallel; see ReleaseParams.gzip_level
 GZIP_LEVELS = range(10)  # zlib-ng: 0 (stored) to 9 (smallest)
 GZIP_BLOCK = 1 << 20  # bytes of text per compressed block: the unit of work of one thread
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True, "store_schema": True}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # raised only by a write: whoever raised it, the disk is full
+
+
+class WriteError(PipelineError, OSError):
+    """A file could not be written: the message names it and the space left on its filesystem."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, only: tuple[int, ...] | None = None) -> Iterator[None]:
+    """Turn an OSError raised in the block, which writes `path`, into a WriteError naming `path` and
+    the space left (with `only`, just the errors of those errno values)."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, PipelineError) or (only is not None and err.errno not in only):
+            raise
+        fix = "; free some space and run the stage again" if err.errno in DISK_FULL else ""
+        reason = f"{err.strerror or err} ({_free(path)} free on its disk)"
+        error = WriteError(f"cannot write {path}: {reason}{fix}")
+        error.errno = err.errno
+        raise error from _acyclic(err)
+
+
+def _acyclic(err: BaseException) -> BaseException:
+    """`err`, its chain of __context__ cut where it comes back to itself.
+
+    zlib-ng's threaded writer raises its one stored exception again from every later write, flush
+    and close, and io.BufferedWriter.close chains the last two: the exception becomes its own
+    __context__. contextlib.ExitStack, finding that chain under another pending error, walks it
+    forever (100% CPU, no message)."""
+    seen, link = {id(err)}, err
+    while (context := link.__context__) is not None:
+        if id(context) in seen:
+            link.__context__ = None
+            break
+        seen.add(id(context))
+        link = context
+    return err
+
+
+def _free(path: str | os.PathLike) -> str:
+    """The space left on the filesystem of `path` (of its nearest existing parent), for a message."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = float(shutil.disk_usage(where).free)
+    except OSError:
+        return "unknown space"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024:
+            return f"{free:,.0f} {unit}" if unit == "bytes" else f"{free:,.1f} {unit}"
+        free /= 1024
+    return f"{free:,.1f} TiB"
+
+
+def _discard(writer: BinaryIO | pq.ParquetWriter) -> None:
+    """Close the writer of a file that is thrown away (its block failed): a second error from it,
+    most often the same full disk, adds nothing to the block's, which goes on."""
+    try:
+        writer.close()
+    except OSError as err:
+        _acyclic(err)
 
 
 @contextlib.contextmanager
@@ -35,18 +102,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
 
     The file's data is flushed to disk (fsync) before the rename and the directory entry after
-    it, so a crash or power loss leaves either the old file or the whole new one."""
+    it, so a crash or power loss leaves either the old file or the whole new one. A full disk in
+    the block, or an error of the flush or the rename, is a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
     try:
-        yield tmp_path
-        fsync(tmp_path)
-        os.replace(tmp_path, path)
-        fsync(path.parent)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        with writing(path, DISK_FULL):
+            yield tmp_path
+        with writing(path):
+            fsync(tmp_path)
+            os.replace(tmp_path, path)
+            fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -68,8 +139,34 @@ def _umask() -> int:
 
 def write_table(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file atomically; the same table always gives the same bytes."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         pq.write_table(table, tmp, **PARQUET_OPTIONS)
+
+
+@contextlib.contextmanager
+def parquet_table_writer(
+    path: str | os.PathLike, schema: pa.Schema, rows: int
+) -> Iterator[Callable[[pa.Table], None]]:
+    """Yield a function that appends tables to a Parquet file in row groups of `rows` rows (see
+    RowGroups); the file takes its place only when the block succeeds."""
+    with atomic_path(path) as tmp:
+        with writing(path):
+            writer = pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)
+        groups = RowGroups(writer, rows)
+
+        def write(table: pa.Table) -> None:
+            with writing(path):
+                groups.write(table)
+
+        try:
+            yield write
+            with writing(path):
+                groups.close()
+        except BaseException:
+            _discard(writer)
+            raise
+        with writing(path):
+            writer.close()
 
 
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
@@ -117,35 +214,42 @@ def gzip_writer(path: str | os.PathLike, level: int = GZIP_LEVEL, threads: int =
     the text, `level` and the zlib-ng version: not on `threads`, nor on the machine's CPU count, nor
     on how the text was cut into writes."""
     workers = _gzip_threads(path, level, threads)
-    with (
-        atomic_path(path) as tmp,
-        gzip_ng_threaded.open(tmp, "wb", level, threads=workers, block_size=GZIP_BLOCK) as raw,
-    ):
-        blocks = _Blocks(raw)
-        yield blocks
-        blocks.flush()
+    with atomic_path(path) as tmp:
+        with writing(path):
+            raw = gzip_ng_threaded.open(tmp, "wb", level, threads=workers, block_size=GZIP_BLOCK)
+        blocks = _Blocks(raw, path)
+        try:
+            yield blocks
+            blocks.flush()
+        except BaseException:
+            _discard(raw)  # stops its threads
+            raise
+        with writing(path):
+            raw.close()
 
 
 class _Blocks:
     """Passes text on in whole GZIP_BLOCK pieces. zlib-ng compresses each write (cut at GZIP_BLOCK)
     as a block of its own, and its buffered writer passes large writes through as they come, so
-    without this the compressed bytes would depend on the sizes of the writes."""
+    without this the compressed bytes would depend on the sizes of the writes. An error of zlib-ng's
+    writer (its threads write the file) is a WriteError naming `path`."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw, self._pending = raw, bytearray()
+    def __init__(self, raw: BinaryIO, path: str | os.PathLike) -> None:
+        self._raw, self._path, self._pending = raw, path, bytearray()
 
     def write(self, data: bytes) -> int:
         self._pending += data
         whole = len(self._pending) - len(self._pending) % GZIP_BLOCK
         if whole:
-            with memoryview(self._pending) as view, view[:whole] as blocks:
+            with memoryview(self._pending) as view, view[:whole] as blocks, writing(self._path):
                 self._raw.write(blocks)
             del self._pending[:whole]
         return len(data)
 
     def flush(self) -> None:
         """Pass on the last, shorter piece (at the end of the file)."""
-        self._raw.write(self._pending)
+        with writing(self._path):
+            self._raw.write(self._pending)
         self._pending.clear()
 
 
@@ -223,7 +327,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -240,19 +344,32 @@ def align(base: pa.Table, other: pa.Table, columns: list[str], other_name: str) 
 
 @contextlib.contextmanager
 def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty sibling directory that replaces `path` only if the block succeeds."""
+    """Yield an empty sibling directory that replaces `path` only if the block succeeds.
+
+    Every file in it, however it was written, is flushed to disk before the rename; a full disk in
+    the block, or an error of the flush or the rename, is a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     old = staging.with_suffix(".old")
     try:
-        yield staging
-        fsync(staging)
-        if path.exists():
-            os.replace(path, old)  # the previous version stays whole until the new one is in place
-        os.replace(staging, path)
-        fsync(path.parent)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
+        with writing(path, DISK_FULL):
+            yield staging
+        with writing(path):
+            for entry in [*staging.rglob("*"), staging]:
+                if not entry.is_symlink():
+                    fsync(entry)
+            if path.exists():
+                os.replace(path, old)  # the previous version stays whole until the new one is in place
+            try:
+                os.replace(staging, path)
+            except OSError:
+                if old.exists():
+                    os.replace(old, path)
+                raise
+            fsync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
