@@ -352,7 +352,10 @@ def write_key_script(out: Path, key: str) -> None:
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(KEY_SCRIPT_TEXT, encoding="utf-8", newline="\n")
     script.chmod(0o755)
-    spec = KeySpec(method="script", script=KEY_SCRIPT, args=["{source}"], timeout=60)
+    pin = hashlib.sha256(KEY_SCRIPT_TEXT.encode()).hexdigest()  # conf/decrypt/sample.yaml's key.sha256
+    spec = KeySpec(
+        method="script", script=KEY_SCRIPT, sha256=pin, sandbox="best-effort", args=["{source}"], timeout=60
+    )
     if derive_key(out / "lmsys-chat-1m", spec, released_root=out / "lmsys-chat-1m-synth") != key:
         raise SystemExit(f"{script} does not print the key of the sample's encrypted files")
 

@@ -1,6 +1,6 @@
 """decrypt: derive the key from the fetched LMSYS-Chat-1M files (a digest, or the release's key
-script) and decrypt the released Japanese instructions (python-gnupg) into a private Parquet table
-(conversation_id, instruction_ja)."""
+script: run only when its bytes match decrypt.key.sha256, sandboxed) and decrypt the released
+Japanese instructions (python-gnupg) into a private Parquet table (conversation_id, instruction_ja)."""
 
 from __future__ import annotations
 

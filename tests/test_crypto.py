@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import gzip
 import hashlib
+import logging
 import os
+import re
+import shutil
+import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import gnupg
@@ -16,10 +23,10 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
+from stages.core import crypto
 from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
 from stages.core.io import read_jsonl_gz
 from stages.core.params import ParamsError, validate
-from stages.core.source import ChecksumError
 from tests.conftest import run_stage, set_params
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -176,49 +183,115 @@ def test_non_gpg_file_fails_cleanly(tmp_path):
 
 # --- decrypt.key.method: script (the published procedure's path) ---
 
+NEEDS_SANDBOX = pytest.mark.skipif(
+    crypto.sandbox_missing() is not None,
+    reason=f"this machine cannot sandbox a key script: {crypto.sandbox_missing()}",
+)
+SECRETS = {
+    "HF_TOKEN": "hf_secret_6c1f",
+    "OPENAI_API_KEY": "sk-secret-8d2e",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-93ab",
+    "DEEPL_AUTH_KEY": "deepl-secret-47fc:fx",
+}
 
-def _script_key(tmp_path: Path, body: str, **spec) -> str:
-    """Run a key script of `body` (under tmp_path/released) over the sample's LMSYS files."""
+
+def _script_key(tmp_path: Path, body: str, source: Path = SAMPLE / "lmsys-chat-1m", **spec) -> str:
+    """Run a key script of `body` (under tmp_path/released, pinned) over the LMSYS files of `source`;
+    sandboxed where this machine can, unless `spec` says otherwise."""
     script = tmp_path / "released" / SCRIPT
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(body, encoding="utf-8")
-    key = KeySpec(**{"method": "script", "script": SCRIPT, "args": ["{source}"], "timeout": 20, **spec})
-    return derive_key(SAMPLE / "lmsys-chat-1m", key, released_root=tmp_path / "released")
+    pin = hashlib.sha256(body.encode()).hexdigest()
+    fields = {"method": "script", "script": SCRIPT, "sha256": pin, "sandbox": "best-effort", **spec}
+    key = KeySpec(**{"args": ["{source}"], "timeout": 20, **fields})
+    return derive_key(source, key, released_root=tmp_path / "released")
+
+
+def _transcript(tmp_path: Path, commands: str, **kwargs) -> str:
+    """What the key script's `commands` printed (stdout and stderr), carried out as its passphrase."""
+    body = f"{{\n{commands}\n}} 2>&1 | base64 -w0\n"
+    return base64.b64decode(_script_key(tmp_path, body, sandbox="required", **kwargs)).decode()
+
+
+def _running(marker: str) -> list[str]:
+    """The processes of this machine whose command line holds `marker` (zombies have none)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in cmdline.read_bytes():
+                found.append(cmdline.parent.name)
+    return found
+
+
+def _gone(marker: str, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while _running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(marker)
 
 
 def test_sample_config_runs_the_sample_key_script_and_opens_the_release(tmp_path):
     params = validate(yaml.safe_load(compose_params(["profile=sample"])))
     spec = params.decrypt.key
-    assert (spec.method, spec.script) == ("script", SCRIPT)
+    assert (spec.method, spec.script, spec.sandbox) == ("script", SCRIPT, "best-effort")
     key = derive_key(SAMPLE / "lmsys-chat-1m", spec, released_root=SAMPLE / "lmsys-chat-1m-synth")
     assert key == derive_key(SAMPLE / "lmsys-chat-1m", SAMPLE_KEY)  # the .gpg files' key, unchanged
     decrypt_file(SAMPLE / "lmsys-chat-1m-synth" / ENCRYPTED, tmp_path / "ja.jsonl.gz", key)
     assert len(list(read_jsonl_gz(tmp_path / "ja.jsonl.gz"))) > 250
-    pinned = params.fetch.released.sha256[SCRIPT]
-    assert pinned == hashlib.sha256((SAMPLE / "lmsys-chat-1m-synth" / SCRIPT).read_bytes()).hexdigest()
+    assert spec.sha256 == hashlib.sha256((SAMPLE / "lmsys-chat-1m-synth" / SCRIPT).read_bytes()).hexdigest()
+
+
+def test_a_tampered_key_script_is_refused_and_never_runs(tmp_path):
+    ran = tmp_path / "ran"
+    tampered = f"touch {ran}\necho the-right-passphrase\n"
+    script = tmp_path / "released" / SCRIPT
+    pinned = hashlib.sha256(b"echo the-right-passphrase\n").hexdigest()
+    with pytest.raises(CryptoError) as err:
+        _script_key(tmp_path, tampered, sha256=pinned)
+    actual = hashlib.sha256(tampered.encode()).hexdigest()
+    assert f"key script {script}: its sha256 is {actual} but decrypt.key.sha256 pins {pinned}" in str(
+        err.value
+    )
+    assert "it was not run" in str(err.value)
+    assert not ran.exists()
+
+
+def test_the_bytes_that_run_are_the_bytes_that_were_checked(tmp_path, monkeypatch):
+    """The script file is read once: replacing it after the check changes nothing that runs."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "released" / SCRIPT
+    checked = crypto._sandboxed  # called after the check, before the script runs
+
+    def swap_then_check(spec, path):
+        script.write_text(f"touch {ran}\necho swapped-passphrase\n", encoding="utf-8")
+        return checked(spec, path)
+
+    monkeypatch.setattr(crypto, "_sandboxed", swap_then_check)
+    assert _script_key(tmp_path, "echo pinned-passphrase\n") == "pinned-passphrase"
+    assert not ran.exists()
 
 
 def test_script_sees_the_source_as_layout_from_an_empty_temporary_directory(tmp_path):
-    body = "echo \"$1|$(ls \"$1/data\" | tr '\\n' ,)|$(ls -A . | tr '\\n' ,)|$PWD\"\n"
+    body = "echo \"$1|$(ls \"$1/data\" | tr '\\n' ,)|$(ls -A . | tr '\\n' ,)|$PWD|$HOME\"\n"
     out = _script_key(tmp_path, body, layout="hub/lmsys-chat-1m")
-    arg, shards, entries, cwd = out.split("|")
+    arg, shards, entries, cwd, home = out.split("|")
     assert arg == "hub/lmsys-chat-1m"
     assert shards == ",".join(sorted(p.name for p in (SAMPLE / "lmsys-chat-1m/data").iterdir())) + ","
     assert entries == "hub,"  # nothing but the link to the LMSYS files
-    assert Path(cwd).parent == Path(tempfile.gettempdir()).resolve() and Path(cwd).name.startswith(
-        "keyscript-"
-    )
-    assert not Path(cwd).exists()  # removed afterwards
+    assert home == cwd and Path(cwd).name == "work"
+    assert Path(cwd).parent.name.startswith("keyscript-")
+    assert Path(cwd).parent.parent == Path(tempfile.gettempdir()).resolve()
+    assert not Path(cwd).parent.exists()  # removed afterwards
 
 
-def test_script_environment_is_path_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws_secret")
-    monkeypatch.setenv("DEEPL_AUTH_KEY", "deepl_secret")
-    out = _script_key(tmp_path, "echo \"$(compgen -e | sort | tr '\\n' ,)|$PATH\"\n")
-    names, path = out.split("|")
-    assert set(names.strip(",").split(",")) <= {"PATH", "PWD", "SHLVL", "OLDPWD", "_"}  # bash's own
-    assert "PATH" in names and path == os.environ["PATH"]
+def test_script_environment_is_path_home_and_tmpdir(tmp_path, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    out = _script_key(tmp_path, "echo \"$(compgen -e | sort | tr '\\n' ,)|$PATH|$HOME|$TMPDIR|$PWD\"\n")
+    names, path, home, tmpdir, cwd = out.split("|")
+    assert set(names.strip(",").split(",")) <= {"PATH", "HOME", "TMPDIR", "PWD", "SHLVL", "OLDPWD", "_"}
+    assert path == os.environ["PATH"] and home == tmpdir == cwd
+    assert not any(secret in out for secret in SECRETS.values())
 
 
 def test_script_failure_names_status_and_stderr_tail_never_stdout(tmp_path):
@@ -242,22 +315,112 @@ def test_script_must_print_one_line(tmp_path, body, printed):
 
 
 def test_script_past_its_timeout_is_killed_with_its_children(tmp_path):
-    pid_file = tmp_path / "child.pid"
-    body = f"sleep 60 &\necho $! > {pid_file}\necho started >&2\nwait\necho late-passphrase\n"
+    marker = f"keyscript-timeout-{uuid.uuid4().hex}"
+    body = f"(exec -a {marker} sleep 60) &\necho started >&2\nwait\necho late-passphrase\n"
     started = time.monotonic()
     with pytest.raises(CryptoError, match=r"ran past decrypt\.key\.timeout=1 s and was killed") as err:
         _script_key(tmp_path, body, timeout=1)
     assert time.monotonic() - started < 10
     assert "started" in str(err.value)
-    child = Path(f"/proc/{pid_file.read_text().strip()}/stat")
-    deadline = time.monotonic() + 5
-    while child.exists() and child.read_text().split(") ")[-1][0] != "Z" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not child.exists() or child.read_text().split(") ")[-1][0] == "Z"  # killed (reaped or zombie)
+    assert _gone(marker)
+
+
+@NEEDS_SANDBOX
+def test_sandboxed_script_sees_no_secret_no_other_process_and_no_home(tmp_path, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    tools = tmp_path / "tools"  # on PATH, so shown read-only; HOME lies inside it and stays hidden
+    home = tools / "home"
+    home.mkdir(parents=True)
+    (home / ".netrc").write_text("machine huggingface.co password home-secret-5e1d\n", encoding="utf-8")
+    (tools / "key-helper").write_text("#!/bin/sh\necho helper-ran\n", encoding="utf-8")
+    (tools / "key-helper").chmod(0o755)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    seen = _transcript(
+        tmp_path,
+        f"echo ppid=$PPID; cat /proc/$PPID/environ; cat /proc/[0-9]*/environ | tr '\\0' '\\n'\n"
+        f"ls /proc; ls -la {home} /root /home; cat {home}/.netrc ~/.netrc\n"
+        "key-helper; echo '<ps>'; ps -e -o comm=; echo '</ps>'",
+    )
+    assert not any(secret in seen for secret in SECRETS.values())
+    assert "home-secret-5e1d" not in seen and not re.search(r" \.netrc$", seen, re.MULTILINE)
+    assert "ppid=0" in seen  # its parent is outside its PID namespace: no /proc/$PPID
+    processes = seen.split("<ps>\n")[1].split("</ps>")[0].split()
+    assert set(processes) <= {"bash", "base64", "ps"}  # its own: not this process nor any other
+    assert "helper-ran" in seen  # PATH's programs do run
+
+
+@NEEDS_SANDBOX
+def test_sandboxed_script_reaches_no_network(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        seen = _transcript(
+            tmp_path, f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected >&3 && echo connected-to-host"
+        )
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing connected
+    assert "connected-to-host" not in seen
+    assert "Network is unreachable" in seen  # its own loopback, down
+
+
+@NEEDS_SANDBOX
+def test_sandboxed_script_writes_only_to_its_directory(tmp_path):
+    source = tmp_path / "lmsys-chat-1m"
+    shutil.copytree(SAMPLE / "lmsys-chat-1m", source)
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    name = f"keyscript-escape-{uuid.uuid4().hex}"
+    outside = [tmp_path / name, Path(tempfile.gettempdir()) / name, Path("/etc") / name, Path("/") / name]
+    seen = _transcript(
+        tmp_path,
+        "".join(f"echo x > {path}\n" for path in outside)
+        + 'echo x > "$1/data/new.parquet"; for shard in "$1"/data/*; do echo x >> "$shard"; done\n'
+        + 'echo x >> "$0"\necho kept > scratch && cat scratch',  # $0: the bytes that run
+        source=source,
+    )
+    leaked = [path for path in outside if path.exists()]
+    for path in leaked:
+        path.unlink()
+    assert leaked == []
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+    assert "kept" in seen and seen.count("Read-only file system") >= 7
+
+
+@NEEDS_SANDBOX
+def test_sandboxed_script_leaves_no_process_running(tmp_path):
+    daemon, orphan = (f"keyscript-{kind}-{uuid.uuid4().hex}" for kind in ("daemon", "orphan"))
+    body = (
+        f"setsid nohup bash -c 'exec -a {daemon} sleep 1000' >/dev/null 2>&1 < /dev/null &\n"
+        f"( (exec -a {orphan} sleep 1000) >/dev/null 2>&1 & )\n"
+        "sleep 0.2\necho passphrase\n"
+    )
+    assert _script_key(tmp_path, body, sandbox="required") == "passphrase"
+    assert _gone(daemon) and _gone(orphan)
+
+
+def test_a_required_sandbox_that_this_machine_lacks_refuses_to_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(crypto, "sandbox_missing", lambda: "user namespaces are off (test)")
+    ran = tmp_path / "ran"
+    with pytest.raises(CryptoError) as err:
+        _script_key(tmp_path, f"touch {ran}\necho passphrase\n", sandbox="required")
+    assert "decrypt.key.sandbox=required: this machine cannot run key script" in str(err.value)
+    assert "user namespaces are off (test)" in str(err.value) and "best-effort" in str(err.value)
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("policy", ["best-effort", "off"])
+def test_an_unsandboxed_run_warns_what_is_not_isolated(tmp_path, monkeypatch, caplog, policy):
+    monkeypatch.setattr(crypto, "sandbox_missing", lambda: "user namespaces are off (test)")
+    with caplog.at_level(logging.WARNING, logger="stages.core.crypto"):
+        assert _script_key(tmp_path, "echo passphrase\n", sandbox=policy) == "passphrase"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("NO SANDBOX (") and "runs unisolated" in warning
+    assert all(what in warning for what in ("HOME", "environment", "network", "processes"))
 
 
 def test_missing_script_says_to_fetch_it(tmp_path):
-    key = KeySpec(method="script", script=SCRIPT)
+    key = KeySpec(method="script", script=SCRIPT, sha256="0" * 64)
     with pytest.raises(
         CryptoError, match=rf"decrypt\.key\.script='{SCRIPT}': .* not found .*fetch\.released"
     ):
@@ -269,37 +432,60 @@ def test_key_spec_fields_follow_the_method():
         KeySpec()
     with pytest.raises(ValueError, match="method script needs `script`"):
         KeySpec(method="script")
+    with pytest.raises(ValueError, match="method script needs `sha256`"):
+        KeySpec(method="script", script=SCRIPT)
     with pytest.raises(ValueError, match=r"method script does not use \['file'\]"):
-        KeySpec(method="script", script=SCRIPT, file="data/*.parquet")
+        KeySpec(method="script", script=SCRIPT, sha256="0" * 64, file="data/*.parquet")
     for bad in ("/usr/bin/key.sh", "../key.sh"):
         with pytest.raises(ValueError, match="must be a relative path without"):
-            KeySpec(method="script", script=bad)
+            KeySpec(method="script", script=bad, sha256="0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        KeySpec(method="script", script=SCRIPT, sha256="C075D63D")
+    with pytest.raises(ValueError, match="sandbox"):
+        KeySpec(method="script", script=SCRIPT, sha256="0" * 64, sandbox="maybe")
 
 
-def test_release_config_refuses_an_unpinned_key_script():
-    data = yaml.safe_load(compose_params([]))
-    assert data["profile"] == "production" and data["decrypt"]["key"]["method"] == "hash"
+@pytest.mark.parametrize("profile", ["production", "sample"])
+def test_every_profile_refuses_an_unpinned_key_script(profile):
+    data = yaml.safe_load(compose_params([f"profile={profile}"]))
     assert SCRIPT in data["fetch"]["released"]["include"]  # fetched and listed in the manifest
     data["decrypt"]["key"] = {"method": "script", "script": SCRIPT, "args": ["{source}"]}
-    with pytest.raises(ParamsError, match=rf"fetch\.released\.sha256\['{SCRIPT}'\]"):
+    with pytest.raises(ParamsError, match=r"decrypt\.key: method script needs `sha256`"):
         validate(data)
+    data["decrypt"]["key"]["sha256"] = "0" * 64
+    assert validate(data).decrypt.key.sandbox == "required"  # the default
+
+
+def test_a_fetch_pin_of_the_key_script_must_be_its_decrypt_pin():
+    data = yaml.safe_load(compose_params(["profile=sample"]))
+    pin = data["decrypt"]["key"]["sha256"]
+    data["fetch"]["released"]["sha256"] = {SCRIPT: pin}
+    assert validate(data).fetch.released.sha256 == {SCRIPT: pin}  # both pins, the same bytes
     data["fetch"]["released"]["sha256"] = {SCRIPT: "0" * 64}
-    assert validate(data).decrypt.key.method == "script"
+    with pytest.raises(ParamsError, match=rf"fetch\.released\.sha256\['{SCRIPT}'\]=0{{64}} differs from"):
+        validate(data)
 
 
-def test_a_key_script_other_than_the_pinned_one_is_refused_by_fetch(workspace, monkeypatch):
-    script = workspace / "data/sample/lmsys-chat-1m-synth" / SCRIPT
-    script.write_text("echo some-other-passphrase\n", encoding="utf-8")
-    with pytest.raises(
-        ChecksumError, match=rf"{SCRIPT}: sha256 is [0-9a-f]{{64}} but params pin [0-9a-f]{{64}}"
-    ):
-        run_stage(monkeypatch, "fetch")
-    assert not (workspace / "data/raw/released").exists()
+def test_a_tampered_fetched_key_script_is_refused_by_decrypt(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    fetched = workspace / "data/raw/released" / SCRIPT
+    pinned = hashlib.sha256(fetched.read_bytes()).hexdigest()
+    ran = workspace / "ran"
+    fetched.write_text(f"touch {ran}\nsha256sum \"$1\"/data/train-00000-*.parquet | cut -d' ' -f1\n")
+    with pytest.raises(CryptoError) as err:
+        run_stage(monkeypatch, "decrypt")
+    actual = hashlib.sha256(fetched.read_bytes()).hexdigest()
+    assert f"its sha256 is {actual} but decrypt.key.sha256 pins {pinned}" in str(err.value)
+    assert not ran.exists()
+    assert not (workspace / "data/private").exists()  # it stopped before any output
 
 
 def test_a_wrong_script_output_fails_decryption_cleanly(workspace, monkeypatch):
     run_stage(monkeypatch, "fetch")
-    (workspace / "data/raw/released" / SCRIPT).write_text("echo not-the-passphrase\n", encoding="utf-8")
+    body = "echo not-the-passphrase\n"
+    (workspace / "data/raw/released" / SCRIPT).write_text(body, encoding="utf-8")
+    pin = hashlib.sha256(body.encode()).hexdigest()
+    set_params(workspace, lambda d: d["decrypt"]["key"].update(sha256=pin))
     with pytest.raises(
         CryptoError, match=r"could not decrypt .*-ja\.jsonl\.gz\.gpg: .*wrong passphrase"
     ) as err:

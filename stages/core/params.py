@@ -102,9 +102,12 @@ class KeySpec(Strict):
     order, each as UTF-8 text followed by a newline (independent of how the Parquet file is encoded).
 
     method script: the released repository's key script (`script`, a path under the released root,
-    fetched with it) runs under bash in an empty temporary working directory where the source root
-    appears as the directory `layout`, with `args` ({source} becomes `layout`), an environment of
-    PATH only and `timeout` seconds; its stdout, trimmed, is the passphrase.
+    fetched with it) runs only when its bytes hash to `sha256`, under bash in an empty temporary
+    working directory where the source root appears as the directory `layout`, with `args` ({source}
+    becomes `layout`), an environment of PATH, HOME and TMPDIR (HOME and TMPDIR: that directory) and
+    `timeout` seconds; its stdout, trimmed, is the passphrase. `sandbox` says whether it must run
+    isolated (stages/core/crypto.py: no network, no other process, no HOME, writes only to its
+    directory, nothing left running).
     """
 
     method: Literal["hash", "script"] = "hash"
@@ -116,6 +119,11 @@ class KeySpec(Strict):
     layout: str = "lmsys-chat-1m"  # script: the source root's name in the script's working directory
     args: list[str] = []  # script: its arguments; {source} is replaced by `layout`
     timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)  # script: seconds before it is killed
+    # script: the hex sha256 of the bytes it may run, checked on the bytes that run (required)
+    sha256: str | None = Field(None, pattern=f"^{SHA256}$")
+    # script: required (refuse to run it where this machine has no sandbox), best-effort (then run it
+    # unisolated, with a warning) or off (never isolate it)
+    sandbox: Literal["required", "best-effort", "off"] = Field("required", json_schema_extra=RUNTIME)
 
     @field_validator("script", "layout")
     @classmethod
@@ -132,6 +140,11 @@ class KeySpec(Strict):
         if self.method == "script":
             if self.script is None:
                 raise ValueError("method script needs `script` (its path under the released root)")
+            if self.sha256 is None:
+                raise ValueError(
+                    "method script needs `sha256`, the hex sha256 of the script it may run: read the "
+                    "fetched script, then pin the sha256 that data/raw/manifest.json lists for it"
+                )
             ignored = [key for key in ("file", "column") if getattr(self, key) is not None]
             if ignored:
                 raise ValueError(f"method script does not use {ignored}: set them to null or use method hash")
@@ -432,13 +445,14 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
-    def _key_script_is_pinned(self) -> Params:
-        key, released = self.decrypt.key, self.fetch.released
-        # pinned, it must also be fetched: fetch refuses a pin for a file that fetch.released.include lacks
-        if key.method == "script" and self.profile == RELEASE_PROFILE and key.script not in released.sha256:
+    def _key_script_pins_agree(self) -> Params:
+        key, fetched = self.decrypt.key, self.fetch.released.sha256
+        # decrypt.key.sha256 is the pin that decrypt checks; fetch.released.sha256 may pin the script
+        # too (fetch then refuses other bytes), but never to other bytes
+        if key.method == "script" and key.script in fetched and fetched[key.script] != key.sha256:
             raise ValueError(
-                f"decrypt.key.method=script: a release config must pin the script's sha256 in "
-                f"fetch.released.sha256[{key.script!r}] (it runs on this machine)"
+                f"fetch.released.sha256[{key.script!r}]={fetched[key.script]} differs from "
+                f"decrypt.key.sha256={key.sha256}: pin the script's bytes in decrypt.key.sha256 only"
             )
         return self
 
