@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import hashlib
 import importlib.util
 import json
 import threading
@@ -391,3 +393,55 @@ def test_a_refused_request_fails_alone_and_its_batch_is_answered():
     assert sorted(r.messages[0]["content"] for r in engine.requests) == sorted(
         t for t in texts if t != "BOOM"
     )
+
+
+def _code(path: Path) -> str:
+    """sha256 of a module's code: its AST without docstrings, so comments and docstrings do not count."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+# The code each engine's VERSION was decided for: the engine module and base.py (request handling).
+# When this test fails, decide: if the change alters what the engine returns for the same request,
+# raise the engine's VERSION (its cached responses are then asked again); either way, update the entry.
+ENGINE_CODE = {
+    "transformers": (2, "829aa550a28b6a38"),
+    "vllm": (2, "829aa550995d802a"),
+    "openai": (2, "829aa550058d77c5"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(ENGINE_CODE))
+def test_an_engine_code_change_meets_a_cache_version_decision(backend):
+    from stages.core.engines import make_engine
+
+    engines = Path(__file__).resolve().parent.parent / "stages" / "core" / "engines"
+    found = (
+        type(make_engine(LLMSpec(model="m"), EngineParams(backend=backend, batch_size=1))).VERSION,
+        _code(engines / "base.py")[:8] + _code(engines / f"{backend}.py")[:8],
+    )
+    assert found == ENGINE_CODE[backend], (
+        f"stages/core/engines/{backend}.py or base.py changed: raise {backend}'s VERSION if outputs "
+        f"change, then set ENGINE_CODE[{backend!r}] = {found}"
+    )
+
+
+def test_the_engine_version_is_in_the_cache_key():
+    from stages.core.engines import make_engine
+
+    engine = make_engine(LLMSpec(model="m"), EngineParams(backend="transformers", batch_size=1))
+    before = engine.cache_identity()
+    type(engine).VERSION += 1
+    try:
+        assert engine.cache_identity() != before
+    finally:
+        type(engine).VERSION -= 1

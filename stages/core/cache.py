@@ -66,10 +66,11 @@ def request_key(identity: bytes, messages: list[dict], sampling: dict, n: int, s
     return hashlib.sha256(orjson.dumps([identity.decode(), messages, sampling, n, seed])).digest()
 
 
-def engine_identity(backend: str, libraries: dict, llm: dict) -> bytes:
-    """What of the engine determines a response: backend, the engine's version (Engine.VERSION),
-    library versions and the model recipe."""
-    return orjson.dumps({"backend": backend, "libraries": libraries, "llm": llm}, option=orjson.OPT_SORT_KEYS)
+def engine_identity(backend: str, libraries: dict, llm: dict, version: int) -> bytes:
+    """What of the engine determines a response: backend, the engine's version (Engine.VERSION, raised
+    by every change of its code that changes what it returns), library versions and the model recipe."""
+    ours = {"backend": backend, "version": version, "libraries": libraries, "llm": llm}
+    return orjson.dumps(ours, option=orjson.OPT_SORT_KEYS)
 
 
 def valid_value(stored: object) -> bool:

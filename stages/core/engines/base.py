@@ -110,6 +110,10 @@ class Engine(abc.ABC):
     llm: LLMSpec
     options: EngineParams
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # distributions that generate: their versions key results
+    # the engine's own version, in every response-cache key: raise it with any change to the engine's
+    # code (or to this module's request handling) that changes what it returns for the same request;
+    # tests/test_engines.py fails when an engine's code changes until its entry there is updated
+    VERSION: ClassVar[int] = 1
     CONCURRENT: ClassVar[bool] = False  # whether `_chat` may run in several threads at once
     _tokenizer: Any = field(default=None, init=False, repr=False)  # set by load(); counts prompts
     _loaded: bool = field(default=False, init=False, repr=False)
@@ -212,7 +216,7 @@ class Engine(abc.ABC):
     def cache_identity(self) -> bytes:
         """The part of a cache key that names the engine: `identity()` without the engine's source."""
         ours = self.identity()
-        return engine_identity(ours["backend"], ours["libraries"], ours["llm"])
+        return engine_identity(ours["backend"], ours["libraries"], ours["llm"], self.VERSION)
 
     def _chat_loaded(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)

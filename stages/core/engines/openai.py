@@ -46,6 +46,7 @@ PROBE = [{"role": "user", "content": "ping"}]  # one-token request for a model t
 @dataclass
 class OpenAIEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # the server generates: its model id and revision key results
+    VERSION: ClassVar[int] = 2  # 2: a reply with fewer choices than n is completed by single-choice requests
     CONCURRENT: ClassVar[bool] = True  # every shard in flight shares the servers and the concurrency bound
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)

@@ -58,6 +58,7 @@ class SeededSampler:
 @dataclass
 class TransformersEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("transformers", "torch")
+    VERSION: ClassVar[int] = 2  # 2: per-request seeded sampling (Gumbel-max after temperature and top-p)
     CONCURRENT: ClassVar[bool] = True  # no global RNG: each thread's batches draw from their own seeds
     _model: Any = field(default=None, init=False, repr=False)
     # a fast tokenizer keeps its padding settings in the Rust backend and changes them per call:

@@ -87,6 +87,7 @@ class VLLMApi:
 @dataclass
 class VLLMEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ("vllm",)
+    VERSION: ClassVar[int] = 2  # 2: LLM.enqueue_chat, vLLM's own chat renderer
     _llm: Any = field(default=None, init=False, repr=False)
     _api: VLLMApi | None = field(default=None, init=False, repr=False)
     _template: str | None = field(default=None, init=False, repr=False)
