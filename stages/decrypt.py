@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 from stages.core.cli import run, start_subsets, timed
 from stages.core.crypto import decrypt_file, derive_key
 from stages.core.errors import SourceError
-from stages.core.io import PARQUET_OPTIONS, atomic_path, read_jsonl_gz
+from stages.core.io import PARQUET_OPTIONS, atomic_path, private_tempdir, read_jsonl_gz
 
 LOG = logging.getLogger("stages.decrypt")
 ROW_GROUP = 16_384  # rows held and written at a time
@@ -55,7 +54,7 @@ def main() -> None:
         with timed(LOG, f"decrypt@{subset} {encrypted.name}") as counts:
             out = Path(paths.instructions_of(subset))
             out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".decrypt-") as tmp:
+            with private_tempdir(out.parent, f"decrypt-{subset}") as tmp:
                 plain = Path(tmp) / "instructions.jsonl.gz"
                 decrypt_file(encrypted, plain, key)
                 counts["rows_out"] = write_instructions(instruction_rows(plain), out)

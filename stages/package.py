@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from stages.core.io import (
     iter_aligned,
     jsonl_gz_table_writer,
     parquet_table_writer,
+    private_tempdir,
     sha256_file,
     staged_dir,
     write_json,
@@ -117,7 +117,8 @@ def main() -> None:
     variant, paths, spec = params.models[name], params.paths, params.release
     with (
         timed(LOG, f"package@{name}") as counts,
-        tempfile.TemporaryDirectory(prefix="package-") as tmp,
+        # the plaintext instructions, private like their source: never in the system's temp dir
+        private_tempdir(Path(paths.instructions).parent, f"package-{name}") as tmp,
         staged_dir(Path(paths.release) / name) as out,  # all or nothing: the old release stays until done
     ):
         plain = Path(tmp) / "instructions.jsonl.gz"

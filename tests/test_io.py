@@ -7,6 +7,7 @@ import errno
 import gzip
 import io
 import json
+import os
 import random
 import threading
 import time
@@ -289,3 +290,49 @@ def test_an_error_that_is_its_own_context_does_not_hang_an_exit_stack(tmp_path):
     assert not thread.is_alive(), "ExitStack spun on a looping exception chain"
     [err] = outcome
     assert isinstance(err, WriteError) and "a.jsonl.gz" in str(err)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_litter_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_is_kept(tmp_path):
+    from stages.core.io import atomic_path, staged_dir
+
+    dead, live = _dead_pid(), os.getpid()
+    torn = tmp_path / f".out.parquet.{dead}.x1y2.tmp"
+    torn.write_bytes(b"half")
+    busy = tmp_path / f".out.parquet.{live}.a1b2.tmp"  # another writer of this process, still at work
+    busy.write_bytes(b"busy")
+    partial = tmp_path / f".release.{dead}.q9.partial"
+    partial.mkdir()
+    (partial / "file").write_text("x")
+    other = tmp_path / f".other.parquet.{dead}.z.tmp"  # another file's litter: its own writer cleans it
+    other.write_bytes(b"")
+    with atomic_path(tmp_path / "out.parquet") as tmp:
+        tmp.write_bytes(b"new")
+    with staged_dir(tmp_path / "release") as out:
+        (out / "a").write_text("a")
+    assert not torn.exists() and not partial.exists()
+    assert busy.exists() and other.exists()
+    assert (tmp_path / "out.parquet").read_bytes() == b"new"
+
+
+def test_plaintext_intermediates_live_in_a_private_dir_removed_on_any_exit(tmp_path):
+    from stages.core.io import private_tempdir
+
+    stale = tmp_path / f".package-gemma3.{_dead_pid()}.k.tmp"  # a SIGKILLed package's plaintext
+    stale.mkdir()
+    (stale / "instructions.jsonl.gz").write_bytes(b"plaintext")
+    with pytest.raises(RuntimeError), private_tempdir(tmp_path, "package-gemma3") as tmp:
+        assert not stale.exists()
+        assert tmp.parent == tmp_path and (tmp.stat().st_mode & 0o777) == 0o700
+        (tmp / "instructions.jsonl.gz").write_bytes(b"plaintext")
+        raise RuntimeError("the stage failed")
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,9 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +28,8 @@ import pyarrow.parquet as pq
 from zlib_ng import gzip_ng_threaded
 
 from stages.core.errors import PipelineError, SourceError
+
+LOG = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 GZIP_LEVEL = 9  # zlib-ng 9: a little smaller than stdlib gzip 9, and parallel; see ReleaseParams.gzip_level
@@ -107,7 +111,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        clean_litter(path.parent, f".{path.name}.")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -120,6 +125,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+LITTER = re.compile(r"\.(?P<pid>\d+)\.[^/]*\.(?:tmp|partial|old)$")  # what a killed writer leaves
+
+
+def clean_litter(directory: Path, prefix: str) -> None:
+    """Remove what writers killed before they could clean up left in `directory`: the entries named
+    `<prefix><pid>.<random>.tmp|partial|old` (see atomic_path, staged_dir, private_tempdir) whose
+    process no longer runs. A live process's entries are its own and are left alone."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        found = LITTER.search(entry.name[len(prefix) - 1 :]) if entry.name.startswith(prefix) else None
+        if found and not _running(int(found["pid"])):
+            LOG.info("removing %s, left by a process that was killed (pid %s)", entry, found["pid"])
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+@contextlib.contextmanager
+def private_tempdir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A directory only this user can read (0700) under `parent` (a private data directory, never the
+    system's temp dir), for plaintext intermediates; removed on exit, and by the next run's
+    `clean_litter` if this process is killed."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_litter(parent, f".{name}.")
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fsync(path: Path) -> None:
@@ -351,7 +397,10 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        clean_litter(path.parent, f".{path.name}.")
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
+        )
     old = staging.with_suffix(".old")
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
