@@ -214,3 +214,13 @@ def test_every_production_model_fits_an_8x80gb_node_with_room_for_the_kv_cache()
         assert llm.gpus <= 8, key
         assert per_gpu <= 0.9 * 80 - 15, f"{key}: {per_gpu:.0f} GB of weights per GPU leaves no KV cache"
         assert re.fullmatch(r"[0-9a-f]{40}", llm.revision), key
+
+
+@pytest.mark.parametrize("name", ["../../outside", "a/b", ".hidden", ""])
+def test_a_release_name_that_would_leave_its_directory_is_refused(name):
+    from stages.core.params import ParamsError, validate
+
+    data = yaml.safe_load(compose_params(["profile=sample"]))
+    data["models"]["gemma2"]["release_name"] = name
+    with pytest.raises(ParamsError, match=r"models\.gemma2\.release_name: String should match pattern"):
+        validate(data, Path("params.yaml"))

@@ -319,8 +319,11 @@ class SecondTurnParams(Strict):
     max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
 
 
+FILE_NAME = r"^[A-Za-z0-9{][A-Za-z0-9._+{}-]*$"  # a name that becomes one path component, never ../ or /
+
+
 class VariantParams(Strict):
-    release_name: str
+    release_name: str = Field(pattern=FILE_NAME)  # names the release's files and directory
     subset: Subset  # the released instruction subset it answers (published Gemma-3: ja+unsafe)
     generate: GenerateParams
     score: ScoreParams
@@ -328,8 +331,8 @@ class VariantParams(Strict):
 
 
 class ReleaseParams(Strict):
-    file: str  # release file stem; {name} is the variant's release_name
-    instructions_file: str  # the encrypted Japanese instructions
+    file: str = Field(pattern=FILE_NAME)  # release file stem; {name} is the variant's release_name
+    instructions_file: str = Field(pattern=FILE_NAME)  # the encrypted Japanese instructions
     formats: list[Literal["jsonl.gz", "parquet"]] = Field(min_length=1)
     # rows package holds at a time (ten responses a row: about 1 kB of Python objects per response)
     batch_rows: int = Field(1000, ge=1, json_schema_extra=RUNTIME)
