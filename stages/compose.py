@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from stages.core.cli import run
 from stages.core.errors import PipelineError
-from stages.core.params import PARAMS_FILE, validate
+from stages.core.params import PARAMS_FILE, load_params, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEADER = "# Written by `python -m stages.compose{args}`: edit conf/ and re-run it, never this file.\n"
@@ -96,7 +96,8 @@ def check_params(path: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> list[st
     overrides, text = _read(path)
     if overrides is not None:
         if text != compose_params(overrides, conf_dir):
-            raise PipelineError(f"{path} is stale: run `{_command(overrides)}`")
+            load_params(path)  # an unknown key or a bad value: named, with its key
+            raise PipelineError(f"{path} is stale or edited by hand: run `{_command(overrides)}`")
         return overrides
     try:
         data = yaml.safe_load(text)

@@ -26,7 +26,8 @@ COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore",
 VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
 SUBSET = {"llama31": "ja", "gemma2": "ja", "gemma3": "ja+unsafe"}  # as published (conf/model)
 GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
-GEMMA3_AND_AFTER = GEMMA3 | {"sft@gemma3", "compare@gemma3"}  # what a changed Gemma-3 parameter re-runs
+# what a changed Gemma-3 parameter re-runs (`params` validates any change of params.yaml)
+GEMMA3_AND_AFTER = GEMMA3 | {"sft@gemma3", "compare@gemma3", "params"}
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 ENCRYPTED = "lmsys-chat-1m-first-turn-user-instructions-{subset}.jsonl.gz.gpg"  # named after the subset
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # kana and kanji
@@ -183,6 +184,20 @@ def bytecode(repo: Path) -> None:
     for args in (["-c", code], ["-m", "compileall", "-q", "stages"]):
         done = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_an_unknown_params_key_stops_dvc_repro_even_where_no_stage_reads_it(built: Path):
+    path = built / "params.yaml"
+    text = path.read_text(encoding="utf-8")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        path.write_text(text + "seeed: 7\n", encoding="utf-8")
+        done = subprocess.run(["dvc", "repro"], cwd=built, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(text, encoding="utf-8")
+    assert done.returncode != 0
+    assert "seeed: Extra inputs are not permitted" in done.stderr + done.stdout
+    assert ran(done.stdout) == {"params"}
 
 
 def test_bytecode_never_makes_a_stage_stale(built: Path):
