@@ -1,14 +1,15 @@
 """The response cache at production size: inserts and lookups at 10 million entries, two writer
 processes at once, against the per-request cost of the engine bookkeeping it sits in.
 
-    python benchmarks/cache.py [--entries 10000000] [--value-bytes 400] [--workdir DIR]
+    python benchmarks/cache.py [--entries 10000000] [--probe 200000] [--value-bytes 400] [--workdir DIR]
 
 It fills a cache file with `entries` entries in transactions of 2,000 (one engine call's
-requests), then times: inserting 200,000 more; looking up 200,000 present and 200,000 absent keys
-(500 a query, as the engine does); two processes inserting 200,000 entries each at once (then an
-integrity check and a count); and `Engine.chat` on an engine that answers instantly, with the cache
-off, all misses and all hits, per request. The last line is `ratio <x>`: the cache's cost per
-request (a miss: lookup + insert) over the bookkeeping's own cost per request.
+requests), then times: inserting `probe` (200,000) more; looking up `probe` present and `probe`
+absent keys (500 a query, as the engine does); two processes inserting `probe` entries each at once
+(then an integrity check and a count); and `Engine.chat` on an engine that answers instantly for
+`probe / 4` requests, with the cache off, all misses and all hits, per request. The last line is
+`ratio <x>`: the cache's cost per request (a miss: lookup + insert) over the bookkeeping's own cost
+per request.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def per_request(cache: ResponseCache | None, requests: list[ChatRequest]) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=10_000_000)
+    parser.add_argument("--probe", type=int, default=200_000, help="entries inserted and looked up to time")
     parser.add_argument("--value-bytes", type=int, default=400)
     parser.add_argument("--workdir", type=Path, default=None, help="kept if given; a temporary dir otherwise")
     args = parser.parse_args()
-    n, size, probe = args.entries, args.value_bytes, 200_000
+    n, size, probe = args.entries, args.value_bytes, args.probe
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         work = (args.workdir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)

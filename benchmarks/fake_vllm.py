@@ -2,9 +2,13 @@
 completion lengths, logprobs, vLLM's error bodies and injected faults, all deterministic per request.
 
     python benchmarks/fake_vllm.py --port 8000 [--faults transient_429=0.05,persistent_500=0.01]
+                                   [--one-choice]
 
 A request's key is a hash of its messages, its seed and the server seed: the fault it draws, its
 completion lengths and texts depend on that key only, so a retry of the same request is recognised.
+`stats()["failing_by_fault"]` counts the distinct requests failed for good, by fault (persistent_500,
+context_400). With `one_choice` the server ignores `n` and answers one choice, as HF's
+`transformers serve` does.
 
 Judge modes: a JSON schema (OpenAI's `response_format` of type json_schema, or vLLM's extra body
 `structured_outputs: {json: ...}` / `guided_json`) makes each completion JSON that follows it (an object
@@ -24,6 +28,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any
@@ -122,6 +127,7 @@ class FakeVLLMServer:
         judge_marker: str = "[The Start of Assistant's Answer]",
         port: int = 0,
         keep_bodies: bool = False,
+        one_choice: bool = False,
     ) -> None:
         self.model = model
         self.seed = seed
@@ -135,11 +141,12 @@ class FakeVLLMServer:
         self.judge_marker = judge_marker
         self.port = port
         self.keep_bodies = keep_bodies
+        self.one_choice = one_choice  # ignore n, answer one choice (HF's `transformers serve`)
         self.bodies: list[dict[str, Any]] = []  # each request body, where keep_bodies
         self.base_url = ""
         self._lock = threading.Lock()
         self._transient_keys: set[str] = set()
-        self._failing_keys: set[str] = set()
+        self._failing_keys: dict[str, str] = {}  # request key -> its persistent fault
         self._too_long_keys: set[str] = set()
         self._stats: dict[str, Any] = {}
         self.reset_stats()
@@ -156,6 +163,7 @@ class FakeVLLMServer:
             snapshot["by_status"] = dict(self._stats["by_status"])
             snapshot["transient"] = len(self._transient_keys)
             snapshot["failing_requests"] = len(self._failing_keys)
+            snapshot["failing_by_fault"] = dict(Counter(self._failing_keys.values()))
             snapshot["too_long"] = len(self._too_long_keys)
             return snapshot
 
@@ -305,6 +313,7 @@ class FakeVLLMServer:
         failed = self._fault(key, prompt_tokens, budget)
         if failed is not None:
             return failed
+        n = 1 if self.one_choice else n
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         judge = self.judge_marker in _content_chars(last_user.get("content"))
         drawn = [
@@ -362,7 +371,7 @@ class FakeVLLMServer:
         if fault is None:
             return None
         with self._lock:
-            self._failing_keys.add(key)
+            self._failing_keys[key] = fault
         if fault == "persistent_500":
             return self._error_response(500, "internal server error")
         over = max(prompt_tokens, self.max_model_len + 1 - budget)
@@ -492,6 +501,7 @@ def main() -> None:
     parser.add_argument(
         "--faults", type=Faults.parse, default=Faults(), help="e.g. transient_429=0.05,context_400=0.01"
     )
+    parser.add_argument("--one-choice", action="store_true", help="ignore n, answer one choice")
     args = parser.parse_args()
     server = FakeVLLMServer(
         model=args.model,
@@ -503,6 +513,7 @@ def main() -> None:
         max_model_len=args.max_model_len,
         faults=args.faults,
         port=args.port,
+        one_choice=args.one_choice,
     )
     with server:
         print(f"serving {args.model} on {server.base_url} (Ctrl-C stops)", flush=True)

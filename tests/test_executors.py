@@ -7,12 +7,14 @@ import functools
 import os
 import re
 import signal
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.core.errors import PipelineError
 from stages.core.executors import engine_pool
 from stages.core.io import ENGINE_METADATA
 from stages.core.params import EngineParams, LLMSpec, Sampling
@@ -121,6 +123,43 @@ def test_a_ray_worker_killed_mid_run_costs_only_its_shards(tmp_path, ray_local):
     assert got.equals(_generate(EngineParams(backend="transformers", batch_size=8), tmp_path / "local"))
     runs = [p.name.split(".")[0] for p in marks.iterdir() if p.name != "killed"]
     assert sorted(runs) == ["c000", "c004", "c004", "c008"]  # only the killed shard ran twice
+
+
+def kill_always(engine, shard: pa.Table, *, victim: str, spec, seed: int) -> pa.Table:
+    """generate_table, except that a shard holding `victim` kills its worker every time (a poisoned
+    shard: an input that crashes the engine process)."""
+    if victim in shard["conversation_id"].to_pylist():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return generate_table(engine, shard, spec, seed)
+
+
+def test_a_shard_that_kills_its_replica_every_time_fails_the_stage_by_name(tmp_path, ray_local):
+    options = EngineParams(
+        backend="transformers",
+        batch_size=8,
+        executor="ray",
+        replicas=1,
+        shards_in_flight=1,
+        ray_max_retries=1,
+    )
+    work = functools.partial(kill_always, victim="c005", spec=_spec(), seed=7)
+    with pytest.raises(PipelineError, match=r"shard 00001: its Ray replica died and was restarted 1 times"):
+        _generate(options, tmp_path / "ray", work)
+    done = sorted(p.name for p in (tmp_path / "ray" / "checkpoints" / "generate@t" / "k").iterdir())
+    assert "00000.parquet" in done and "00001.parquet" not in done  # finished shards are kept
+
+
+def test_ray_records_the_library_versions_its_replicas_run(tmp_path, ray_local):
+    from stages.core.executors import RayExecutor
+
+    options = EngineParams(backend="transformers", batch_size=8, executor="ray", replicas=2)
+    pool = RayExecutor(TINY_LLM, options)
+    try:
+        found = pool.identity()
+        replica = ray_local.get(pool._actors[1].identity.remote())
+    finally:
+        pool.close()
+    assert found == replica and found["libraries"]["torch"] == metadata.version("torch")
 
 
 def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
