@@ -11,17 +11,38 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: install demo test lint format params sample clean-data check-vllm
 
 # The demo needs the project and its CPU engine only; the tests add Ray, the test tools and clients.
-$(VENV)/.demo-installed: pyproject.toml
+# Each installs its lock (requirements/, `make lock`), every file checked against the lock's hashes,
+# then the project itself without dependencies. torch is locked as the CPU build (2.13.0+cpu), which
+# pip takes from /opt/wheels; where that folder is missing, add PyTorch's CPU wheel index to pip's
+# (PIP_EXTRA_INDEX_URL).
+$(VENV)/.demo-installed: pyproject.toml requirements/demo.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[cpu]'
+	$(BIN)/python -m pip install --quiet --no-compile --require-hashes -r requirements/demo.lock
+	$(BIN)/python -m pip install --quiet --no-compile --no-deps -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.demo-installed
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[cpu,ray,test]'
+# The demo lock pins the test lock's versions, so this only adds packages; the project is installed.
+$(VENV)/.installed: $(VENV)/.demo-installed requirements/test.lock
+	$(BIN)/python -m pip install --quiet --no-compile --require-hashes -r requirements/test.lock
 	touch $@
 
 install: $(VENV)/.installed
+
+.PHONY: lock check-lock
+# Both locks from pyproject.toml, for CPython 3.11 on x86_64 Linux, with hashes; needs the package
+# index. Pins the change leaves valid are kept; `make lock LOCK_ARGS=--upgrade` takes the newest.
+# The demo lock is constrained by the test lock (and takes its --find-links for the CPU torch).
+LOCK := $(BIN)/uv pip compile --quiet pyproject.toml --python-version 3.11 --python-platform \
+	x86_64-unknown-linux-gnu --generate-hashes --emit-find-links $(LOCK_ARGS)
+lock:  ## regenerate requirements/*.lock from pyproject.toml (needs the package index)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv==0.13.9'
+	$(LOCK) --find-links /opt/wheels --extra cpu --extra ray --extra test -o requirements/test.lock
+	$(LOCK) -c requirements/test.lock --extra cpu -o requirements/demo.lock
+
+check-lock: install  ## check that the locks satisfy pyproject.toml's requirements and pin nothing stale
+	python -m pytest tests/test_lock.py -q
 
 # The sample needs nothing from the Hub: fail fast instead of trying to reach it.
 demo: export HF_HUB_OFFLINE := 1

@@ -84,7 +84,9 @@ def test_after_the_demo_the_committed_copy_is_checked_and_the_sample_one_passes(
 def test_a_stale_params_yaml_names_the_command_that_refreshes_it(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(compose_params(["profile=sample"]).replace("seed: 20241024", "seed: 1"), encoding="utf-8")
-    with pytest.raises(PipelineError, match=r"is stale or edited by hand: run `python -m stages.compose profile=sample`"):
+    with pytest.raises(
+        PipelineError, match=r"is stale or edited by hand: run `python -m stages.compose profile=sample`"
+    ):
         check_params(path)
 
 

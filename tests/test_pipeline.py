@@ -22,7 +22,17 @@ from stages.core.io import read_jsonl_gz
 from tests.s3 import CREDENTIALS, moto_server
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ["conf", "stages", "scripts", "data/sample", ".dvc/config", ".dvcignore", "dvc.yaml", "pyproject.toml"]
+COPY = [
+    "conf",
+    "stages",
+    "scripts",
+    "data/sample",
+    ".dvc/config",
+    ".dvcignore",
+    "dvc.yaml",
+    "pyproject.toml",
+    "requirements",
+]
 VARIANTS = {"llama31": ("llama3.1", 6, 1), "gemma2": ("gemma2", 6, 1), "gemma3": ("gemma3", 10, 0)}
 SUBSET = {"llama31": "ja", "gemma2": "ja", "gemma3": "ja+unsafe"}  # as published (conf/model)
 GEMMA3 = {"generate@gemma3", "score@gemma3", "package@gemma3"}
