@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -70,6 +71,7 @@ def test_fetch_filters_the_sample(workspace, monkeypatch):
     assert rows["rows_in"] - rows["rows_out"] == sum(v for k, v in rows.items() if k.startswith("dropped_"))
     assert rows["dropped_language"] == 12 and rows["flagged"] == 12  # flagged: kept for ja+unsafe
     assert rows["dropped_duplicate_id"] == 1 and rows["dropped_first_message_not_user"] == 0
+    assert rows["dropped_null_id"] == 0
     assert rows["long_first_turn"] == 2 and metrics["max_instruction_chars"] == LONG_RELEASED_CHARS
     table = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
     assert len(table) == rows["rows_out"] == 326 and table.flagged.sum() == 12
@@ -113,6 +115,47 @@ def test_duplicates_within_a_batch_and_after_a_dropped_row():
     assert table.column("long_first_turn").to_pylist() == [False, True]
     again = filter_batch(pa.RecordBatch.from_pylist(rows[3:]), spec, counts, seen)
     assert again.num_rows == 0 and counts["dropped_duplicate_id"] == 4  # ids seen in an earlier batch
+
+
+def test_rows_without_a_conversation_id_are_dropped_and_counted(workspace, monkeypatch):
+    shard = _shard(workspace, 1)
+    table = pq.read_table(shard)
+    elsewhere = set(
+        pq.read_table(_shard(workspace, 0), columns=["conversation_id"])["conversation_id"].to_pylist()
+    )
+    kept = [
+        i
+        for i, row in enumerate(table.select(["conversation_id", "language", "conversation"]).to_pylist())
+        if row["language"] in ("English", "Japanese")
+        and row["conversation"][0]["role"] == "user"
+        and row["conversation_id"] not in elsewhere
+    ][:3]  # rows fetch keeps: three, so that the first is neither kept nor the others duplicates
+    ids = table["conversation_id"].to_pylist()
+    ids = [None if i in kept else cid for i, cid in enumerate(ids)]
+    pq.write_table(table.set_column(0, "conversation_id", pa.array(ids, pa.string())), shard)
+    run_stage(monkeypatch, "fetch")
+    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
+    assert rows["dropped_null_id"] == 3 and rows["rows_out"] == 326 - 3
+    assert rows["dropped_duplicate_id"] == 1 and rows["dropped_language"] == 12
+    assert rows["rows_in"] - rows["rows_out"] == sum(v for k, v in rows.items() if k.startswith("dropped_"))
+    out = pq.read_table(workspace / "data/interim/first-turn.parquet")
+    assert out.num_rows == 323 and out["conversation_id"].null_count == 0
+
+
+def test_a_null_id_is_dropped_first_and_never_a_duplicate():
+    def row(cid: str | None, language: str) -> dict:
+        return {
+            "conversation_id": cid, "model": "m", "conversation": [{"content": "hi", "role": "user"}],
+            "turn": 1, "language": language, "openai_moderation": [{"flagged": False}], "redacted": False,
+        }  # fmt: skip
+
+    rows = [row(None, "English"), row(None, "English"), row(None, "German"), row("a", "English")]
+    spec = FilterSpec(languages=["English"], redacted="keep", long_first_turn_chars=100)
+    counts = Counter()
+    table = filter_batch(pa.RecordBatch.from_pylist(rows), spec, counts, SeenIds())
+    assert table.column("conversation_id").to_pylist() == ["a"]
+    assert counts["dropped_null_id"] == 3 and counts["dropped_language"] == 0
+    assert counts["dropped_duplicate_id"] == 0
 
 
 def test_long_first_turns_are_kept_and_flagged(workspace, monkeypatch):
@@ -253,25 +296,88 @@ def test_a_failed_fetch_keeps_the_previous_outputs_untouched(workspace, monkeypa
     assert _outputs(workspace) == before
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda t: t.drop_columns(["redacted"]), r"missing LMSYS-Chat-1M columns \['redacted'\]"),
-        (
-            lambda t: t.set_column(3, "turn", t["turn"].cast(pa.string())),
-            r"column 'turn' is string, expected integer",
-        ),
-        (
-            lambda t: t.set_column(6, "redacted", t["redacted"].cast(pa.int8())),
-            r"column 'redacted' is int8, expected bool",
-        ),
-    ],
-)
-def test_bad_shard_schema_is_named_and_leaves_nothing(workspace, monkeypatch, change, message):
+def _set(table: pa.Table, name: str, column: pa.Array | pa.ChunkedArray) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, column)
+
+
+def _set_item_field(table: pa.Table, name: str, field: str, change) -> pa.Table:
+    """`table` with `field` of column `name`'s list items replaced by change(field's values)."""
+    lists = table[name].combine_chunks()
+    items = lists.values
+    names = [f.name for f in items.type]
+    children = [change(items.field(i)) if n == field else items.field(i) for i, n in enumerate(names)]
+    return _set(
+        table, name, pa.ListArray.from_arrays(lists.offsets, pa.StructArray.from_arrays(children, names))
+    )
+
+
+def _cast(name: str, to: pa.DataType):
+    return lambda t: _set(t, name, t[name].cast(to))
+
+
+def _in_items(name: str, field: str, change):
+    return lambda t: _set_item_field(t, name, field, change)
+
+
+def _wrap(a: pa.Array) -> pa.StructArray:
+    return pa.StructArray.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a], ["x"])
+
+
+# a source shard's schema made wrong -> what the message says after the file's name
+BAD_SCHEMAS = {
+    "missing column": (
+        lambda t: t.drop_columns(["redacted"]),
+        r"missing LMSYS-Chat-1M columns \['redacted'\]",
+    ),
+    "string for an integer": (_cast("turn", pa.string()), r"column 'turn' is string, expected integer"),
+    "int8 for a bool": (_cast("redacted", pa.int8()), r"column 'redacted' is int8, expected bool"),
+    "string for a bool": (_cast("redacted", pa.string()), r"column 'redacted' is string, expected bool"),
+    "struct for a string": (
+        lambda t: _set(t, "model", _wrap(t["model"])),
+        r"column 'model' is struct<x: string>, expected string",
+    ),
+    "string for a list": (
+        lambda t: _set(t, "conversation", t["conversation_id"]),
+        r"column 'conversation' is string, expected a list of structs with content: string, role: string",
+    ),
+    "struct for a string in items": (
+        _in_items("conversation", "content", _wrap),
+        r"field 'content' of column 'conversation' is struct<x: string>, expected string",
+    ),
+    "integer for a string in items": (
+        _in_items("conversation", "role", pc.utf8_length),
+        r"field 'role' of column 'conversation' is int32, expected string",
+    ),
+    "string for a bool in items": (
+        _in_items("openai_moderation", "flagged", lambda a: a.cast(pa.string())),
+        r"field 'flagged' of column 'openai_moderation' is string, expected bool",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCHEMAS)
+def test_bad_shard_schema_is_named_and_leaves_nothing(workspace, monkeypatch, case):
+    change, message = BAD_SCHEMAS[case]
     shard = _shard(workspace, 1)
     pq.write_table(change(pq.read_table(shard)), shard)
     with pytest.raises(SourceError, match=rf"lmsys-chat-1m/data/{shard.name}: {message}; .*fetch\.source"):
         run_stage(monkeypatch, "fetch")
+    _assert_no_output(workspace)
+
+
+def test_a_directory_named_like_a_shard_is_named_and_leaves_nothing(workspace, monkeypatch):
+    shard = _shard(workspace, 1)
+    data = shard.read_bytes()
+    shard.unlink()
+    (shard / "part-0.parquet").parent.mkdir()
+    (shard / "part-0.parquet").write_bytes(data)
+    message = (
+        f"data/sample/lmsys-chat-1m/data/{shard.name} is a directory, where ['data/train-*.parquet'] should "
+        "match files only: remove or rename it, or narrow the include globs in conf/source/"
+    )
+    with pytest.raises(SourceError) as err:
+        run_stage(monkeypatch, "fetch")
+    assert str(err.value) == message
     _assert_no_output(workspace)
 
 
@@ -349,16 +455,15 @@ def test_release_config_refuses_a_branch_revision():
         compose_params(["fetch.source.revision=main"])
 
 
-IDS = st.one_of(
-    st.none(), st.sampled_from(["", "a", "a\x00", "\x00", "ab", "長いＩＤ" * 9]), st.text(max_size=6)
-)
+IDS = st.one_of(st.sampled_from(["", "a", "a\x00", "\x00", "ab", "長いＩＤ" * 9]), st.text(max_size=6))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(IDS, max_size=12), max_size=8))
 def test_kept_ids_drop_what_a_set_of_the_ids_would(batches):
     """fetch's compact store of the ids kept so far answers as a Python set of them: an id seen in
-    an earlier batch or earlier in its own is dropped, whatever its length, NULs or a null."""
+    an earlier batch or earlier in its own is dropped, whatever its length or NULs (a null id never
+    reaches it: the null_id rule drops the row first)."""
     seen, kept = SeenIds(), set()
     for batch in batches:
         expected = []

@@ -1,4 +1,5 @@
-"""What every stage entry module shares: logging, the variant argument, validated params, timing."""
+"""What every stage entry module shares: logging, the variant argument, validated params, a check
+that its inputs exist, timing."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from stages.core.errors import PipelineError
+from stages.core.errors import PipelineError, SourceError
 from stages.core.params import Params, load_params
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 TRACEBACK_ENV = "LMSYS_SYNTH_TRACEBACK"  # set to 1 to see the traceback of an expected failure
 EXIT_EXPECTED = 2
+# stage -> the data it reads, as dvc.yaml's deps list them (tests/test_cli.py compares them), each
+# checked before any work
+READS = {
+    "fetch": (),
+    "decrypt": ("source", "released"),
+    "translate": ("first_turn", "instructions"),
+    "generate": ("translated",),
+    "score": ("translated", "generated"),
+    "package": ("source", "translated", "generated", "scored"),
+    "compare": ("release",),
+}
 
 
 def run(main: Callable[[], None]) -> None:
@@ -45,6 +58,7 @@ def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | No
     name = getattr(args, "variant", None)
     if name is not None:
         params.variant(name)
+    check_inputs(params, stage, name, params.models[name].subset if name else None)
     return params, name
 
 
@@ -64,7 +78,39 @@ def start_subsets(stage: str, doc: str) -> tuple[Params, list[str]]:
             f"unknown subset {', '.join(unknown)}; params.yaml decrypt.subsets: "
             + ", ".join(params.decrypt.subsets)
         )
-    return params, args.subsets or list(params.decrypt.subsets)
+    subsets = args.subsets or list(params.decrypt.subsets)
+    for subset in subsets:
+        check_inputs(params, stage, subset, subset)
+    return params, subsets
+
+
+def stage_input(params: Params, kind: str, name: str | None, subset: str | None) -> tuple[str, str]:
+    """The file of `kind` (a value of READS) that a stage of variant or subset `name` reads (`subset`:
+    the variant's subset), and the stage that writes it."""
+    paths = params.paths
+    return {
+        "source": (paths.source, "fetch"),
+        "released": (paths.released, "fetch"),
+        "first_turn": (paths.first_turn, "fetch"),
+        "instructions": (paths.instructions_of(subset), f"decrypt@{subset}"),
+        "translated": (paths.translated_of(subset), f"translate@{subset}"),
+        "generated": (f"{paths.generated}/{name}.parquet", f"generate@{name}"),
+        "scored": (f"{paths.scored}/{name}.parquet", f"score@{name}"),
+        "release": (f"{paths.release}/{name}", f"package@{name}"),
+    }[kind]
+
+
+def check_inputs(params: Params, stage: str, name: str | None, subset: str | None) -> None:
+    """Raise SourceError naming the first input of `stage` (for variant or subset `name`) that does
+    not exist, and the `dvc repro` that makes it."""
+    running = f"{stage}@{name}" if name else stage
+    for kind in READS[stage]:
+        path, made_by = stage_input(params, kind, name, subset)
+        if not Path(path).exists():
+            raise SourceError(
+                f"{path} does not exist: run `dvc repro {made_by}` (or `dvc repro {running}`, which "
+                "runs what it needs)"
+            )
 
 
 @contextlib.contextmanager

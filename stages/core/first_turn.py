@@ -1,14 +1,15 @@
 """Filter LMSYS-Chat-1M conversations by row group and keep each one's first user turn.
 
 Rules, in order; a row is counted under the first rule that drops it, so the `dropped_*` counts
-sum to rows_in - rows_out: language, redacted, first_message_not_user (the first
-message is not the user's, or there is none), then duplicate_id. duplicate_id runs last, over the
-rows every other rule kept: the first such row of a conversation_id (files in sorted order, then
-row order) is kept and any later one dropped, so a row dropped by language never makes a later
-row with its id a duplicate. First user turns longer than filter.long_first_turn_chars are kept
-and flagged long_first_turn. Moderation-flagged conversations are kept and counted (`flagged`):
-translate@ja leaves them out, translate@ja+unsafe keeps them. Any Parquet error names the file and
-the fix.
+sum to rows_in - rows_out: null_id (no conversation_id: never kept, translated or published),
+language, redacted, first_message_not_user (the first message is not the user's, or there is none),
+then duplicate_id. duplicate_id runs last, over the rows every other rule kept: the first such row
+of a conversation_id (files in sorted order, then row order) is kept and any later one dropped, so
+a row dropped by language never makes a later row with its id a duplicate. First user turns
+longer than filter.long_first_turn_chars are kept and flagged long_first_turn. Moderation-flagged
+conversations are kept and counted (`flagged`): translate@ja leaves them out, translate@ja+unsafe
+keeps them. Any Parquet error, or a column (or a field of its list items) of another type than
+EXPECTED, names the file and the fix.
 """
 
 from __future__ import annotations
@@ -34,20 +35,18 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _is_list_of(t: pa.DataType, fields: set[str]) -> bool:
-    is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-    return is_list and pa.types.is_struct(t.value_type) and fields <= {f.name for f in t.value_type}
-
-
-# column -> (check, what is expected): the LMSYS-Chat-1M schema as fetch relies on it
+TEXT = (_is_text, "string")
+BOOL = (pa.types.is_boolean, "bool")
+# column -> (check, what is expected), or for a list of structs, its items' field -> (check, expected):
+# the LMSYS-Chat-1M schema as fetch relies on it (other fields of the items are allowed)
 EXPECTED = {
-    "conversation_id": (_is_text, "string"),
-    "model": (_is_text, "string"),
-    "conversation": (lambda t: _is_list_of(t, {"content", "role"}), "list<struct<content, role>>"),
+    "conversation_id": TEXT,
+    "model": TEXT,
+    "conversation": {"content": TEXT, "role": TEXT},
     "turn": (pa.types.is_integer, "integer"),
-    "language": (_is_text, "string"),
-    "openai_moderation": (lambda t: _is_list_of(t, {"flagged"}), "list<struct<..., flagged>>"),
-    "redacted": (pa.types.is_boolean, "bool"),
+    "language": TEXT,
+    "openai_moderation": {"flagged": BOOL},
+    "redacted": BOOL,
 }
 READ_COLUMNS = list(EXPECTED)
 SCHEMA = pa.schema(
@@ -87,17 +86,34 @@ def _first_message(conversation: pa.ListArray) -> tuple[pa.Array, pa.Array]:
     return role.cast(pa.string()), content.cast(pa.string())
 
 
+def _mismatch(name: str, found: pa.DataType, want: tuple | dict) -> str | None:
+    """How column `name`'s type `found` differs from `want` (see EXPECTED), or None."""
+    if isinstance(want, tuple):
+        check, expected = want
+        return None if check(found) else f"column {name!r} is {found}, expected {expected}"
+    is_list = pa.types.is_list(found) or pa.types.is_large_list(found)
+    if not (is_list and pa.types.is_struct(found.value_type)):
+        fields = ", ".join(f"{field}: {expected}" for field, (_, expected) in want.items())
+        return f"column {name!r} is {found}, expected a list of structs with {fields}"
+    item = found.value_type
+    for field, (check, expected) in want.items():
+        if item.get_field_index(field) < 0:
+            return f"column {name!r} is {found}, whose items lack the field {field!r} ({expected})"
+        if not check(item.field(field).type):
+            return f"field {field!r} of column {name!r} is {item.field(field).type}, expected {expected}"
+    return None
+
+
 def check_schema(schema: pa.Schema, path: Path | str) -> None:
     """Raise SourceError naming the file and column when a column is missing or of another type."""
     fix = "check that fetch.source (uri, include) names LMSYS-Chat-1M files"
     missing = [name for name in EXPECTED if name not in schema.names]
     if missing:
         raise SourceError(f"{path}: missing LMSYS-Chat-1M columns {missing}; {fix}")
-    for name, (check, expected) in EXPECTED.items():
-        if not check(schema.field(name).type):
-            raise SourceError(
-                f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}; {fix}"
-            )
+    for name, want in EXPECTED.items():
+        problem = _mismatch(name, schema.field(name).type, want)
+        if problem:
+            raise SourceError(f"{path}: {problem}; {fix}")
 
 
 def _unreadable(name: str, err: Exception) -> SourceError:
@@ -115,6 +131,7 @@ def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, role: pa.Array) -> dict
     redacted = batch.column("redacted").to_numpy(zero_copy_only=False) == True  # noqa: E712
     user_first = pc.fill_null(pc.equal(role, "user"), False)  # null role: no message at all
     return {
+        "null_id": pc.is_null(batch.column("conversation_id")).to_numpy(zero_copy_only=False),
         "language": ~language.to_numpy(zero_copy_only=False),
         "redacted": redacted if spec.redacted == "drop" else none,
         "first_message_not_user": ~user_first.to_numpy(zero_copy_only=False),
@@ -136,12 +153,11 @@ class SeenIds:
         return len(self._ids)
 
     def drop(self, ids: pa.Array) -> np.ndarray:
-        """Which of `ids` to drop: those kept before, in an earlier batch or earlier in this one;
-        the others are kept from now on."""
+        """Which of `ids` (none null: the null_id rule dropped those rows) to drop: those kept
+        before, in an earlier batch or earlier in this one; the others are kept from now on."""
         if not len(ids):
             return np.zeros(0, dtype=bool)
-        # a null id is one more id (as a set held it): a byte no UTF-8 text has
-        values = np.array([b"\xff" if v is None else v + self.END for v in ids.cast(pa.binary()).to_pylist()])
+        values = np.array([v + self.END for v in ids.cast(pa.binary()).to_pylist()])
         if values.dtype.itemsize > self._ids.dtype.itemsize:
             self._ids = self._ids.astype(values.dtype)
         values = values.astype(self._ids.dtype)

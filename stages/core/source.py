@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,16 @@ from stages.core.params import SourceSpec
 LOG = logging.getLogger(__name__)
 HF_PREFIX = "hf://"
 HUB = "https://huggingface.co/"
+CONF = "conf/source/"  # where the profiles set fetch.source and fetch.released
+LOCAL_COPY = f"set the uri in {CONF} to a local directory or s3:// copy of the files"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one turns huggingface_hub's offline mode on
+# The HTTP client of each huggingface_hub (2.x: httpx2, 1.x: httpx, 0.x: requests) -> its error for "could
+# not connect" and its error for "no answer in time"
+CLIENT_ERRORS = {
+    "httpx2": ("TransportError", "TimeoutException"),
+    "httpx": ("TransportError", "TimeoutException"),
+    "requests": ("ConnectionError", "Timeout"),
+}
 
 
 class ChecksumError(PipelineError, RuntimeError):
@@ -27,6 +38,10 @@ class ChecksumError(PipelineError, RuntimeError):
 
 class AccessError(PipelineError, PermissionError):
     """The gated Hub dataset cannot be read: no token, or the license is not accepted."""
+
+
+class HubUnreachableError(PipelineError, ConnectionError):
+    """The Hub cannot be reached: no network, a timeout, or huggingface_hub's offline mode."""
 
 
 def _hub_repo(spec: SourceSpec) -> str:
@@ -40,23 +55,74 @@ def _access_help(spec: SourceSpec, problem: str) -> str:
     )
 
 
+def _network_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(the network errors, the timeouts among them) of Python and of the HTTP clients loaded: only a
+    loaded client can have raised one. Offline mode is a ConnectionError."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    timeouts: list[type[BaseException]] = [TimeoutError]
+    for module, (error, timeout) in CLIENT_ERRORS.items():
+        if (client := sys.modules.get(module)) is not None:
+            errors += [getattr(client, error), getattr(client, timeout)]
+            timeouts.append(getattr(client, timeout))
+    return tuple(errors), tuple(timeouts)
+
+
+def _offline_help(spec: SourceSpec) -> str:
+    variable = next((v for v in OFFLINE_ENV if os.environ.get(v)), OFFLINE_ENV[0])
+    return (
+        f"{variable}={os.environ.get(variable, '1')} is set, and hf:// files are read only from the Hub, "
+        f"never from the local Hugging Face cache, so {spec.include} cannot be fetched. Unset {variable} "
+        f"where the Hub is reachable, or {LOCAL_COPY}"
+    )
+
+
+def _network_help(spec: SourceSpec, err: BaseException, timeout: bool) -> str:
+    """The message for a Hub that offline mode, the network or a timeout keeps out of reach."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    where = spec.uri + (f"@{spec.revision}" if spec.revision else "")
+    if isinstance(err, OfflineModeIsEnabled):
+        return f"{where}: {_offline_help(spec)}"
+    endpoint = spec.storage_options.get("endpoint") or constants.ENDPOINT
+    mirror = "its storage_options.endpoint" if "endpoint" in spec.storage_options else "HF_ENDPOINT"
+    detail = " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever the client wrote
+    slow = "; on a slow network, raise HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (seconds)"
+    return (
+        f"{where}: the Hub at {endpoint} is unreachable ({detail}). Check the network (or HTTPS_PROXY), "
+        f"set {mirror} to a Hub mirror this machine reaches, or {LOCAL_COPY} ({spec.include})"
+        + (slow if timeout else "")
+    )
+
+
+def _cause(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first of `err` and its causes (or contexts) that is one of `kinds`."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, kinds):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 @contextlib.contextmanager
 def hub_access(spec: SourceSpec) -> Iterator[None]:
-    """Turn the Hub's 'gated' or 'not found' errors into one line saying how to get access."""
+    """Turn the Hub's errors into one line with the fix: 'gated' or 'not found' (how to get access),
+    offline mode, and a Hub that cannot be reached or does not answer in time."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    network, timeouts = _network_errors()
     try:
         yield
-    except OSError as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, GatedRepoError | RepositoryNotFoundError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+    except (OSError, *network) as err:
+        denied = _cause(err, (GatedRepoError, RepositoryNotFoundError))
+        if denied is not None:
+            gated = isinstance(denied, GatedRepoError)
+            problem = "no access with this token" if gated else "not found or no access"
+            raise AccessError(_access_help(spec, problem)) from None
+        unreachable = _cause(err, network)
+        if unreachable is None:
             raise
-        problem = (
-            "no access with this token" if isinstance(cause, GatedRepoError) else "not found or no access"
-        )
-        raise AccessError(_access_help(spec, problem)) from None
+        message = _network_help(spec, unreachable, isinstance(unreachable, timeouts))
+        raise HubUnreachableError(message) from err
 
 
 def open_source(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -76,12 +142,19 @@ def open_source(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str]:
 def list_files(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Return (fs, root, relative paths) of the files matching `spec.include`, sorted."""
     fs, root = open_source(spec)
-    found = set()
+    found = {}
     with _guard(spec):
         for pattern in spec.include:
-            found.update(path[len(root) :].lstrip("/") for path in fs.glob(f"{root}/{pattern}"))
+            matches = fs.glob(f"{root}/{pattern}", detail=True)
+            found.update((path[len(root) :].lstrip("/"), info["type"]) for path, info in matches.items())
     if not found:
         raise SourceError(f"no file under {spec.uri} matches {spec.include}")
+    folders = sorted(name for name, kind in found.items() if kind == "directory")
+    if folders:
+        raise SourceError(
+            f"{spec.uri}/{folders[0]} is a directory, where {spec.include} should match files only: "
+            f"remove or rename it, or narrow the include globs in {CONF}"
+        )
     return fs, root, sorted(found)
 
 
