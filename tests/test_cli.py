@@ -242,3 +242,32 @@ def test_each_stage_checks_the_data_dvc_yaml_lists_as_its_deps():
             listed = sorted(_resolve(d, {**data, **scope}) for d in deps if d.startswith("${paths."))
             checked = sorted(stage_input(params, kind, name, subset)[0] for kind in kinds)
             assert checked == listed, f"{stage}@{name}"
+
+
+def test_a_terminated_stage_removes_its_private_temporary_files(tmp_path):
+    """SIGTERM runs every `finally`: a stage stopped by `kill` leaves no plaintext behind."""
+    import signal
+    import time
+
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import sys, time\n"
+        "from stages.core.cli import run\n"
+        "from stages.core.io import private_tempdir\n"
+        "def main():\n"
+        f"    with private_tempdir({str(tmp_path / 'private')!r}, 'package-x') as tmp:\n"
+        "        (tmp / 'instructions.jsonl.gz').write_bytes(b'plaintext')\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n"
+        "run(main)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    line = proc.stdout.readline().strip()
+    assert line == "ready", proc.stderr.read()
+    assert len(list((tmp_path / "private").iterdir())) == 1
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - began < 10
+    assert list((tmp_path / "private").iterdir()) == []

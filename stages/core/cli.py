@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -35,8 +36,10 @@ READS = {
 def run(main: Callable[[], None]) -> None:
     """Run an entry point; an expected failure (PipelineError) becomes a few lines and exit status 2.
 
-    Any other exception is a bug and keeps its traceback.
+    Any other exception is a bug and keeps its traceback. SIGTERM (`kill`, a scheduler's stop) ends
+    the stage as Ctrl-C does, so every `finally` runs: temporary files and plaintext are removed.
     """
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except PipelineError as err:
@@ -45,6 +48,10 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: {err}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
         sys.exit(EXIT_EXPECTED)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | None]:
