@@ -124,8 +124,7 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
 
 
 def main() -> None:
-    params, name = start("score", __doc__, variant=True)
-    check_mode(params, name)
+    params, name = start("score", __doc__, variant=True, check=check_mode)
     variant = params.models[name]
     if variant.second_turn is None:
         judge_pass(params, name)

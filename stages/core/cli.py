@@ -54,8 +54,12 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | None]:
-    """Parse the command line, set up logging, load params.yaml (validated) and check the variant."""
+def start(
+    stage: str, doc: str, variant: bool = False, check: Callable[[Params, str], None] | None = None
+) -> tuple[Params, str | None]:
+    """Parse the command line, set up logging, load params.yaml (validated), check the variant, run
+    the stage's own params `check` (a bad setting is named before a missing input), then check that
+    the stage's inputs exist."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.splitlines()[0])
     if variant:
         parser.add_argument("variant", help="a key of `models` in params.yaml, e.g. gemma3")
@@ -65,6 +69,8 @@ def start(stage: str, doc: str, variant: bool = False) -> tuple[Params, str | No
     name = getattr(args, "variant", None)
     if name is not None:
         params.variant(name)
+    if check is not None:
+        check(params, name)
     check_inputs(params, stage, name, params.models[name].subset if name else None)
     return params, name
 
