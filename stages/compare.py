@@ -1,8 +1,11 @@
 """compare@<variant>: the variant's release against its published public file (fetched at the pinned
 revision, sha256 checked): rows in both or one only, agreement of empty_user_instruction_ja,
-duplicate_user_instruction_ja, is_template_instruction and responses per row on the shared rows, and
-each side's responses, preference_score and response_token_length. Writes a report, DVC metrics and
-plot tables (ours and published side by side). Nothing depends on it."""
+duplicate_user_instruction_ja, is_template_instruction, responses per row, English responses and two-turn
+entries on the shared rows; each side's responses (Japanese and English), preference_score,
+response_token_length, multi-turn entries and the card's figures; the redacted conversations (from the
+translated subset) each side answers. Writes a report, DVC metrics and plot tables (ours and published
+side by side). Nothing depends on it. With models.<variant>.compare false, it fetches nothing and
+writes metrics saying "not compared" (and empty plot tables)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core import comparison, published
@@ -18,6 +22,7 @@ from stages.core.cli import run, start, timed
 from stages.core.errors import SourceError
 from stages.core.io import atomic_path, sha256_file, write_json
 from stages.core.params import Params
+from stages.core.published import ID
 
 LOG = logging.getLogger("stages.compare")
 BATCH_ROWS = 4096  # rows of our release read at a time
@@ -29,20 +34,49 @@ def our_release(params: Params, name: str) -> tuple[Path, Iterator[pa.RecordBatc
     directory = Path(params.paths.release) / name
     parquet, jsonl = directory / f"{stem}.parquet", directory / f"{stem}.jsonl.gz"
     if parquet.is_file():
-        return parquet, pq.ParquetFile(parquet).iter_batches(BATCH_ROWS, columns=comparison.COLUMNS)
+        found = pq.ParquetFile(parquet)
+        columns = comparison.COLUMNS + [c for c in comparison.OPTIONAL if c in found.schema_arrow.names]
+        return parquet, found.iter_batches(BATCH_ROWS, columns=columns)
     if jsonl.is_file():
-        return jsonl, published.read_records(jsonl, comparison.COLUMNS)
+        return jsonl, records(jsonl)
     raise SourceError(f"{directory} holds neither {parquet.name} nor {jsonl.name}: run package@{name}")
+
+
+def records(path: Path) -> Iterator[pa.RecordBatch]:
+    """The records of a jsonl.gz file that compare reads (the multi-turn field in the file's shape)."""
+    schema, columns = comparison.record_schema(path)
+    return published.read_records(path, columns, schema)
+
+
+def redacted_ids(params: Params, name: str) -> pa.Array:
+    """The conversation_ids LMSYS redacted among the variant's translated instructions."""
+    table = pq.read_table(params.paths.translated_of(params.models[name].subset), columns=[ID, "redacted"])
+    return table.filter(pc.fill_null(table["redacted"], False))[ID].combine_chunks()
+
+
+def not_compared(params: Params, name: str) -> None:
+    """models.<name>.compare is false: metrics and report say so; the plot tables are empty."""
+    metrics = Path(params.paths.metrics)
+    for table in comparison.PLOTS:
+        write_json([], metrics / "plots" / name / f"compare_{table}.json")
+    write_json({"compared": False}, metrics / f"compare-{name}.json")
+    with atomic_path(metrics / f"compare-{name}.md") as tmp:
+        tmp.write_text(f"# compare@{name}: not compared (models.{name}.compare is false)\n", encoding="utf-8")
 
 
 def main() -> None:
     params, name = start("compare", __doc__, variant=True)
-    paths = params.paths
+    paths, variant = params.paths, params.models[name]
+    if not variant.compare:
+        LOG.info("compare@%s: models.%s.compare is false: not compared", name, name)
+        not_compared(params, name)
+        return
     with timed(LOG, f"compare@{name}") as counts:
-        local, record = published.fetch(params.published, params.models[name].release_name, paths.published)
+        local, record = published.fetch(params.published, variant.release_name, paths.published)
         ours, batches = our_release(params, name)
-        totals, joined = comparison.compare(batches, published.read_records(local, comparison.COLUMNS))
-        found, tables = comparison.metrics(totals, joined), comparison.plot_tables(totals)
+        totals, joined = comparison.compare(batches, records(local), redacted_ids(params, name))
+        card = params.published.figures(variant.release_name)
+        found, tables = comparison.metrics(totals, joined, card), comparison.plot_tables(totals)
         for table, rows in tables.items():
             write_json(rows, Path(paths.metrics) / "plots" / name / f"compare_{table}.json")
         write_json(found, Path(paths.metrics) / f"compare-{name}.json")

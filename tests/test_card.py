@@ -38,7 +38,7 @@ def test_the_card_describes_the_release(released: Path):
     ]
     names = [f["name"] for f in meta["dataset_info"][0]["features"]]
     assert "synthesized_multiturn_conversation" in names and "translated_conversation" not in names
-    for licence in ("LMSYS-Chat-1M Dataset License Agreement", "Apache-2.0"):
+    for licence in ("LMSYS-Chat-1M Dataset License Agreement", "Right to Request Deletion", "Apache-2.0"):
         assert licence in text
     assert "Gemma Terms" not in text and "Llama 3.1" not in text  # the sample's tiny model made it
     assert f"`{manifest['provenance']['params_fingerprint']}`" in text
@@ -61,8 +61,8 @@ def test_datasets_loads_the_release_directory_with_one_schema(released: Path, tm
         == json.loads((released / "manifest.json").read_text())["metrics"]["instructions"]
     )
     assert from_json[0] == from_parquet[0]
-    turns = from_json.features["synthesized_multiturn_conversation"]
-    assert {"role", "content"} <= set(turns.feature if hasattr(turns, "feature") else turns[0])
+    conversations = from_json.features["synthesized_multiturn_conversation"]  # a list of conversations
+    assert {"role", "content"} <= set(conversations.feature.feature)
 
 
 def test_a_gemma3_card_says_its_file_has_no_english(workspace):
@@ -105,6 +105,27 @@ def test_licences_follow_the_models_that_produced_the_release():
     ]
     both = card.licences(producers("google/gemma-3-27b-it", "meta-llama/Llama-3.1-70B-Instruct"))
     assert any("Llama 3.1 Community License" in t for t in both) and any("Gemma Terms" in t for t in both)
+
+
+def test_a_llama_translator_and_a_gemma_generator_list_both_families_and_the_deletion_clause():
+    producers = {
+        "models": {
+            "generate": {"model": "google/gemma-3-27b-it"},
+            "judge": {"model": "google/gemma-3-27b-it"},
+            "translate": {"model": "meta-llama/Llama-3.1-70B-Instruct"},
+        }
+    }
+    found = card.licences(producers)
+    llama = next(t for t in found if t.startswith("Llama 3.1 Community License"))
+    gemma = next(t for t in found if t.startswith("Gemma Terms of Use"))
+    assert "translate (`meta-llama/Llama-3.1-70B-Instruct`)" in llama and "generate" not in llama
+    assert "generate (`google/gemma-3-27b-it`), judge (`google/gemma-3-27b-it`)" in gemma
+    assert "Right to Request Deletion" in found[0] and "delete all copies" in found[0]
+    # DeepL is a translator without a model: it adds no family
+    deepl = card.licences(
+        {"models": {"translate": {"backend": "deepl"}, "generate": producers["models"]["generate"]}}
+    )
+    assert not any(t.startswith("Llama") for t in deepl) and any(t.startswith("Gemma") for t in deepl)
 
 
 def test_the_card_says_which_judge_mode_produced_the_scores():

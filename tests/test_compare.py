@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from scripts import make_sample
-from stages.core import published
+from stages.core import comparison, published
 from stages.core.io import read_jsonl_gz
 from stages.core.params import load_params
 from stages.core.source import ChecksumError
@@ -202,3 +204,179 @@ def test_the_sample_published_files_are_rewritten_byte_identical(tmp_path):
         assert (tmp_path / "a/lmsys-chat-1m-synth" / FILE.format(name=name)).read_bytes() == committed
         assert (tmp_path / "b/lmsys-chat-1m-synth" / FILE.format(name=name)).read_bytes() == committed
         assert len(committed) < 100_000
+
+
+EN, MULTITURN = "synthesized_assistant_responses_en", "synthesized_multiturn_conversation"
+# the sample's published files (scripts/make_sample.py): rows, instructions with responses, responses,
+# instructions with English responses, English responses, multi-turn entries, single-turn, two-turn
+PUBLISHED = {
+    "llama3.1": (298, 194, 1108, 194, 194, 0, 0, 0),
+    "gemma2": (298, 194, 1108, 194, 194, 194, 128, 66),
+    "gemma3": (309, 201, 1956, 0, 0, 0, 0, 0),
+}
+
+
+def _turns(entry: list | None) -> int | None:
+    """Assistant turns of a multi-turn entry of either shape (flat, or a list holding a conversation)."""
+    if entry is None:
+        return None
+    messages = [m for item in entry for m in (item if isinstance(item, list) else [item])]
+    return sum(m["role"] == "assistant" for m in messages)
+
+
+def _side(records: list[dict]) -> tuple:
+    turns = [t for t in (_turns(r.get(MULTITURN)) for r in records) if t is not None]
+    english = [len(r.get(EN) or []) for r in records]
+    return (
+        len(records),
+        sum(_count(r) > 0 for r in records),
+        sum(map(_count, records)),
+        sum(n > 0 for n in english),
+        sum(english),
+        len(turns),
+        turns.count(1),
+        turns.count(2),
+    )
+
+
+def _figures(side: dict) -> tuple:
+    multiturn = side["multiturn"]
+    return (
+        side["rows"],
+        side["instructions_with_responses"],
+        side["responses"],
+        side["instructions_with_responses_en"],
+        side["responses_en"],
+        multiturn["entries"],
+        multiturn["single_turn"],
+        multiturn["two_turn"],
+    )
+
+
+@pytest.fixture
+def compared_gemma2(upstream, monkeypatch):
+    for stage in ("generate", "score", "package", "compare"):
+        run_stage(monkeypatch, stage, "gemma2")
+    return upstream
+
+
+def test_compare_counts_english_multiturn_and_the_cards_figures(compared_gemma2):
+    metrics = json.loads((compared_gemma2 / "data/metrics/compare-gemma2.json").read_text())
+    release = compared_gemma2 / "data/release/gemma2/gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz"
+    ours, theirs = {r["conversation_id"]: r for r in read_jsonl_gz(release)}, _published("gemma2")
+    assert metrics["compared"] is True
+    assert _figures(metrics["published"]) == _side(list(theirs.values())) == PUBLISHED["gemma2"]
+    assert _figures(metrics["ours"]) == _side(list(ours.values()))
+    assert metrics["published"]["multiturn"]["share_two_turn"] == round(66 / 194, 6)
+    assert metrics["ours"]["multiturn"]["two_turn"] > 0 and metrics["ours"]["responses_en"] > 0
+    # the card's figures counted on both sides; the card's own only against its release (not the sample)
+    assert metrics["figures"]["instructions"] == {"ours": _side(list(ours.values()))[1], "published": 194}
+    assert metrics["figures"]["multiturn"]["published"] == 66
+    assert not any("card" in row for row in metrics["figures"].values())
+    shared = sorted(ours.keys() & theirs.keys())
+    for field, present in (
+        (EN, lambda r: bool(r.get(EN))),
+        (MULTITURN, lambda r: _turns(r.get(MULTITURN)) == 2),
+    ):
+        name = "responses_en_present" if field == EN else "two_turn"
+        agree = sum(present(ours[c]) == present(theirs[c]) for c in shared) / len(shared)
+        assert metrics["agreement"][name] == round(agree, 6), name
+    chars = json.loads(
+        (compared_gemma2 / "data/metrics/plots/gemma2/compare_response_en_chars.json").read_text()
+    )
+    lengths = [len(m["content"]) for r in theirs.values() for m in r.get(EN) or []]
+    published_chars = {r["characters"]: r["responses_en"] for r in chars if r["source"] == "published"}
+    assert sum(published_chars.values()) == 194 and published_chars["0-255"] == sum(n < 256 for n in lengths)
+    report = (compared_gemma2 / "data/metrics/compare-gemma2.md").read_text()
+    assert "## Multi-turn entries (by assistant turns)" in report and "| two_turn |" in report
+
+
+def test_compare_counts_the_redacted_conversations_each_side_answers(compared_gemma2):
+    metrics = json.loads((compared_gemma2 / "data/metrics/compare-gemma2.json").read_text())
+    translated = pq.read_table(compared_gemma2 / "data/private/translated-ja.parquet").to_pylist()
+    redacted = {r["conversation_id"] for r in translated if r["redacted"]}
+    release = compared_gemma2 / "data/release/gemma2/gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz"
+    ours, theirs = {r["conversation_id"]: r for r in read_jsonl_gz(release)}, _published("gemma2")
+    assert redacted
+    assert metrics["redacted"] == {
+        "conversations": len(redacted),
+        "rows_ours": len(redacted & ours.keys()),
+        "with_responses_ours": sum(_count(ours[c]) > 0 for c in redacted & ours.keys()),
+        "rows_published": len(redacted & theirs.keys()),
+        "with_responses_published": sum(_count(theirs[c]) > 0 for c in redacted & theirs.keys()),
+    }
+
+
+def test_published_figures_of_the_gemma3_and_llama_files(compared):
+    gemma3 = json.loads((compared / "data/metrics/compare-gemma3.json").read_text())
+    assert _figures(gemma3["published"]) == PUBLISHED["gemma3"]
+    assert gemma3["published"]["multiturn"] == {"entries": 0, "single_turn": 0, "two_turn": 0, "other": 0}
+    assert _side(list(_published("llama3.1").values())) == PUBLISHED["llama3.1"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_turns_and_the_multiturn_shape_of_a_file(tmp_path, nested):
+    def message(role):
+        return {"role": role, "content": role}
+
+    entries = [
+        [message("assistant")],
+        None,
+        [message("assistant"), message("user"), message("assistant")],
+        [message("user"), message("assistant"), message("user"), message("assistant")],
+    ]
+    entries = [[e] if nested and e is not None else e for e in entries]
+    path = tmp_path / "file.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        out.write(json.dumps({"conversation_id": "x"}) + "\n")  # no entry in the first record
+        for i, entry in enumerate(entries):
+            out.write(json.dumps({"conversation_id": str(i), MULTITURN: entry}) + "\n")
+    kind = comparison.multiturn_type(path)
+    assert kind == (comparison.NESTED if nested else comparison.FLAT)
+    column = pa.array(entries, kind)
+    assert comparison.turns(column).to_pylist() == [1, None, 2, 2] == [_turns(e) for e in entries]
+    assert comparison.turns(column.slice(1)).to_pylist() == [None, 2, 2]
+
+
+def test_a_file_without_the_multiturn_field_has_no_shape(tmp_path):
+    path = tmp_path / "file.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        out.write(json.dumps({"conversation_id": "x"}) + "\n")
+    assert comparison.multiturn_type(path) is None
+    assert MULTITURN not in comparison.record_schema(path)[1]
+
+
+def test_the_cards_figures_are_those_of_its_release_only(workspace):
+    spec = load_params().published
+    assert spec.figures("gemma2") is None  # the sample's files are not the card's release
+    on_the_hub = spec.model_copy(update={"uri": spec.card.uri})
+    assert on_the_hub.figures("gemma2") == {
+        "instructions": 451450,
+        "responses": 2707917,
+        "instructions_en": 453861,
+        "responses_en": 453861,
+        "multiturn": 134014,
+    }
+    assert on_the_hub.figures("gemma3")["multiturn"] is None and on_the_hub.figures("other") is None
+    sides = {"ours": {"instructions_with_responses": 5, "responses": 9, "instructions_with_responses_en": 0,
+                      "responses_en": 0, "multiturn": {"two_turn": 0}}}  # fmt: skip
+    sides["published"] = sides["ours"]
+    found = comparison.figures(sides, on_the_hub.figures("gemma3"))
+    assert found["instructions"] == {"ours": 5, "published": 5, "card": 487370}
+    assert found["multiturn"] == {"ours": 0, "published": 0}  # the card gives none
+
+
+def test_a_variant_with_compare_off_builds_without_a_published_file(upstream, monkeypatch):
+    def off(data):
+        data["models"]["gemma3"]["compare"] = False
+        data["published"]["file"] = "dataset/{name}-not-published.jsonl.gz"
+
+    set_params(upstream, off)
+    for stage in ("generate", "score", "package", "compare"):  # no published file is read
+        run_stage(monkeypatch, stage, "gemma3")
+    metrics = upstream / "data/metrics"
+    assert json.loads((metrics / "compare-gemma3.json").read_text()) == {"compared": False}
+    assert "not compared" in (metrics / "compare-gemma3.md").read_text()
+    for table in comparison.PLOTS:
+        assert json.loads((metrics / f"plots/gemma3/compare_{table}.json").read_text()) == []
+    assert not (upstream / "data/.cache/published").exists()

@@ -28,7 +28,7 @@ from stages.core.engines import (
     apply_chat_rules,
     make_engine,
 )
-from stages.core.engines.transformers import SeededSampler
+from stages.core.engines.transformers import FrequencyPenalty, SeededSampler, logits_steps
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
 from tests.conftest import FakeEngine
@@ -130,6 +130,42 @@ def test_the_seeded_sampler_draws_from_the_softmax_of_the_warped_scores():
     assert torch.allclose(share, probs, atol=0.015) and share[3] == 0  # top-p's -inf is never drawn
     again = SeededSampler([7], 20_000)(None, scores).argmax(dim=1)
     assert torch.equal(draws, again)
+
+
+def test_transformers_top_k_1_draws_the_greedy_token():
+    engine = make_engine(
+        LLMSpec(model=TINY, dtype="float32"), EngineParams(backend="transformers", batch_size=8)
+    )
+    requests = [ChatRequest([{"role": "user", "content": f"質問 {i}"}], n=2, seed=i) for i in range(3)]
+    with engine:
+        greedy = engine.chat(requests, Sampling(temperature=0.0, max_tokens=8))
+        top1 = engine.chat(requests, Sampling(temperature=1.5, max_tokens=8, top_k=1))
+        drawn = engine.chat(requests, Sampling(temperature=1.5, max_tokens=8))
+    texts = [[c.text for c in r.completions] for r in greedy]
+    assert [[c.text for c in r.completions] for r in top1] == texts
+    assert [[c.text for c in r.completions] for r in drawn] != texts  # without top_k it samples
+
+
+def test_transformers_penalties_are_hf_repetition_and_openai_frequency():
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    scores = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 2)
+    # two rows of one request: prompt [pad, 1, 2] / [3, 1, 2] (row 0 left-padded with token 0), then 4, 4
+    ids = torch.tensor([[0, 1, 2, 4, 4], [3, 1, 2, 4, 4]])
+    pads = torch.tensor([1, 0])
+    repetition = logits_steps(
+        Sampling(temperature=0.0, max_tokens=1, repetition_penalty=2.0), [1], 2, pads, 3
+    )
+    expected = RepetitionPenaltyLogitsProcessor(2.0)(ids, scores.clone())
+    assert torch.equal(repetition(ids, scores.clone())[1], expected[1])  # HF's own, prompt included
+    assert repetition(ids, scores.clone())[0, 0] == 2.0 and expected[0, 0] == 1.0  # the pad is no token
+    assert not torch.equal(expected, scores)
+    frequency = logits_steps(Sampling(temperature=0.0, max_tokens=1, frequency_penalty=0.5), [1], 2, pads, 3)
+    assert [type(step) for step in frequency] == [FrequencyPenalty]
+    # OpenAI's: minus penalty x count in the completion so far (token 4 twice; the prompt not counted)
+    assert frequency(ids, scores.clone()).tolist() == [[2.0, -1.0, 0.5, 1.0, 2.0]] * 2
+    assert len(logits_steps(Sampling(temperature=0.0, max_tokens=1), [1], 2, pads, 3)) == 0  # greedy: none
 
 
 def test_gemma_rules_merge_the_system_prompt_into_the_first_user_turn():
@@ -275,6 +311,7 @@ def test_openai_engine_against_a_local_server(monkeypatch):
     assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-local"
     assert sent["messages"] == [{"role": "user", "content": "Be brief.\n\n質問"}]  # Gemma: no system role
     assert (sent["model"], sent["n"], sent["seed"], sent["max_tokens"]) == ("google/gemma-3-27b-it", 2, 7, 32)
+    assert not {"top_k", "frequency_penalty", "repetition_penalty"} & set(sent)  # unset: not sent
     assert reply.status == OK
     assert [c.text for c in reply.completions] == [
         "answer 0 to Be brief.\n\n質問",
@@ -283,6 +320,21 @@ def test_openai_engine_against_a_local_server(monkeypatch):
     assert [c.finish_reason for c in reply.completions] == ["stop", "length"]
     # exact per choice (from the logprobs), not the average of usage.completion_tokens = 11
     assert [(c.prompt_tokens, c.completion_tokens) for c in reply.completions] == [(11, 5), (11, 6)]
+
+
+def test_openai_engine_sends_top_k_and_penalties_where_set(monkeypatch):
+    """frequency_penalty is OpenAI's own; top_k and repetition_penalty go in extra_body (top-level
+    fields of the body, as vLLM's server reads them)."""
+    pytest.importorskip("openai")
+    request = ChatRequest([{"role": "user", "content": "質問"}], n=1, seed=3)
+    knobs = {"top_k": 20, "frequency_penalty": 0.4, "repetition_penalty": 1.05}
+    with _server(monkeypatch) as options, make_engine(LLMSpec(model="m"), options) as engine:
+        [reply] = engine.chat([request], Sampling(temperature=0.6, max_tokens=8, **knobs))
+        [alone] = engine.chat([request], Sampling(temperature=0.6, max_tokens=8, top_k=20))
+    first, second = _ChatServer.seen
+    assert reply.status == alone.status == OK
+    assert {k: first[k] for k in knobs} == knobs
+    assert second["top_k"] == 20 and not {"frequency_penalty", "repetition_penalty"} & set(second)
 
 
 def test_openai_engine_isolates_each_failing_request(monkeypatch):
@@ -414,9 +466,9 @@ def _code(path: Path) -> str:
 # When this test fails, decide: if the change alters what the engine returns for the same request,
 # raise the engine's VERSION (its cached responses are then asked again); either way, update the entry.
 ENGINE_CODE = {
-    "transformers": (2, "829aa550a28b6a38"),
-    "vllm": (2, "829aa550995d802a"),
-    "openai": (2, "829aa550058d77c5"),
+    "transformers": (2, "829aa550d897a817"),  # top_k and penalties only where set: defaults unchanged
+    "vllm": (2, "829aa550e934f42d"),
+    "openai": (2, "829aa550c8de79ac"),
 }
 
 

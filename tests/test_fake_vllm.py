@@ -302,6 +302,16 @@ def test_vllm_engine_gets_n_completions_with_each_requests_seed():
     ]
 
 
+def test_vllm_engine_sends_top_k_and_penalties_where_set():
+    fake = FakeLLM()
+    knobs = {"top_k": 20, "frequency_penalty": 0.4, "repetition_penalty": 1.05}
+    on_fake(fake).chat(chats("a"), Sampling(temperature=0.6, max_tokens=16, **knobs))
+    on_fake(fake).chat(chats("b"), Sampling(temperature=0.6, max_tokens=16, top_k=-1))  # -1: off
+    first, second = (p.kwargs for p in fake.params)
+    assert first == {"n": 1, "seed": 0, "temperature": 0.6, "top_p": 1.0, "max_tokens": 16, **knobs}
+    assert not set(knobs) & set(second)  # unset: vLLM's own defaults, the same
+
+
 def test_vllm_engine_counts_prompts_with_the_template_vllm_renders():
     fake = FakeLLM(max_model_len=256)
     fits = "x" * (256 - 16 - len("user: "))  # fits the tokenizer's own template, not the processor's

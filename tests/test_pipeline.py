@@ -162,7 +162,7 @@ def test_the_trained_tiny_model_behaves_through_the_dag(built: Path):
             r["conversation_id"]: r["best_index"]
             for r in pq.read_table(built / f"data/scored/{variant}.parquet").to_pylist()
         }
-        multiturn = []
+        multiturn, single_turn = [], 0
         for record in records:
             notes = record["synthesized_response_scoring_annotations"]
             ratings = [n["preference_score"] for n in notes or []]
@@ -171,18 +171,23 @@ def test_the_trained_tiny_model_behaves_through_the_dag(built: Path):
                 assert chosen == ratings.index(max(ratings))
             else:
                 assert chosen is None
-            dialogue = record.get("synthesized_multiturn_conversation")
-            if dialogue is not None:
-                assert [m["role"] for m in dialogue] == ["assistant", "user", "assistant"]
+            stored = record.get("synthesized_multiturn_conversation")  # a list of one conversation
+            if stored is not None:
+                (dialogue,) = stored
                 assert dialogue[0]["content"] == record["synthesized_assistant_responses"][chosen]["content"]
+                if len(dialogue) == 1:  # single-turn: the best response
+                    single_turn += 1
+                    continue
+                assert [m["role"] for m in dialogue] == ["assistant", "user", "assistant"]
                 assert JAPANESE.search(dialogue[1]["content"])  # the user's follow-up, in Japanese
                 multiturn.append(dialogue)
-        assert (len(multiturn) > 0) == (variant == "gemma2")
+        assert (len(multiturn) > 0) == (single_turn > len(multiturn)) == (variant == "gemma2")
         metrics = json.loads((built / f"data/metrics/package-{variant}.json").read_text(encoding="utf-8"))
         assert metrics["judgements"] == len(scores)
         assert metrics["judgements_failed"] == scores.count(-1)
         assert metrics["mean_preference_score"] == pytest.approx(sum(parsed) / len(parsed), abs=1e-4)
         assert metrics["multiturn_conversations"] == len(multiturn)
+        assert metrics["single_turn_conversations"] == single_turn
         assert metrics["translation_failed"] == translation_failed
 
 

@@ -4,6 +4,7 @@ Arrow types and the release counts are built from Arrow batches."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import datasets
@@ -79,6 +80,26 @@ def test_datasets_loads_one_schema_and_the_same_rows_from_jsonl_gz_and_parquet(
     assert all(m is None for m in multiturn) == (second_turn == "all null")
 
 
+def test_the_release_stores_one_conversation_per_instruction_single_turn_or_two_turn(gemma2):
+    """As published: a list holding one conversation from the best response, two-turn for some
+    instructions and single-turn for the rest; the Japanese instruction is in neither."""
+    records = pq.read_table(gemma2 / f"{STEM}.parquet").to_pylist()
+    shapes = Counter()
+    for record in records:
+        if record[MULTITURN] is None:
+            assert record["synthesized_assistant_responses"] is None  # no best response
+            continue
+        (conversation,) = record[MULTITURN]
+        roles = tuple(turn["role"] for turn in conversation)
+        assert roles in {("assistant",), ("assistant", "user", "assistant")}
+        assert conversation[0] in record["synthesized_assistant_responses"]
+        shapes[roles] += 1
+    two, one = shapes[("assistant", "user", "assistant")], shapes[("assistant",)]
+    assert two / (one + two) == pytest.approx(0.297, abs=0.04)  # the published share: 134,014 / 451,450
+    metrics = json.loads((gemma2 / "manifest.json").read_text())["metrics"]
+    assert (metrics["multiturn_conversations"], metrics["single_turn_conversations"]) == (two, one)
+
+
 def test_pandas_reads_the_same_columns_and_values_from_jsonl_gz_and_parquet(gemma2, workspace, monkeypatch):
     """JSON has no types: pandas reads a column that is null in every row as float64 NaN, where the
     Parquet file says what it is (object, None). Everything else has the same dtype and values; an
@@ -111,6 +132,7 @@ RESPONSES = pa.list_(pa.struct([("content", pa.string()), ("finish_reason", pa.s
 def _rows(failed: list[bool]) -> pa.Table:
     """Rows as package reads them, `failed` marking translation failures."""
     n = len(failed)
+    a, u = {"role": "assistant", "content": "r"}, {"role": "user", "content": "more"}
     responses = [[{"content": f"r{i}.{k}", "finish_reason": "stop"} for k in range(i % 3)] for i in range(n)]
     notes = [[{"response_token_length": k, "judgement": "j", "repetition_flag": False,
                "preference_score": [-1.0, 7.0][k % 2]} for k in range(i % 3)] for i in range(n)]  # fmt: skip
@@ -128,7 +150,9 @@ def _rows(failed: list[bool]) -> pa.Table:
             "status_en": ["ok", None, "skipped_too_long", "ok", "partial", "ok"][:n],
             "annotations": pa.array(notes, SCORED.field("annotations").type),
             "judge_status": pa.array([["ok", "failed"][: i % 3] for i in range(n)], pa.list_(pa.string())),
-            "multiturn": pa.nulls(n, SCORED.field("multiturn").type),
+            "multiturn": pa.array(
+                [None, None, None, [[a]], [[a, u, a]], None][:n], SCORED.field("multiturn").type
+            ),
             "multiturn_status": [None, "follow_up_failed", None, None, None, None][:n],
         }
     )
@@ -173,7 +197,8 @@ def test_release_counts_from_an_arrow_batch():
         "instructions_with_responses": 4,  # c2's responses are null
         "responses_ja": 0 + 1 + 0 + 1,  # c0, c1, c3, c4
         "responses_en": 3,
-        "multiturn_conversations": 0,
+        "multiturn_conversations": 1,  # c4: [[assistant, user, assistant]]
+        "single_turn_conversations": 1,  # c3: [[assistant]]
         "judgements": 0 + 1 + 2 + 0 + 1,
         "judgements_failed": 1 + 1 + 0 + 1,
         "template_instructions": 1,

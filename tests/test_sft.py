@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -32,7 +33,7 @@ GEMMA2_SETS = [
     "ja-best-wo-template-wo-pii",
     "ja-best-min-score-8-wo-template-wo-pii",
     "en-wo-template-wo-pii",
-    "ja-two-turn-wo-template-wo-pii",
+    "ja-multiturn-wo-template-wo-pii",
 ]
 
 
@@ -83,7 +84,10 @@ def _expected(ws: Path, option: SftOption) -> list[dict]:
             continue
         turns = [{"role": "user", "content": user["instruction_ja"]}]
         if option.turns == 2:
-            turns += record["synthesized_multiturn_conversation"]
+            if not record["synthesized_multiturn_conversation"]:
+                continue
+            (stored,) = record["synthesized_multiturn_conversation"]
+            turns += stored
         else:
             turns.append(record["synthesized_assistant_responses"][best])
         found.append(turns)
@@ -107,10 +111,12 @@ def test_sft_files_row_by_row_on_the_sample(built: Path):
     assert skipped["ja-best-wo-template-wo-pii"]["redacted"] > 0
     assert skipped["ja-best-min-score-8-wo-template-wo-pii"]["below_min_score"] > 0
     assert skipped["ja-best"]["no_responses"] > 0  # empty, duplicate and too-long instructions
-    two_turn = _lines(out / "ja-two-turn-wo-template-wo-pii.jsonl.gz")
-    assert {tuple(t["role"] for t in line["conversation"]) for line in two_turn} == {
-        ("user", "assistant", "user", "assistant")
-    }
+    multiturn = _lines(out / "ja-multiturn-wo-template-wo-pii.jsonl.gz")
+    shapes = Counter(tuple(t["role"] for t in line["conversation"]) for line in multiturn)
+    assert set(shapes) == {("user", "assistant", "user", "assistant"), ("user", "assistant")}
+    # single-turn entries are one-turn conversations: as many as the best-response set keeps
+    assert len(multiturn) == len(_lines(out / "ja-best-wo-template-wo-pii.jsonl.gz"))
+    assert shapes[("user", "assistant")] > shapes[("user", "assistant", "user", "assistant")] > 0
     first = gzip.decompress((out / "ja-best.jsonl.gz").read_bytes()).split(b"\n")[0]
     assert first.startswith(b'{"conversation":[{"role":"user","content":"')  # TRL's conversational form
 
@@ -271,9 +277,14 @@ def test_exclusions_languages_and_two_turns():
         {"role": "user", "content": "もっと"},
         {"role": "assistant", "content": "はい"},
     ]
-    turns, _ = sft.conversation(_record([5.0, 8.0], multiturn=follow), USER, SftOption(turns=2))
+    turns, _ = sft.conversation(_record([5.0, 8.0], multiturn=[follow]), USER, SftOption(turns=2))
     assert turns == [{"role": "user", "content": "質問"}, *follow]
-    with pytest.raises(
-        SourceError, match="c1: synthesized_multiturn_conversation does not start at the best"
-    ):
-        sft.conversation(_record([9.0, 8.0], multiturn=follow), USER, SftOption(turns=2))
+    # a single-turn entry: a one-turn conversation, as the best-response set gives
+    single = _record([5.0, 8.0], multiturn=[follow[:1]])
+    assert sft.conversation(single, USER, SftOption(turns=2)) == sft.conversation(single, USER, SftOption())
+    for wrong in ([follow], [follow, follow], [[]]):  # not the best response; two conversations; empty
+        scores = [9.0, 8.0] if wrong == [follow] else [5.0, 8.0]
+        with pytest.raises(
+            SourceError, match="c1: synthesized_multiturn_conversation is not one conversation starting"
+        ):
+            sft.conversation(_record(scores, multiturn=wrong), USER, SftOption(turns=2))

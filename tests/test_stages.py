@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,8 @@ import yaml
 from stages.core.crypto import CryptoError, KeySpec, derive_key
 from stages.core.errors import PipelineError
 from stages.core.io import read_jsonl_gz, sha256_file
+from stages.core.params import load_params
+from stages.core.second_turn import selected
 from tests.conftest import run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,13 +108,14 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
     )
     table = table[~table.translation_failed]  # no Japanese instruction: not released
     records = _release(upstream, "gemma2")
+    share, shapes = load_params(upstream / "params.yaml").models["gemma2"].second_turn.share, Counter()
     assert [r["conversation_id"] for r in records] == list(table.index)
     extra = ["synthesized_assistant_responses_en", "synthesized_multiturn_conversation"]
     for record in records:
         assert list(record) == PUBLIC_FIELDS + extra
         row = table.loc[record["conversation_id"]]
         skipped = row.empty_user_instruction_ja or pd.notna(row.duplicate_user_instruction_ja)
-        if skipped or status.status_ja[record["conversation_id"]] in ("skipped_too_long", "skipped_redacted"):
+        if skipped or status.status_ja[record["conversation_id"]] == "skipped_too_long":
             assert all(record[f] is None for f in PUBLIC_FIELDS[4:] + extra)
             continue
         responses, notes = (
@@ -122,18 +126,62 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
         assert {r["role"] for r in responses} == {"assistant"}
         assert all(set(n) == ANNOTATION_FIELDS and 0 <= n["preference_score"] <= 10 for n in notes)
         best = max(range(6), key=lambda i: (notes[i]["preference_score"], -i))
-        turns = record["synthesized_multiturn_conversation"]
-        assert [t["role"] for t in turns] == [
-            "assistant",
-            "user",
-            "assistant",
-        ]  # the instruction stays encrypted
-        assert turns[0] == responses[best] and turns[1]["content"]
+        (turns,) = record["synthesized_multiturn_conversation"]  # as published: a list of one conversation
+        two_turn = selected(record["conversation_id"], share)
+        roles = ["assistant", "user", "assistant"] if two_turn else ["assistant"]
+        assert [t["role"] for t in turns] == roles  # the instruction stays encrypted
+        assert turns[0] == responses[best] and turns[-1]["content"]
+        shapes[len(turns)] += 1
+    # the published share of two-turn conversations (134,014 of 451,450: 29.7%), within a few points
+    assert shapes[3] / (shapes[1] + shapes[3]) == pytest.approx(0.297, abs=0.04)
+    metrics = json.loads((upstream / "data/metrics/package-gemma2.json").read_text())
+    assert (metrics["multiturn_conversations"], metrics["single_turn_conversations"]) == (
+        shapes[3],
+        shapes[1],
+    )
     public = gzip.decompress(
         (upstream / "data/release/gemma2/gemma2-lmsys-chat-1m-synth-ja+en.jsonl.gz").read_bytes()
     ).decode()
     for text in table.instruction_ja[table.instruction_ja.str.len() > 0]:
         assert json.dumps(text, ensure_ascii=False)[1:-1] not in public  # no Japanese instruction in public
+
+
+def test_generate_answers_redacted_conversations_unless_skip_redacted(upstream, monkeypatch):
+    """The default (the cards): a redacted conversation is asked like any other; skip_redacted=true
+    (the public derivative) gives it no responses and the status skipped_redacted."""
+    table = pq.read_table(upstream / TRANSLATED_JA).to_pandas().set_index("conversation_id")
+    eligible = table[
+        ~table.empty_user_instruction_ja
+        & table.duplicate_user_instruction_ja.isna()
+        & ~table.translation_failed
+    ]
+    redacted = set(eligible.index[eligible.redacted])
+    assert redacted  # the sample holds some
+    generated = upstream / "data/generated/gemma2.parquet"
+    run_stage(monkeypatch, "generate", "gemma2")
+    rows = pq.read_table(generated).to_pandas().set_index("conversation_id").loc[sorted(redacted)]
+    assert set(rows.status_ja) | set(rows.status_en) <= {"ok", "skipped_too_long"}
+    answered = rows[rows.status_ja == "ok"]
+    assert len(answered) > 0 and {len(r) for r in answered.responses_ja} == {6}
+    assert {len(r) for r in answered.responses_en} == {1}
+
+    set_params(upstream, lambda d: d["models"]["gemma2"]["generate"].update(skip_redacted=True))
+    run_stage(monkeypatch, "generate", "gemma2")
+    rows = pq.read_table(generated).to_pandas().set_index("conversation_id").loc[sorted(redacted)]
+    assert set(rows.status_ja) == set(rows.status_en) == {"skipped_redacted"}
+    assert rows.responses_ja.isna().all() and rows.responses_en.isna().all()
+
+
+def test_gemma2_second_turn_selection_is_a_hash_of_the_id_below_the_share():
+    """Which conversations get a second turn: SHA-256("second-turn:<id>") below the share, by id alone
+    (no seed, no row order), and a larger share keeps every conversation a smaller one picks."""
+    ids = [f"c{i}" for i in range(20_000)]
+    picked = [c for c in ids if selected(c, 0.297)]
+    assert picked[:3] == ["c0", "c2", "c11"]  # pinned: the rule of released files must not drift
+    assert picked == [c for c in reversed(ids) if selected(c, 0.297)][::-1]
+    assert len(picked) / len(ids) == pytest.approx(0.297, abs=0.01)
+    assert set(c for c in ids if selected(c, 0.2)) < set(picked)
+    assert not any(selected(c, 0.0) for c in ids) and all(selected(c, 1.0) for c in ids)
 
 
 def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):

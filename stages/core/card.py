@@ -14,11 +14,19 @@ from stages.core.engines.base import distribution_version
 from stages.core.params import Params
 from stages.core.resume import digest, recipe
 
-# The published licences (tokyotech-llm/lmsys-chat-1m-synth README): the instructions are LMSYS-Chat-1M
-# derivatives; each model family's outputs fall under its own terms.
+# The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,
+# README): the instructions are LMSYS-Chat-1M derivatives; each model family's outputs (responses,
+# judgements, translations) fall under its own terms. The deletion clause is quoted from the LMSYS-Chat-1M
+# Dataset License Agreement [V] (https://huggingface.co/datasets/lmsys/lmsys-chat-1m, "Right to Request
+# Deletion"); what it means for a licensee of a release is our reading (docs/assumptions.md).
 LMSYS = (
     "LMSYS-Chat-1M Dataset License Agreement (https://huggingface.co/datasets/lmsys/lmsys-chat-1m): "
-    "the Japanese instructions, in the encrypted file only"
+    "the Japanese instructions, in the encrypted file only. Its Right to Request Deletion clause: "
+    '"At any time, we may require you to delete all copies of the conversation dataset (in whole or '
+    'in part) in your possession and control. You will promptly comply with any and all such requests." '
+    "Our reading, not legal advice: a licensee of this release may be asked to delete the decrypted "
+    "instructions and whatever holds them (SFT files, caches, checkpoints); a rebuild after such a "
+    "removal can have fewer rows than this release"
 )
 FAMILIES = {
     "llama": "Llama 3.1 Community License (https://www.llama.com/llama3_1/license/) and its Acceptable "
@@ -37,8 +45,11 @@ FIELDS = {
     "synthesized_response_scoring_annotations": "per response, in the same order: response_token_length, "
     "judgement (the judge's text), repetition_flag, preference_score (0-10; -1 when no rating was found)",
     "synthesized_assistant_responses_en": "responses to the original English instruction",
-    "synthesized_multiturn_conversation": "[assistant, user, assistant]: the best response, a synthesized "
-    "follow-up and its answer; prepend translated_conversation for the whole conversation",
+    "synthesized_multiturn_conversation": "a list of one conversation from the best response: "
+    "[[assistant, user, assistant]] (the best response, a synthesized follow-up and its answer) for a "
+    "share of the instructions (models.<variant>.second_turn.share), else single-turn [[assistant]]; "
+    "null without a best response or when the second turn failed. Prepend translated_conversation "
+    "for the whole conversation",
 }
 
 
@@ -115,9 +126,15 @@ def provenance(params: Params, name: str) -> dict:
 
 
 def licences(producers: dict) -> list[str]:
-    """The licences of a release: LMSYS for the instructions, each producing model family's terms."""
-    models = [m["model"].lower() for m in producers.get("models", {}).values()]
-    found = [text for family, text in FAMILIES.items() if any(family in m for m in models)]
+    """The licences of a release: LMSYS for the instructions, then the terms of each model family that
+    produced rows (any role: generate, judge, second_turn, translate), naming the roles and models it
+    covers; a producer without a model (DeepL) adds none."""
+    roles = sorted(producers.get("models", {}).items())
+    found = []
+    for family, text in FAMILIES.items():
+        used = [f"{role} (`{m['model']}`)" for role, m in roles if family in (m.get("model") or "").lower()]
+        if used:
+            found.append(f"{text}: covers {', '.join(used)}")
     return [LMSYS, *found, "Apache-2.0: this project's code"]
 
 

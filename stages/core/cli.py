@@ -29,7 +29,7 @@ READS = {
     "generate": ("translated",),
     "score": ("translated", "generated"),
     "package": ("source", "translated", "generated", "scored"),
-    "compare": ("release",),
+    "compare": ("translated", "release"),
 }
 
 

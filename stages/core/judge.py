@@ -1,10 +1,11 @@
 """Row logic of score: judge replies in, per-response annotations (judgement, score) and judge
 statuses out; also the judge requests, the rating parser and best-response selection.
 
-A judgement becomes its score by `score.mode`: `parse` (published) reads the rating in the text;
-`structured` asks the engine for JSON that follows JUDGEMENT_SCHEMA, so a rating is always written,
-and reads its "rating"; `logprob` asks for the top alternatives of the tokens after "[[" and scores
-the expected rating over the rating tokens among them (`expected_rating`). A server that ignores the
+A judgement becomes its score by `score.mode`: `parse` (the default; the published parser is not
+public, docs/assumptions.md) reads the rating in the text; `structured` asks the engine for JSON that
+follows JUDGEMENT_SCHEMA, so a rating is always written, and reads its "rating"; `logprob` asks for
+the top alternatives of the tokens after "[[" and scores the expected rating over the rating tokens
+among them (`expected_rating`). A server that ignores the
 mode asked (plain text for a schema, no logprobs) gets the parse score and status MODE_IGNORED
 (`effective_mode`), so the request is asked again and counted, never passed off as "ok"."""
 

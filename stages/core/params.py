@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.errors import PipelineError
-from stages.core.resume import RUNTIME
+from stages.core.resume import OMIT_DEFAULT, RUNTIME
 
 PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
 VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
@@ -184,9 +184,31 @@ class LLMSpec(Strict):
 
 
 class Sampling(Strict):
+    """How tokens are drawn. top_k and the penalties are off at their defaults, and then left out of
+    the resume and cache keys (OMIT_DEFAULT): a config that does not set them keeps its keys."""
+
     temperature: float = Field(ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(ge=1)
+    top_k: int | None = Field(None, ge=1, json_schema_extra=OMIT_DEFAULT)  # null (or -1): off
+    # OpenAI's: each token's logit minus frequency_penalty x its count in the completion so far
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra=OMIT_DEFAULT)
+    # HF's and vLLM's: a token already in the prompt or completion has its logit divided by it
+    # (multiplied where negative); 1.0: off
+    repetition_penalty: float = Field(1.0, gt=0.0, json_schema_extra=OMIT_DEFAULT)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _minus_one_is_off(cls, value: object) -> object:
+        return None if value == -1 else value  # vLLM's spelling of off
+
+    def options(self) -> dict[str, Any]:
+        """top_k and the penalties that are set away from their defaults (off), by name."""
+        return {
+            name: getattr(self, name)
+            for name in ("top_k", "frequency_penalty", "repetition_penalty")
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
 
 
 class EngineParams(Strict):
@@ -281,11 +303,15 @@ class GenerateParams(Strict):
     n_ja: int = Field(ge=1)
     n_en: int = Field(ge=0)
     system_prompt: str | None = None
-    sampling: Sampling
+    sampling: Sampling  # of the Japanese requests
+    # of the English requests (null: `sampling`); the key holds it only where set
+    sampling_en: Sampling | None = Field(None, json_schema_extra=OMIT_DEFAULT)
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
-    # an instruction of a conversation LMSYS redacted (PII replaced by NAME_1...) is not asked, as in
-    # the public derivative of the published generator; its status is skipped_redacted
-    skip_redacted: bool = True
+    # true: an instruction of a conversation LMSYS redacted (PII replaced by NAME_1...) is not asked,
+    # its status skipped_redacted, as the public derivative of the published generator does. false: the
+    # cards name only empty and duplicate instructions as not asked, and the published SFT converter's
+    # --exclude_pii implies redacted ones carry responses (an inference)
+    skip_redacted: bool = False
     # engine: ask llm for the responses; published: take them from the variant's published file
     # (`published`), loading no model: a team can re-judge or re-package the published responses
     source: Literal["engine", "published"] = "engine"
@@ -298,10 +324,10 @@ class ScoreParams(Strict):
     llm: LLMSpec
     prompt: str
     sampling: Sampling
-    # a response of more than this many tokens is flagged as repetitive (published: > 2000)
+    # a response of more than this many tokens is flagged as repetitive (the public derivative's > 2000 [D])
     repetition_threshold: int = Field(2000, ge=0)
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
-    # how a judgement becomes its score (stages/core/judge.py): parse the text (published), structured
+    # how a judgement becomes its score (stages/core/judge.py): parse the text (default), structured
     # output (a JSON schema forces the rating; vllm and openai backends), or logprob (the expected
     # rating over the rating tokens' top_logprobs after "[[")
     mode: Literal["parse", "structured", "logprob"] = "parse"
@@ -314,6 +340,10 @@ class ScoreParams(Strict):
 class SecondTurnParams(Strict):
     prompt: str  # asks the generator for the user's follow-up
     sampling: Sampling
+    # the share of conversations with a best response that get a second turn, chosen by a hash of the
+    # conversation_id (stages/core/second_turn.py); the others stay single-turn (published: 134,014 of
+    # 451,450, 0.297; which ones is not public)
+    share: float = Field(0.297, ge=0.0, le=1.0)
     # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
     # finish (failed, partial, mode ignored); they are asked again on the next run
     max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
@@ -328,6 +358,9 @@ class VariantParams(Strict):
     generate: GenerateParams
     score: ScoreParams
     second_turn: SecondTurnParams | None = None
+    # compare@M against the variant's published file; false (a variant with no published file): the
+    # stage only writes a metrics file saying "not compared", fetching nothing
+    compare: bool = False
 
 
 class ReleaseParams(Strict):
@@ -343,6 +376,22 @@ class ReleaseParams(Strict):
     gzip_threads: int = Field(0, ge=0, json_schema_extra=RUNTIME)  # compressing threads (0: all CPUs)
 
 
+class CardFigures(Strict):
+    """One published file's figures on the dataset card ([V]); instructions count those with at least
+    one response ([I])."""
+
+    instructions: int = Field(ge=0)
+    responses: int = Field(ge=0)
+    instructions_en: int | None = Field(None, ge=0)
+    responses_en: int | None = Field(None, ge=0)
+    multiturn: int | None = Field(None, ge=0)  # two-turn entries of synthesized_multiturn_conversation
+
+
+class PublishedCard(Strict):
+    uri: str  # the release the card describes: compare@M shows its figures when published.uri is it
+    files: dict[str, CardFigures] = {}  # by the variant's release_name
+
+
 class PublishedParams(Strict):
     """The published release files (tokyotech-llm/lmsys-chat-1m-synth): compare@M reads the variant's
     public file, and so does generate@M when models.<v>.generate.source is `published`."""
@@ -352,6 +401,7 @@ class PublishedParams(Strict):
     file: str  # a variant's public file, relative to uri; {name} is its release_name
     sha256: dict[str, str] = {}  # expected checksums by file (after {name} is filled in)
     storage_options: dict[str, str | int | float | bool] = {}  # fsspec options that are not secrets
+    card: PublishedCard | None = None  # the dataset card's figures of each file
 
     @field_validator("sha256")
     @classmethod
@@ -360,6 +410,12 @@ class PublishedParams(Strict):
         if bad:
             raise ValueError(f"not 64 lowercase hex digits for {bad}")
         return pins
+
+    def figures(self, release_name: str) -> dict[str, int | None] | None:
+        """The card's figures of a variant's file when the published files are the card's release."""
+        if self.card is None or self.card.uri != self.uri or release_name not in self.card.files:
+            return None
+        return self.card.files[release_name].model_dump()
 
     def path(self, release_name: str) -> str:
         return self.file.format(name=release_name)

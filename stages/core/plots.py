@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 from stages.core.io import write_json
 from stages.core.responses import SCORE_FAILED
 
-# response_token_length bins: [low, next low); the last is open (the published repetition rule: > 2000)
+# response_token_length bins: [low, next low); the last is open (the default repetition rule: > 2000,
+# docs/assumptions.md)
 TOKEN_BINS = (0, 64, 128, 256, 512, 1024, 2048)
 FAILURES = (  # release metrics that count requests or rows without a usable answer
     "translation_failed",

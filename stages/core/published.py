@@ -94,10 +94,12 @@ def producer(record: dict) -> dict:
     }
 
 
-def read_records(path: str | Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """`columns` of a published jsonl.gz file, a block of lines at a time (RECORD's types)."""
+def read_records(
+    path: str | Path, columns: list[str], schema: pa.Schema = RECORD
+) -> Iterator[pa.RecordBatch]:
+    """`columns` of a published jsonl.gz file, a block of lines at a time (`schema`'s types)."""
     options = pj.ParseOptions(
-        explicit_schema=pa.schema([RECORD.field(c) for c in columns]), unexpected_field_behavior="ignore"
+        explicit_schema=pa.schema([schema.field(c) for c in columns]), unexpected_field_behavior="ignore"
     )
     try:
         for batch in pj.open_json(path, pj.ReadOptions(block_size=BLOCK), options):

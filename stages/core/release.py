@@ -69,10 +69,13 @@ def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
     if with_en:
         fields.append(("synthesized_assistant_responses_en", assistant_turns))
     if with_second_turn:
-        fields.append(("synthesized_multiturn_conversation", pa.list_(MESSAGE)))
+        fields.append(("synthesized_multiturn_conversation", CONVERSATIONS))
     return pa.schema(fields)
 
 
+# synthesized_multiturn_conversation: a list of one conversation (as published), starting at the best
+# response: [[assistant, user, assistant]] (two-turn) or [[assistant]] (single-turn)
+CONVERSATIONS = pa.list_(pa.list_(MESSAGE))
 INSTRUCTIONS = pa.schema([("conversation_id", pa.string()), ("translated_conversation", pa.list_(MESSAGE))])
 # Arrow types -> `datasets` dtypes (https://huggingface.co/docs/datasets/about_dataset_features)
 DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}
@@ -115,7 +118,8 @@ def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
         instructions_with_responses=_count(pc.is_valid(rows["responses_ja"])),
         responses_ja=_sum(pc.list_value_length(rows["responses_ja"])),
         responses_en=_sum(pc.list_value_length(rows["responses_en"])),
-        multiturn_conversations=_count(pc.is_valid(rows["multiturn"])),
+        multiturn_conversations=_count(pc.greater(_turns(rows["multiturn"]), 1)),
+        single_turn_conversations=_count(pc.equal(_turns(rows["multiturn"]), 1)),
         judgements=len(scores),
         judgements_failed=_count(invalid),
         template_instructions=_count(pc.is_valid(rows["is_template_instruction"])),
@@ -140,6 +144,11 @@ def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
 def _count(flags: pa.ChunkedArray | pa.Array) -> int:
     """How many true values (nulls are not)."""
     return pc.sum(pc.cast(flags, pa.int64())).as_py() or 0
+
+
+def _turns(entries: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The length of the (one) conversation of each non-null synthesized_multiturn_conversation."""
+    return pc.list_value_length(pc.list_flatten(entries))
 
 
 def _sum(values: pa.ChunkedArray | pa.Array) -> int:

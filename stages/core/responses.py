@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-from stages.core.engines import ChatRequest, Completion, Engine
+from stages.core.engines import ChatRequest, Completion, Engine, Reply
 from stages.core.params import GenerateParams
 from stages.core.prompts import with_system
 
@@ -49,7 +49,7 @@ SCORED = pa.schema(
         ("annotations", pa.list_(ANNOTATION)),
         ("best_index", pa.int64()),
         ("judge_status", pa.list_(pa.string())),
-        ("multiturn", pa.list_(MESSAGE)),
+        ("multiturn", pa.list_(pa.list_(MESSAGE))),  # one conversation: [[assistant(, user, assistant)]]
         ("multiturn_status", pa.string()),
     ]
 )
@@ -108,15 +108,26 @@ def requests_for(
     ]
 
 
+def ask_both(
+    engine: Engine, ja: list[ChatRequest], en: list[ChatRequest], spec: GenerateParams
+) -> list[Reply]:
+    """The replies to the Japanese then the English requests: one call where both languages sample
+    alike (a batched engine sees them at once), else one call each, English with `sampling_en`."""
+    english = spec.sampling_en or spec.sampling
+    if english == spec.sampling:
+        return engine.chat(ja + en, spec.sampling)
+    return engine.chat(ja, spec.sampling) + engine.chat(en, english)
+
+
 def generate_table(engine: Engine, part: pa.Table, spec: GenerateParams, seed: int) -> pa.Table:
-    """One shard of generate's out: n_ja and n_en responses to each eligible row, asked in one call
-    (so a batched engine sees both languages at once), and each request's status (None: not asked).
-    A request that was not sent or failed gets null responses."""
+    """One shard of generate's out: n_ja and n_en responses to each eligible row (`ask_both`), and
+    each request's status (None: not asked). A request that was not sent or failed gets null
+    responses."""
     rows = part.to_pylist()
     asked = {
         lang: requests_for(rows, lang, n, spec, seed) for lang, n in (("ja", spec.n_ja), ("en", spec.n_en))
     }
-    replies = iter(engine.chat([r for _, requests in asked.values() for r in requests], spec.sampling))
+    replies = iter(ask_both(engine, asked["ja"][1], asked["en"][1], spec))
     columns = []
     for (todo, _), n in zip(asked.values(), (spec.n_ja, spec.n_en), strict=True):
         found = [None] * len(rows)

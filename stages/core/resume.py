@@ -32,6 +32,9 @@ PACKAGE = "stages"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the `stages` package on disk
 DIGEST_ROWS = 512  # rows turned into Python objects at a time by input_digest
 RUNTIME = {"runtime": True}  # json_schema_extra of a params field that never changes results
+# json_schema_extra of a params field left out of recipe() while it holds its default: a knob added
+# later, whose default changes nothing, leaves the keys of configs that do not set it as they were
+OMIT_DEFAULT = {"omit_default": True}
 
 
 def digest(*parts: object) -> str:
@@ -41,12 +44,14 @@ def digest(*parts: object) -> str:
 
 
 def recipe(model: BaseModel) -> dict:
-    """The fields of a params model that change results: runtime fields dropped, recursively."""
+    """The fields of a params model that change results, recursively: runtime fields dropped, and
+    OMIT_DEFAULT fields while they hold their default."""
     out = {}
     for name, info in type(model).model_fields.items():
-        if (info.json_schema_extra or {}).get("runtime"):
-            continue
+        extra = info.json_schema_extra or {}
         value = getattr(model, name)
+        if extra.get("runtime") or (extra.get("omit_default") and value == info.default):
+            continue
         out[name] = recipe(value) if isinstance(value, BaseModel) else _plain(value)
     return out
 

@@ -1,11 +1,16 @@
-"""Gemma-2-style two-turn continuation: the generator writes the user's follow-up to the best
-response, then answers it.
+"""Gemma-2-style second turn: for a share of the conversations with a best response (chosen by a
+hash of the conversation_id), the generator writes the user's follow-up to the best response, then
+answers it; the others stay single-turn.
 
-The stored continuation starts at the best response: [assistant, user, assistant]. The first
-user turn (the Japanese instruction, LMSYS-licensed) is left out so that it stays only in the
-encrypted file; prepend `translated_conversation` to get the whole two-turn conversation."""
+Each row holds the published shape, a list of one conversation: [[assistant, user, assistant]]
+(two-turn) or [[assistant]] (single-turn: the best response). The first user turn (the Japanese
+instruction, LMSYS-licensed) is left out so that it stays only in the encrypted file; prepend
+`translated_conversation` to get the whole conversation. Null: no best response, or the second
+turn of a selected conversation did not come back (its status says why)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pyarrow as pa
 
@@ -13,6 +18,16 @@ from stages.core.engines import OK, ChatRequest, Engine
 from stages.core.params import GenerateParams, SecondTurnParams
 from stages.core.prompts import user_turn, with_system
 from stages.core.responses import JUDGED, SCORED, request_seed
+
+SALT = "second-turn"  # the hashed text is f"{SALT}:{conversation_id}"
+
+
+def selected(conversation_id: str, share: float) -> bool:
+    """Whether a conversation gets a second turn: the first 8 bytes of SHA-256("second-turn:<id>"),
+    as a fraction of 2^64, fall below `share`. Depends on the id alone (not the seed): our rule, as
+    the published one is not public."""
+    digest = hashlib.sha256(f"{SALT}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
 
 
 def continue_conversations(
@@ -62,12 +77,15 @@ def best_answers(rows: list[dict], best: list[int | None]) -> list[tuple[str, st
 def second_turn_table(
     engine: Engine, part: pa.Table, spec: SecondTurnParams, generate: GenerateParams, seed: int
 ) -> pa.Table:
-    """One shard of score's out with the two-turn continuation from each best response (null without)."""
+    """One shard of score's out with each row's conversation from its best response: two-turn for the
+    selected rows (spec.share), single-turn for the others (no request, null status), null without."""
     rows = part.to_pylist()
     turns = best_answers(rows, [r["best_index"] for r in rows])
-    dialogues, statuses = continue_conversations(engine, turns, spec, generate, seed)
+    chosen = [t for t in turns if selected(t[0], spec.share)]
+    dialogues, statuses = continue_conversations(engine, chosen, spec, generate, seed)
+    singles = {c: [{"role": "assistant", "content": a}] for c, _, a in turns if c not in statuses}
+    stored = {**singles, **dialogues}
     ids = [r["conversation_id"] for r in rows]
     columns = [part[c] for c in ["conversation_id", *JUDGED]]
-    return pa.table(
-        [*columns, [dialogues.get(c) for c in ids], [statuses.get(c) for c in ids]], schema=SCORED
-    )
+    entries = [[stored[c]] if c in stored else None for c in ids]
+    return pa.table([*columns, entries, [statuses.get(c) for c in ids]], schema=SCORED)

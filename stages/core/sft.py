@@ -1,6 +1,7 @@
 """Row logic of sft: each release record with its instruction becomes one SFT conversation per
-option set (the best-scored response; exclusions as the published converter's), or a reason to
-leave it out. The release and its instruction sources are merged in release order, streaming."""
+option set (the best-scored response; exclusions after the published converter's options, as we read
+them: docs/assumptions.md), or a reason to leave it out. The release and its instruction sources are
+merged in release order, streaming."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ REASONS = (
     "no_responses",  # none in the language (empty, duplicate or untranslated instruction, failed requests)
     "no_scored_response",  # every judgement failed (preference_score -1)
     "below_min_score",  # the best response scores below min_score
-    "no_second_turn",  # turns=2 and the record has no synthesized_multiturn_conversation
+    "no_second_turn",  # turns=2 and synthesized_multiturn_conversation is null (its second turn failed)
 )
 RESPONSES = {"ja": "synthesized_assistant_responses", "en": "synthesized_assistant_responses_en"}
 NOTES, MULTITURN = "synthesized_response_scoring_annotations", "synthesized_multiturn_conversation"
@@ -71,15 +72,22 @@ def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict
     answer = {"role": "assistant", "content": responses[best]["content"]}
     if option.turns == 1:
         return [first, answer], None
-    follow_up = record.get(MULTITURN)
-    if not follow_up:
+    stored = record.get(MULTITURN)
+    if not stored:
         return None, "no_second_turn"
-    if follow_up[0] != answer:
+    return [first, *_stored_conversation(record["conversation_id"], stored, answer)], None
+
+
+def _stored_conversation(cid: str, stored: list[list[dict]], answer: dict) -> list[dict]:
+    """The one conversation of a synthesized_multiturn_conversation, starting at the best response:
+    [answer, user, assistant] or, single-turn, [answer]. A single-turn one gives a one-turn SFT
+    conversation (our reading of the published converter given this field; its body is not public)."""
+    if len(stored) != 1 or not stored[0] or stored[0][0] != answer:
         raise SourceError(
-            f"conversation {record['conversation_id']}: {MULTITURN} does not start at the best-scored "
-            "response; the release is inconsistent: re-run score and package"
+            f"conversation {cid}: {MULTITURN} is not one conversation starting at the best-scored "
+            "response; the release is inconsistent (or of another version): re-run score and package"
         )
-    return [first, *follow_up], None
+    return stored[0]
 
 
 def release_records(path: Path, rows: int) -> Iterator[dict]:

@@ -186,6 +186,7 @@ class OpenAIEngine(Engine):
                     top_p=sampling.top_p,
                     max_tokens=sampling.max_tokens,
                     logprobs=True,
+                    **sampling_options(sampling),
                     **request_options(request),
                 )
             except (self._openai.APIError, json.JSONDecodeError) as err:  # or a body that is not JSON
@@ -227,6 +228,15 @@ async def _gathered(replies: Iterable[Awaitable[Reply]]) -> list[Reply]:
         for task in tasks:
             task.cancel()
         raise
+
+
+def sampling_options(sampling: Sampling) -> dict[str, Any]:
+    """The arguments of `chat.completions.create` for top_k and the penalties, only where set: OpenAI's
+    own frequency_penalty; top_k and repetition_penalty in `extra_body`, as vLLM's server takes them
+    (a hosted API that does not know them may refuse the request)."""
+    args = sampling.options()
+    extra = {name: args.pop(name) for name in ("top_k", "repetition_penalty") if name in args}
+    return args | ({"extra_body": extra} if extra else {})
 
 
 def request_options(request: ChatRequest) -> dict[str, Any]:

@@ -1,10 +1,9 @@
 """Hugging Face transformers engine: batched sampling on the CPU or one GPU; logprobs from the raw
 logits where a request asks for them, no structured output (a request with a JSON schema is refused).
 
-Sampling is the params' own (temperature, top_p; no top_k that the model's generation_config may
-carry) and each request draws from its own generator seeded by its seed, not from torch's global
-one: the answer to a request does not depend on the other threads, and several shards may be
-generated at once."""
+Sampling is the params' own (`logits_steps`: none that the model's generation_config may carry) and
+each request draws from its own generator seeded by its seed, not from torch's global one: the answer
+to a request does not depend on the other threads, and several shards may be generated at once."""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ class SeededSampler:
     """A transformers LogitsProcessor that makes greedy decoding draw a sample: for each request
     (its n rows), Exp(1) noise from the request's own generator, and scores - log(noise), whose
     argmax is a draw from softmax(scores) (the Gumbel-max trick; vLLM's sampler does the same).
-    It runs after the temperature and top-p warpers, so the draw follows them."""
+    It runs after the temperature, top-k and top-p warpers, so the draw follows them."""
 
     def __init__(self, seeds: list[int], n: int) -> None:
         self.seeds, self.n = seeds, n
@@ -53,6 +52,49 @@ class SeededSampler:
         )
         # an exact 0 would put log(0) = -inf under a token (+inf after the minus, NaN on a -inf score)
         return scores.float() - noise.clamp_(min=torch.finfo(torch.float32).tiny).log()
+
+
+class FrequencyPenalty:
+    """OpenAI's frequency_penalty as a LogitsProcessor: each token's score minus penalty x its count in
+    the completion so far (the tokens of `input_ids` from column `start`, where the prompt ends)."""
+
+    def __init__(self, penalty: float, start: int) -> None:
+        self.penalty, self.start = penalty, start
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.start :]
+        ones = torch.ones_like(generated, dtype=scores.dtype)
+        return scores - self.penalty * torch.zeros_like(scores).scatter_add_(1, generated, ones)
+
+
+def logits_steps(sampling: Sampling, seeds: list[int], n: int, pads: Any, start: int) -> Any:
+    """The logits processors of a batch of requests (n rows each), in vLLM's order: the penalties
+    (greedy decoding too), then, when sampling, temperature, top-k, top-p and the seeded draw.
+    `pads`: each row's left padding, which the repetition penalty leaves out (vLLM pads nothing);
+    `start`: the padded prompt length."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    steps = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        steps.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=pads))
+    if sampling.frequency_penalty:
+        steps.append(FrequencyPenalty(sampling.frequency_penalty, start))
+    if sampling.temperature > 0:  # greedy decoding over seeded Gumbel noise is sampling
+        steps.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k is not None:
+            steps.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            steps.append(TopPLogitsWarper(sampling.top_p))
+        steps.append(SeededSampler(seeds, n))
+    return steps
 
 
 @dataclass
@@ -107,11 +149,6 @@ class TransformersEngine(Engine):
 
     def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[Reply]:
         import torch
-        from transformers import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopPLogitsWarper,
-        )
 
         with self._tokenizer_lock:
             texts = [
@@ -121,14 +158,11 @@ class TransformersEngine(Engine):
                 for r in batch
             ]
             enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        processors = LogitsProcessorList()
-        if sampling.temperature > 0:  # greedy decoding over seeded Gumbel noise is sampling
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampling.top_p))
-            processors.append(SeededSampler([r.seed for r in batch], n))
         # each prompt n times in a row (greedy decoding returns one sequence per input row)
         rows = {k: v.repeat_interleave(n, dim=0) for k, v in enc.items()}
+        start = enc["input_ids"].shape[1]
+        pads = start - rows["attention_mask"].sum(dim=1)
+        processors = logits_steps(sampling, [r.seed for r in batch], n, pads, start)
         with torch.inference_mode():
             out = self._model.generate(
                 **rows,
@@ -136,6 +170,7 @@ class TransformersEngine(Engine):
                 temperature=None,  # the model's generation_config must add no warper of its own
                 top_p=None,
                 top_k=None,
+                repetition_penalty=None,
                 logits_processor=processors,
                 max_new_tokens=sampling.max_tokens,
                 pad_token_id=self._tokenizer.pad_token_id,

@@ -69,13 +69,15 @@ class VLLMApi:
         return cls(vllm.SamplingParams, StructuredOutputsParams, dead, refused, cleanup_dist_env_and_memory)
 
     def params(self, request: ChatRequest, sampling: Sampling) -> Any:
-        """The SamplingParams of one request (a request's options only where set)."""
+        """The SamplingParams of one request (top_k, the penalties and a request's options only where
+        set: vLLM's defaults are the same)."""
         args: dict[str, Any] = {
             "n": request.n,
             "seed": request.seed,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
+            **sampling.options(),
         }
         if request.top_logprobs:
             args["logprobs"] = request.top_logprobs
