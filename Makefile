@@ -54,8 +54,10 @@ demo: $(VENV)/.demo-installed  ## run the whole DAG for all three variants on th
 	@echo "Release files: data/release/<variant>/. params.yaml now holds the sample composition;"
 	@echo "'make params' (or 'git checkout params.yaml') restores the production one."
 
-test: install lint  ## ruff, then the test suite
-	python -m pytest
+# the lock check first: a lock that no longer matches pyproject.toml fails in seconds, naming the
+# mismatch, instead of after the whole suite (which then need not run it again)
+test: install check-lock lint  ## the lock check, ruff, then the test suite
+	python -m pytest --ignore=tests/test_lock.py
 
 lint: install
 	ruff check .
