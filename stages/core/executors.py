@@ -76,25 +76,25 @@ class Executor(abc.ABC):
         identity as `role` (and the roles recorded in the Parquet file `carry`, an input). `statuses`
         names the out's request-status columns: unfinished requests of reused shards are asked again,
         and with `ceiling` (its params key, its rate) the stage fails when more than that share of
-        the out's requests did not finish. `self.tally` then holds the out's status counts."""
+        the out's requests did not finish."""
         metadata = engines_of(carry) if carry else {}
         metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
-        self.tally, stage = Counter(), kwargs.get("stage", role)
+        tally, stage = Counter(), kwargs.get("stage", role)
         rows = run_sharded(
             shards,
             lambda shard, index: self.submit(work, shard, index),
             window=self.capacity,
             metadata=metadata,
             statuses=statuses,
-            tally=self.tally,
+            tally=tally,
             **kwargs,
         )
         if counts := self.cache_counts():
             LOG.info("%s: response cache: %s", stage, counts)
         if statuses:
-            LOG.info("%s: request statuses: %s", stage, dict(self.tally))
+            LOG.info("%s: request statuses: %s", stage, dict(tally))
         if ceiling:
-            check_ceiling(stage, self.tally, *ceiling, self.failure_details())
+            check_ceiling(stage, tally, *ceiling, self.failure_details())
         return rows
 
 
