@@ -367,6 +367,9 @@ PUBLISHED_VARIANTS = {"llama3.1": (6, 1, False), "gemma2": (6, 1, True), "gemma3
 PUBLISHED_LACKS = 25  # every 25th released conversation (from the 8th) is not in the published files
 PUBLISHED_ONLY = (10, 100, 200)  # where conversations that only the published files hold are inserted
 TOKEN_STEPS = (12, 40, 90, 200, 400, 800, 1500, 2500)  # response_token_length: one of each bin, and more
+# synthesized_multiturn_conversation as published: a list of one conversation, two-turn for this share
+# of the answered instructions (Gemma-2: 134,014 of 451,450), spread evenly; the rest single-turn
+TWO_TURN_PER_MILLE = 297
 
 
 def _published_flags(ids: list[str], rows: dict[str, dict], translations: dict[str, str]) -> list[tuple]:
@@ -407,9 +410,16 @@ def _published_responses(name: str, cid: str, i: int, n_ja: int) -> tuple[list[d
     return responses, notes
 
 
+def _best(notes: list[dict]) -> int:
+    """The response a published conversation continues: the highest preference_score, the first on
+    ties (the card: the best response [V]; the tie rule is ours)."""
+    return max(range(len(notes)), key=lambda j: (notes[j]["preference_score"], -j))
+
+
 def published_records(name: str, ids: list[str], rows: dict[str, dict], translations: dict[str, str]):
     """The records of release_name `name`'s published file over the conversations `ids`."""
     n_ja, n_en, two_turn = PUBLISHED_VARIANTS[name]
+    answered_before = 0  # answered records so far: which ones are two-turn
     for i, (cid, (empty, duplicate, template)) in enumerate(
         zip(ids, _published_flags(ids, rows, translations), strict=True)
     ):
@@ -426,9 +436,11 @@ def published_records(name: str, ids: list[str], rows: dict[str, dict], translat
         if two_turn:
             more = [{"role": "user", "content": "もう少し詳しく教えてください。"},
                     {"role": "assistant", "content": f"{cid[:8]} への続きのサンプル回答です。"}]  # fmt: skip
+            second = answered_before * TWO_TURN_PER_MILLE % 1000 < TWO_TURN_PER_MILLE
             record["synthesized_multiturn_conversation"] = (
-                [responses[0], *(more if i % 3 == 0 else [])] if answered else None
+                [[responses[_best(notes)], *(more if second else [])]] if answered else None
             )
+        answered_before += answered
         yield record
 
 

@@ -136,8 +136,12 @@ def main() -> None:
             "release_name": variant.release_name,
             "subset": variant.subset,
             "producers": release.producers(
-                engine_roles(
-                    [Path(paths.generated) / f"{name}.parquet", Path(paths.scored) / f"{name}.parquet"]
+                engine_roles(  # translate's: the translator of the rows the release lacks, if any
+                    [
+                        paths.translated_of(variant.subset),
+                        Path(paths.generated) / f"{name}.parquet",
+                        Path(paths.scored) / f"{name}.parquet",
+                    ]
                 )
             ),
             "provenance": card.provenance(params, name),

@@ -1,6 +1,10 @@
 """score@<variant>: one 0-10 judgement per Japanese response (-1 where unparsable or not judged),
 the best response, and for variants with a second turn, a two-turn continuation from it.
 
+With models.<variant>.generate.source `published` and score.rejudge false, no model is loaded: the
+judgements, and the multi-turn conversations, are those of the variant's published file (status
+published).
+
 Each model is loaded once: when the judge is the generator (Gemma-2), one engine serves both
 passes; when they differ, the judge pass runs in its own process (or its own Ray replicas), so its
 GPU memory is back before the generator loads."""
@@ -12,11 +16,12 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
+from stages.core import comparison, published
 from stages.core.cli import run, start, timed
 from stages.core.engines import STRUCTURED_OUTPUT
 from stages.core.executors import Executor, engine_pool, in_own_process
-from stages.core.io import iter_aligned
-from stages.core.judge import judge_table
+from stages.core.io import iter_aligned, value_counts
+from stages.core.judge import best_index, judge_table
 from stages.core.params import Params, ParamsError
 from stages.core.prompts import template
 from stages.core.responses import JUDGED, SCORED
@@ -35,15 +40,41 @@ def _files(params: Params, name: str) -> tuple[Path, Path, Path]:
     return Path(paths.generated) / f"{name}.parquet", judged, scored
 
 
+def from_published(params: Params, name: str) -> bool:
+    """Whether score@`name` takes the published file's judgements (generate.source published, no rejudge)."""
+    variant = params.models[name]
+    return variant.generate.source == "published" and not variant.score.rejudge
+
+
 def check_mode(params: Params, name: str) -> None:
-    """Refuse, before any work, a judge mode that the engine backend cannot serve."""
+    """Refuse, before any work, a judge mode that the engine backend cannot serve (where a judge runs)."""
     mode, backend = params.models[name].score.mode, params.engine.backend
-    if mode == "structured" and backend not in STRUCTURED_OUTPUT:
+    if mode == "structured" and backend not in STRUCTURED_OUTPUT and not from_published(params, name):
         raise ParamsError(
             f"models.{name}.score.mode='structured' needs structured output, which engine.backend="
             f"{backend!r} does not have: use engine.backend {' or '.join(STRUCTURED_OUTPUT)}, or score.mode "
             "parse or logprob"
         )
+
+
+def take_published(params: Params, name: str) -> None:
+    """Write score's out from the variant's published file: its annotations, the best response by
+    the judge's rule and its multi-turn conversations; no model is loaded."""
+    variant, paths = params.models[name], params.paths
+    *_, scored = _files(params, name)
+    with timed(LOG, f"score@{name} from the published file") as counts:
+        local, record = published.fetch(params.published, variant.release_name, paths.published)
+        counts["rows"] = published.write_scored(
+            paths.translated_of(variant.subset),
+            local,
+            scored,
+            record=comparison.record_schema(local)[0],
+            best=best_index,
+            multiturn=variant.second_turn is not None,
+            rows=variant.score.shard_size,
+            producer=published.producer(record),
+        )
+        counts.update(value_counts(scored, ["multiturn_status"]))
 
 
 def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
@@ -126,6 +157,9 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
 def main() -> None:
     params, name = start("score", __doc__, variant=True, check=check_mode)
     variant = params.models[name]
+    if from_published(params, name):
+        take_published(params, name)
+        return
     if variant.second_turn is None:
         judge_pass(params, name)
         return

@@ -1,8 +1,13 @@
-"""translate@<subset>: join the subset's first turns (ja: without the moderation-flagged
-conversations; ja+unsafe: all) with its released Japanese instructions, translate the ones the
-release lacks (translator LLM or DeepL) and flag empty, duplicate, template and failed ones;
-data/metrics/translate-<subset>.json: rows by instruction_source, failed translations, DeepL's
-billed characters. `python -m stages.translate [subset ...]` (default: every one of decrypt.subsets).
+"""translate@<subset>: the subset's released Japanese instructions joined with their first turns,
+flagged empty, duplicate, template and failed; data/metrics/translate-<subset>.json.
+`python -m stages.translate [subset ...]` (default: every one of decrypt.subsets).
+
+The release decides membership: every released row with a first turn is written, moderation-flagged
+or not. Rows of the subset's filter (ja: not flagged; ja+unsafe: all) that the release lacks are
+listed by id in Paths.not_released_of(subset) and, with translate.missing drop (faithful), not
+written; llm or deepl (an extension of the dataset) translates them. Released rows without a first
+turn (fetch's filter dropped them) are counted and logged. Metrics: rows by instruction_source, the
+release's rows as the filter sees them, failed translations, DeepL's billed characters.
 
 Neither table is loaded whole: the join streams in bounded memory (stages/core/join.py)."""
 
@@ -19,7 +24,7 @@ from stages.core import annotate
 from stages.core.cli import run, start_subsets, timed
 from stages.core.deepl_translate import auth_key, translate_with_deepl
 from stages.core.errors import PipelineError, SourceError
-from stages.core.io import write_json
+from stages.core.io import engines_of, write_json, write_lines
 from stages.core.join import ID, TranslationJoin, llm_rows
 from stages.core.params import Params
 from stages.core.translator import EMPTY_SOURCE, translate_missing
@@ -30,23 +35,27 @@ BACKENDS = {"llm": "LLM", "deepl": "DeepL"}  # translate.missing -> how messages
 
 def fill_missing(
     missing: pa.Table, rows_in: int, params: Params, counts: Counter, stage: str = "translate"
-) -> pa.Table:
+) -> tuple[pa.Table, dict[bytes, bytes]]:
     """The translator's answers (join.LLM_ROWS) for the first-turn rows the release lacks: the LLM's
-    or DeepL's (`counts` gets DeepL's), none with translate.missing=drop, an error with fail."""
+    or DeepL's (`counts` gets DeepL's), none with translate.missing=drop, an error with fail; and
+    the translator's identity (the out's metadata: the translate role in a release's manifest)."""
     how = params.translate.missing
     LOG.info("released translations for %d of %d conversations", rows_in - missing.num_rows, rows_in)
     if missing.num_rows and how == "fail":
         ids = ", ".join(missing[ID].slice(0, 5).to_pylist())
         raise PipelineError(
             f"{missing.num_rows} conversations have no released translation (e.g. {ids}); "
-            "set translate.missing to llm, deepl or drop"
+            "set translate.missing to drop (faithful), llm or deepl (an extension)"
         )
     if how == "drop" or missing.num_rows == 0:
-        return llm_rows(missing, {})
+        return llm_rows(missing, {}), {}
     rows = missing.select([ID, "instruction", "empty_first_turn"])
     if how == "deepl":
-        return llm_rows(missing, translate_with_deepl(rows, params, counts, stage))
-    return llm_rows(missing, translate_missing(rows, params, stage))
+        answers = translate_with_deepl(rows, params, counts, stage)
+    else:
+        answers = translate_missing(rows, params, stage)
+    out = Path(params.paths.stage_out(stage))
+    return llm_rows(missing, answers), engines_of(out) if out.exists() else {}
 
 
 def check_failure_rate(llm: pa.Table, params: Params) -> int:
@@ -74,8 +83,8 @@ def translate_metrics(counts: Counter, answered: int, how: str) -> dict:
 
 
 def translate_subset(params: Params, subset: str) -> None:
-    """translate@<subset>: its first turns joined with its released instructions, the missing ones
-    translated, the flags added; data/metrics/translate-<subset>.json."""
+    """translate@<subset>: its released instructions joined with their first turns, the rows the
+    release lacks listed (and, as an extension, translated), the flags added; its metrics."""
     paths, how = params.paths, params.translate.missing
     templates = annotate.compile_templates(params.translate.templates)
     out = Path(paths.translated_of(subset))
@@ -91,11 +100,24 @@ def translate_subset(params: Params, subset: str) -> None:
                 f"{paths.first_turn} repeats conversation_ids (e.g. {', '.join(repeated)}): "
                 "re-run fetch, which keeps the first"
             )
+        counts.update(join.release_counts())
+        if dropped := counts["release_rows_without_first_turn"]:
+            LOG.warning(
+                "translate@%s: %d released rows have no first turn (fetch's filter dropped them, e.g. %s):"
+                " they are not in this release (release_rows_without_first_turn)",
+                subset,
+                dropped,
+                ", ".join(join.released_without_first_turn()),
+            )
         missing = join.missing()
-        llm = fill_missing(missing, join.rows_in, params, counts, stage=f"translate@{subset}")
+        write_lines(missing[ID].to_pylist(), Path(paths.not_released_of(subset)))
+        counts["rows_not_released"] = missing.num_rows
+        stage = f"translate@{subset}"
+        llm, translator = fill_missing(missing, join.rows_in, params, counts, stage=stage)
         counts["translation_failed"] = check_failure_rate(llm, params)
         source = "deepl" if how == "deepl" else "llm"  # instruction_source of the rows it answered
-        counts.update(rows_in=join.rows_in, rows_out=join.write(missing, llm, templates, source))
+        written = join.write(llm, templates, source, metadata=translator if llm.num_rows else {})
+        counts.update(rows_in=join.rows_in, rows_out=written)
     write_json(translate_metrics(counts, llm.num_rows, how), Path(paths.metrics) / f"translate-{subset}.json")
 
 

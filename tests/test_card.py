@@ -128,6 +128,20 @@ def test_a_llama_translator_and_a_gemma_generator_list_both_families_and_the_del
     assert not any(t.startswith("Llama") for t in deepl) and any(t.startswith("Gemma") for t in deepl)
 
 
+def test_a_deepl_translator_is_a_producer_without_a_model():
+    from stages.core.release import producers
+
+    found = producers({"translate": {"backend": "deepl", "libraries": {"deepl": "1.2"}, "formality": None}})
+    assert found["models"]["translate"] == {
+        "model": None,
+        "revision": None,
+        "dtype": None,
+        "quantization": None,
+        "engine": "deepl",
+        "libraries": {"deepl": "1.2"},
+    }
+
+
 def test_the_card_says_which_judge_mode_produced_the_scores():
     from stages.core.card import scoring
 

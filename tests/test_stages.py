@@ -20,10 +20,10 @@ import yaml
 
 from stages.core.crypto import CryptoError, KeySpec, derive_key
 from stages.core.errors import PipelineError
-from stages.core.io import read_jsonl_gz, sha256_file
+from stages.core.io import engines_of, read_jsonl_gz, sha256_file
 from stages.core.params import load_params
 from stages.core.second_turn import selected
-from tests.conftest import run_stage, set_params
+from tests.conftest import compose_params, run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,10 @@ def test_decrypt_and_translate(upstream, fake_engine):
     table = pq.read_table(upstream / "data/private/translated-ja.parquet").to_pandas()
     assert len(table) == 314
     assert (table.instruction_source == "llm").sum() == 7  # the release lacks 7 kept conversations
+    listed = (upstream / "data/private/translated-ja.not-released.txt").read_text().split()
+    assert listed == list(table[table.instruction_source == "llm"].conversation_id)
+    translator = json.loads(engines_of(upstream / TRANSLATED_JA)[b"lmsys_synth.engine.translate"])
+    assert translator["llm"]["model"] == load_params(upstream / "params.yaml").translate.llm.model
     translated = [r for r in fake_engine.requests if "Translate the following" in r.messages[0]["content"]]
     assert len(translated) == 4  # 7 missing: 2 empty (nothing to translate), 1 too long (never sent)
     first = table.drop_duplicates("instruction_ja").set_index("instruction_ja").conversation_id
@@ -67,6 +71,31 @@ def test_decrypt_and_translate(upstream, fake_engine):
         "company introduction",
         "chemical industry article",
     }
+
+
+def test_the_faithful_default_writes_the_release_s_rows_and_lists_those_it_lacks(workspace, monkeypatch):
+    production = yaml.safe_load(compose_params([]))
+    assert production["translate"]["missing"] == "drop"  # the sample profile runs the extension (llm)
+    set_params(workspace, lambda d: d["translate"].update(missing="drop"))
+    for stage in ("fetch", "decrypt", "translate"):
+        run_stage(monkeypatch, stage)
+    first = pq.read_table(workspace / "data/interim/first-turn.parquet").to_pandas()
+    for subset in SUBSETS:
+        released = pq.read_table(workspace / f"data/private/instructions-{subset}.parquet").to_pandas()
+        table = pq.read_table(workspace / f"data/private/translated-{subset}.parquet")
+        assert set(table["conversation_id"].to_pylist()) == set(released.conversation_id)
+        assert set(table["instruction_source"].to_pylist()) == {"released"}
+        assert not engines_of(workspace / f"data/private/translated-{subset}.parquet")  # no translator
+        ours = first if subset == "ja+unsafe" else first[~first.flagged]
+        lacking = [c for c in ours.conversation_id if c not in set(released.conversation_id)]
+        listed = (workspace / f"data/private/translated-{subset}.not-released.txt").read_text().split()
+        assert listed == lacking and len(lacking) >= 5
+        metrics = json.loads((workspace / f"data/metrics/translate-{subset}.json").read_text())
+        assert metrics["rows_not_released"] == len(lacking) and metrics["rows_llm"] == 0
+        assert metrics["release_rows"] == metrics["rows_released"] == len(released) == table.num_rows
+        assert metrics["release_rows_without_first_turn"] == 0
+        flagged = first[first.flagged & first.conversation_id.isin(released.conversation_id)]
+        assert metrics["release_rows_moderation_flagged"] == len(flagged)
 
 
 def test_translate_missing_error_names_the_setting(workspace, monkeypatch):
@@ -231,7 +260,8 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
     assert manifest["metrics"]["responses_ja"] == 10 * len(generated)
     producers = manifest["producers"]
     assert producers["project"]["name"] == "lmsys-chat-1m-synth" and producers["project"]["version"]
-    assert set(producers["models"]) == {"generate", "judge"}  # gemma3 has no second turn
+    # gemma3 has no second turn; the translator LLM answered first turns the release lacks
+    assert set(producers["models"]) == {"translate", "generate", "judge"}
     for role in producers["models"].values():
         tiny = yaml.safe_load((ROOT / "conf/llm/tiny.yaml").read_text())
         assert role["model"] == "data/sample/tiny-chat" and role["revision"] == tiny["revision"]

@@ -81,7 +81,7 @@ def test_streamed_duplicates_point_at_the_first_occurrence_across_batches(tmp_pa
         missing = join.missing()
         assert missing["row"].to_pylist() == sorted([*LACKING, UNANSWERED])
         answers = {ids[i]: answer for i, answer in LACKING.items()}
-        written = join.write(missing, llm_rows(missing, answers), compile_templates([]))
+        written = join.write(llm_rows(missing, answers), compile_templates([]))
     kept = [i for i in range(ROWS) if i != UNANSWERED]
     table = pq.read_table(out)
     assert written == table.num_rows == len(kept)
@@ -111,7 +111,7 @@ def test_the_rows_a_translator_answered_name_it_as_their_source(tmp_path):
     with TranslationJoin(tmp_path / "first.parquet", tmp_path / "released.parquet", out, 8) as join:
         missing = join.missing()
         answers = {ids[i]: answer for i, answer in LACKING.items()}
-        join.write(missing, llm_rows(missing, answers), compile_templates([]), source="deepl")
+        join.write(llm_rows(missing, answers), compile_templates([]), source="deepl")
     table = pq.read_table(out)
     sources = dict(
         zip(table["conversation_id"].to_pylist(), table["instruction_source"].to_pylist(), strict=True)
@@ -132,25 +132,30 @@ def test_repeated_first_turn_ids_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("without_flagged", [True, False])
-def test_a_flagged_row_left_out_of_ja_is_nobody_s_first_occurrence(tmp_path, without_flagged):
-    """ja leaves the moderation-flagged first turns out: a released text identical to a flagged
-    one's is then no duplicate of it (ja+unsafe keeps both, and the second points at the first)."""
-    first = _first_turn(["a", "b", "c"])
-    first = first.set_column(5, "flagged", pa.array([True, False, False]))
+def test_the_release_decides_membership_and_the_filter_only_what_it_lacks(tmp_path, without_flagged):
+    """A released row is written whatever its moderation flag (ja too), and is a first occurrence
+    like any other; a flagged row the release lacks is ja's to leave out, ja+unsafe's to list."""
+    first = _first_turn(["a", "b", "c", "d", "e"])
+    first = first.set_column(5, "flagged", pa.array([True, False, False, True, False]))
     pq.write_table(first, tmp_path / "first.parquet")
-    released = pa.table({"conversation_id": ["a", "b", "c"], "instruction_ja": ["同じ", "同じ", "別"]})
+    released = pa.table(
+        {"conversation_id": ["a", "b", "c", "gone"], "instruction_ja": ["同じ", "同じ", "別", "x"]}
+    )
     pq.write_table(released, tmp_path / "released.parquet")
     out = tmp_path / "translated.parquet"
     with TranslationJoin(
         tmp_path / "first.parquet", tmp_path / "released.parquet", out, without_flagged=without_flagged
     ) as join:
+        assert join.release_counts() == {
+            "release_rows": 4,
+            "release_rows_without_first_turn": 1,  # "gone": fetch's filter dropped it
+            "release_rows_moderation_flagged": 1,  # "a": written all the same
+        }
+        assert join.released_without_first_turn() == ["gone"]
         missing = join.missing()
-        assert missing.num_rows == 0
-        join.write(missing, llm_rows(missing, {}), compile_templates([]))
+        assert missing["conversation_id"].to_pylist() == (["e"] if without_flagged else ["d", "e"])
+        assert join.write(llm_rows(missing, {}), compile_templates([])) == 3  # drop: only the released
     table = pq.read_table(out)
-    if without_flagged:
-        assert table["conversation_id"].to_pylist() == ["b", "c"]
-        assert table["duplicate_user_instruction_ja"].to_pylist() == [None, None]
-    else:
-        assert table["conversation_id"].to_pylist() == ["a", "b", "c"]
-        assert table["duplicate_user_instruction_ja"].to_pylist() == [None, "a", None]
+    assert table["conversation_id"].to_pylist() == ["a", "b", "c"]
+    assert table["duplicate_user_instruction_ja"].to_pylist() == [None, "a", None]
+    assert table["instruction_source"].to_pylist() == ["released"] * 3

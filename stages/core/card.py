@@ -229,7 +229,8 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
             [
                 (
                     role,
-                    f"`{m['model']}` @ `{m['revision']}` ({m['engine']}: "
+                    (f"`{m['model']}` @ `{m['revision']}`" if m["model"] else "(no model)")
+                    + f" ({m['engine']}: "
                     + ", ".join(f"{k} {v}" for k, v in sorted(m["libraries"].items()))
                     + ")",
                 )

@@ -30,6 +30,7 @@ READS = {
     "score": ("translated", "generated"),
     "package": ("source", "translated", "generated", "scored"),
     "compare": ("translated", "release"),
+    "merge": ("source", "translated", "release"),
 }
 
 

@@ -189,7 +189,7 @@ def translate_with_deepl(
     result, table = split_empty(table)
     if table.num_rows == 0:
         return result
-    out = Path(params.paths.checkpoints) / f"{stage}.parquet"
+    out = Path(params.paths.stage_out(stage))
     client = DeepL(spec, ResponseCache(params.paths.response_cache, params.engine.cache))
     try:
         run_sharded(

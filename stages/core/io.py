@@ -377,6 +377,12 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def write_lines(lines: list[str], path: str | os.PathLike) -> None:
+    """`lines`, one per line, atomically (an empty list: an empty file)."""
+    with atomic_path(path) as tmp, writing(path):
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
 def align(base: pa.Table, other: pa.Table, columns: list[str], other_name: str) -> pa.Table:
     """Append `columns` of `other` to `base`; both must list the same conversations in the same order."""
     if not base["conversation_id"].equals(other["conversation_id"]):

@@ -155,8 +155,9 @@ class TranslationJoin:
         rows: int = BATCH_ROWS,
         without_flagged: bool = False,
     ):
-        """`without_flagged`: the moderation-flagged first turns are not part of this join (subset ja):
-        never translated, never written; the first-turn file is read as it is, not copied."""
+        """`without_flagged` (subset ja): a moderation-flagged first turn the release lacks is not
+        this subset's: never translated, never written; one the release holds is written (the
+        release decides membership). The first-turn file is read as it is, not copied."""
         self.first, self.released, self.out, self.rows = Path(first), Path(released), Path(out), rows
         self.without_flagged = without_flagged
         self.rows_total = pq.ParquetFile(self.first).metadata.num_rows  # row positions run over all rows
@@ -191,9 +192,26 @@ class TranslationJoin:
         )
         return [cid for (cid,) in self._sql(query).fetchall()]
 
+    def release_counts(self) -> dict[str, int]:
+        """The released rows (with a translation) and how this subset's filter sees them:
+        `release_rows`; `release_rows_without_first_turn`, those fetch's filter dropped (or LMSYS
+        lacks): never written, they have no first turn; `release_rows_moderation_flagged`, those whose
+        conversation the moderation flags (written: the release, not the flag, decides membership)."""
+        query = f"""SELECT count(*), count(*) FILTER (WHERE f.{ID} IS NULL), count(*) FILTER (WHERE f.flagged)
+            FROM read_parquet($released) r LEFT JOIN read_parquet($first) f USING ({ID})
+            WHERE {self.has_text}"""
+        names = ("release_rows", "release_rows_without_first_turn", "release_rows_moderation_flagged")
+        return dict(zip(names, self._sql(query).fetchall()[0], strict=True))
+
+    def released_without_first_turn(self, limit: int = 5) -> list[str]:
+        """Up to `limit` released conversation_ids (with a translation) that have no first-turn row."""
+        query = f"""SELECT {ID} FROM read_parquet($released) r ANTI JOIN read_parquet($first) USING ({ID})
+            WHERE {self.has_text} ORDER BY {ID} LIMIT {int(limit)}"""
+        return [cid for (cid,) in self._sql(query).fetchall()]
+
     def missing(self) -> pa.Table:
-        """The first-turn rows the release has no translation for (join.LLM_INPUT), in first-turn
-        order; only the row groups holding them are read."""
+        """The first-turn rows of this subset (ja: not moderation-flagged) that the release has no
+        translation for (join.LLM_INPUT), in first-turn order; only the row groups holding them are read."""
         where = "WHERE NOT f.flagged" if self.without_flagged else ""
         query = f"""SELECT f.file_row_number AS row FROM read_parquet($first, file_row_number = true) f
             ANTI JOIN (SELECT {ID} FROM read_parquet($released) r WHERE {self.has_text}) USING ({ID})
@@ -203,11 +221,10 @@ class TranslationJoin:
         return pa.Table.from_arrays([pa.array(rows), *table.columns], schema=LLM_INPUT)
 
     def _places(self) -> Path:
-        """An Arrow IPC file of each released row's row in first-turn order (null: no such row, no
-        translation, or a flagged row left out of this join), in release order. DuckDB's work ends
-        here: it is closed."""
-        joined = f"{self.has_text} AND NOT f.flagged" if self.without_flagged else self.has_text
-        query = f"""SELECT CASE WHEN {joined} THEN f.file_row_number END AS row
+        """An Arrow IPC file of each released row's row in first-turn order (null: no such row or no
+        translation), in release order. A released row is placed whatever its moderation flag: the
+        release decides membership. DuckDB's work ends here: it is closed."""
+        query = f"""SELECT CASE WHEN {self.has_text} THEN f.file_row_number END AS row
             FROM read_parquet($released, file_row_number = true) r
             LEFT JOIN read_parquet($first, file_row_number = true) f USING ({ID})
             ORDER BY r.file_row_number"""
@@ -248,18 +265,22 @@ class TranslationJoin:
         return by_row
 
     def write(
-        self, missing: pa.Table, llm: pa.Table, templates: list[annotate.Template], source: str = "llm"
+        self,
+        llm: pa.Table,
+        templates: list[annotate.Template],
+        source: str = "llm",
+        metadata: dict[bytes, bytes] | None = None,
     ) -> int:
         """Write the translated table to `out` in first-turn order with its flags, a row range at a
-        time; `llm`: the answers (LLM_ROWS) of the translator `source` (llm, deepl) for `missing`
-        rows (a missing row without one is dropped). Return the rows written."""
+        time: every released row, and the rows the release lacks that the translator `source` (llm,
+        deepl) answered (`llm`, LLM_ROWS; any other row the release lacks is left out). `metadata`:
+        the out's schema metadata (the translator's identity). Return the rows written."""
         by_row = self._spill_by_row(llm, max(1, -(-self.rows_total // self.rows)))
-        schema = output_schema(pq.read_schema(self.first))
+        schema = output_schema(pq.read_schema(self.first)).with_metadata(metadata or {})
         first = rechunk(read_batches(self.first, None, self.rows), self.rows)
-        lacking = missing["row"].to_numpy()
         pairs = prefetched(zip(first, by_row.parts(), strict=False))
         tables = (
-            self._batch(rows, placed, index * self.rows, lacking, llm, templates, source)
+            self._batch(rows, placed, index * self.rows, llm, templates, source)
             for index, (rows, placed) in enumerate(pairs)
         )
         return write_parquet(tables, schema, self.out)
@@ -269,14 +290,12 @@ class TranslationJoin:
         first: pa.Table,
         placed: pa.Table,
         start: int,
-        lacking: np.ndarray,
         llm: pa.Table,
         templates: list[annotate.Template],
         source: str,
     ) -> pa.Table:
         """First-turn rows [start, start + n) with their translation, its source, the LLM's status
-        and the flags; rows the release lacks (`lacking`) that the LLM did not answer (`llm`) are
-        left out."""
+        and the flags; a row neither released nor answered by the translator (`llm`) is left out."""
         placed = _in_order(placed, start, first.num_rows, self.released)
         rows, answered_rows = np.arange(start, start + first.num_rows), llm["row"].to_numpy()
         answered = np.isin(rows, answered_rows)
@@ -286,10 +305,7 @@ class TranslationJoin:
             .append_column("instruction_source", pc.if_else(pa.array(answered), source, "released"))
             .append_column("translation_status", llm["translation_status"].take(where))
         )
-        keep = answered | ~np.isin(rows, lacking)
-        if self.without_flagged:
-            keep &= ~first["flagged"].to_numpy(zero_copy_only=False)
-        keep = pa.array(keep)
+        keep = pa.array(answered | pc.is_valid(placed[TEXT]).to_numpy())
         return annotate.with_flags(table.filter(keep), placed["duplicate_of"].filter(keep), templates)
 
 

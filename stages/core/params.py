@@ -42,6 +42,9 @@ class Paths(Strict):
     scored: str  # directory: <variant>.parquet
     release: str  # directory: <variant>/
     sft: str  # directory: <variant>/<option set>.jsonl.gz (LMSYS-derived text: private)
+    # directory: <variant>.jsonl.gz, the release with its Japanese instructions and LMSYS-Chat-1M's
+    # columns, as the published merge scripts make it (stages/merge.py; LMSYS text: private)
+    merged: str
     checkpoints: str  # shard checkpoints and intermediate files of long stages (not a DVC out)
     checkpoint_store: str | None = None  # shard checkpoints elsewhere: an fsspec URL (null: checkpoints)
     response_cache: str  # the response cache, a SQLite file (stages/core/cache.py; not a DVC out)
@@ -59,6 +62,14 @@ class Paths(Strict):
     def translated_of(self, subset: str) -> str:
         """translate@<subset>'s out: that subset's conversations with their Japanese instructions."""
         return f"{self.translated}-{subset}.parquet"
+
+    def not_released_of(self, subset: str) -> str:
+        """translate@<subset>'s list of the conversation_ids its filter keeps that the release lacks."""
+        return f"{self.translated}-{subset}.not-released.txt"
+
+    def stage_out(self, stage: str) -> str:
+        """The intermediate out of a stage's sharded pass (e.g. translate@ja's translator answers)."""
+        return f"{self.checkpoints}/{stage}.parquet"
 
 
 class SourceSpec(Strict):
@@ -279,7 +290,9 @@ class TemplateRule(Strict):
 
 
 class TranslateParams(Strict):
-    # conversations the released file lacks: translate them (deepl, llm), drop them, or stop (fail)
+    # conversations the subset's filter keeps that the released file lacks. drop (faithful): not
+    # written, not generated; counted and listed by id (Paths.not_released_of). llm, deepl: an
+    # extension of the dataset: translate them. fail: stop when there is one
     missing: Literal["fail", "drop", "llm", "deepl"]
     llm: LLMSpec
     prompt: str
@@ -335,6 +348,11 @@ class ScoreParams(Strict):
     # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
     # finish (failed, partial, mode ignored); they are asked again on the next run
     max_failure_rate: float = Field(0.01, ge=0.0, le=1.0, json_schema_extra=RUNTIME)
+    # with generate.source published: false keeps the published scoring annotations (and best response,
+    # and for variants with a second turn the published multi-turn conversation), loading no model;
+    # true asks the judge (and the second turn) again. With source engine it is ignored. The key holds
+    # it only where set
+    rejudge: bool = Field(False, json_schema_extra=OMIT_DEFAULT)
 
 
 class SecondTurnParams(Strict):

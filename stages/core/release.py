@@ -167,19 +167,18 @@ def release_metrics(totals: Counter) -> dict:
 
 
 def producers(engines: dict[str, dict]) -> dict:
-    """What produced a release: this project's version, and per role (generate, judge, second_turn)
-    the model, its revision and placement, and the engine with its library versions."""
-    return {
-        "project": {"name": PROJECT, "version": distribution_version(PROJECT)},
-        "models": {
-            role: {
-                "model": engine["llm"]["model"],
-                "revision": engine["llm"]["revision"],
-                "dtype": engine["llm"]["dtype"],
-                "quantization": engine["llm"].get("quantization"),
-                "engine": engine["backend"],
-                "libraries": engine["libraries"],
-            }
-            for role, engine in sorted(engines.items())
-        },
-    }
+    """What produced a release: this project's version, and per role (translate, generate, judge,
+    second_turn) the model, its revision and placement, and the engine with its library versions; a
+    service without a model (DeepL) is named by its backend, with null model and revision."""
+    models = {}
+    for role, engine in sorted(engines.items()):
+        llm = engine.get("llm") or {}
+        models[role] = {
+            "model": llm.get("model"),
+            "revision": llm.get("revision"),
+            "dtype": llm.get("dtype"),
+            "quantization": llm.get("quantization"),
+            "engine": engine["backend"],
+            "libraries": engine["libraries"],
+        }
+    return {"project": {"name": PROJECT, "version": distribution_version(PROJECT)}, "models": models}

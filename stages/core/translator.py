@@ -81,7 +81,7 @@ def translate_missing(
     result, table = split_empty(table)
     if table.num_rows == 0:
         return result
-    out = Path(params.paths.checkpoints) / f"{stage}.parquet"
+    out = Path(params.paths.stage_out(stage))
     with engine_pool(spec.llm, params.engine, params.paths.response_cache) as pool:
         key = digest(
             "translate",
