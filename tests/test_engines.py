@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import hashlib
 import importlib.util
 import json
 import threading
@@ -31,6 +29,7 @@ from stages.core.engines import (
 from stages.core.engines.transformers import FrequencyPenalty, SeededSampler, logits_steps
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
+from stages.core.resume import code_meaning
 from tests.conftest import FakeEngine
 
 SAMPLING = Sampling(temperature=0.0, max_tokens=8)
@@ -447,21 +446,6 @@ def test_a_refused_request_fails_alone_and_its_batch_is_answered():
     )
 
 
-def _code(path: Path) -> str:
-    """sha256 of a module's code: its AST without docstrings, so comments and docstrings do not count."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        first = body[0] if isinstance(body, list) and body else None
-        if (
-            isinstance(first, ast.Expr)
-            and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)
-        ):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
-
-
 # The code each engine's VERSION was decided for: the engine module and base.py (request handling).
 # When this test fails, decide: if the change alters what the engine returns for the same request,
 # raise the engine's VERSION (its cached responses are then asked again); either way, update the entry.
@@ -479,7 +463,7 @@ def test_an_engine_code_change_meets_a_cache_version_decision(backend):
     engines = Path(__file__).resolve().parent.parent / "stages" / "core" / "engines"
     found = (
         type(make_engine(LLMSpec(model="m"), EngineParams(backend=backend, batch_size=1))).VERSION,
-        _code(engines / "base.py")[:8] + _code(engines / f"{backend}.py")[:8],
+        code_meaning(engines / "base.py")[:8] + code_meaning(engines / f"{backend}.py")[:8],
     )
     assert found == ENGINE_CODE[backend], (
         f"stages/core/engines/{backend}.py or base.py changed: raise {backend}'s VERSION if outputs "

@@ -6,7 +6,8 @@ unchanged, and whatever does not determine them never throws it away:
 
 - the *stage key* (the checkpoint directory) covers the params that change results (sampling,
   n, seeds, prompts by their text, chat rules, max_model_len, dtype), the code of the stage (a
-  digest of the entry module and every project module it imports at module level), the model
+  digest of the AST, docstrings aside, of the entry module and every project module it imports at
+  module level: comments and docstrings never throw a checkpoint away), the model
   id and its pinned revision, and the engine: backend, library name and version, and the code
   of the engine module;
 - the *input digest* of each shard (stored in the shard's Parquet metadata) covers the content
@@ -115,10 +116,29 @@ def closure(entry: str, lazy: bool = False, root: Path | None = None) -> dict[st
     return seen
 
 
+def code_meaning(path: Path) -> str:
+    """sha256 of a module's code as Python sees it: its AST without docstrings. Comments, docstrings,
+    blank lines and formatting do not count; any change to what runs does."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        first = body[0] if body else None
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode("utf-8")).hexdigest()
+
+
 def code_digest(entry: str, root: Path | None = None) -> str:
-    """A digest of the source of `entry` and the project modules it imports at module level."""
+    """A digest of the code (code_meaning) of `entry` and the project modules it imports at module
+    level: a comment or docstring edit keeps every checkpoint, a change to what runs does not."""
     files = closure(entry, root=root)
-    return digest({name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()})
+    return digest({name: code_meaning(path) for name, path in files.items()})
 
 
 def input_digest(table: pa.Table) -> str:
