@@ -3,9 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-# pip installs without compiling every module of every package up front (half of a 100 s install
-# on 2 cores, mostly torch modules no stage imports); Python compiles what a stage imports on first
-# use and keeps it, so bytecode writing stays on here even where the shell turned it off
+# pip installs with --no-compile and Python compiles what a stage imports on first use, so bytecode
+# writing stays on here even where the shell turned it off (figures: benchmarks/README.md)
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo test lint format params sample clean-data check-vllm
@@ -46,7 +45,7 @@ check-lock: install  ## check that the locks satisfy pyproject.toml's requiremen
 
 # The sample needs nothing from the Hub: fail fast instead of trying to reach it.
 demo: export HF_HUB_OFFLINE := 1
-# one torch thread per process: on 2 busy cores two threads are several times slower, not faster
+# one torch thread per process: stage processes share few cores (figures: benchmarks/README.md)
 demo: export OMP_NUM_THREADS := 1
 demo: $(VENV)/.demo-installed  ## run the whole DAG for all three variants on the sample
 	python -m stages.compose profile=sample

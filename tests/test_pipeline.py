@@ -392,7 +392,7 @@ def _release_bytes(repo: Path, variant: str) -> dict[str, bytes]:
 
 
 def test_tags_carry_metrics_plots_and_release_notes(built: Path, tmp_path: Path, monkeypatch):
-    """The README's release walk: run, push, tag v0.1; `dvc exp run -S` a Gemma-3 change, push, tag
+    """docs/releases.md's release walk: run, push, tag v0.1; `dvc exp run -S` a Gemma-3 change, push, tag
     v0.2; a fresh clone checks out v0.1 and pulls byte-identical files with `dvc status` clean, and
     the metrics diff and release notes name the changed parameter and figures."""
     import boto3

@@ -241,8 +241,8 @@ def _open(path: Path) -> sqlite3.Connection:
         db.create_function("entry_ok", 2, lambda value, digest: decoded(value, digest) is not None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: atomic, never corrupt; fsync at checkpoints
-        # checkpoint the WAL every ~400 MB, not every 4 MB: random keys dirty pages all over the
-        # tree, and each checkpoint's fsync costs more than the inserts
+        # checkpoint the WAL every ~400 MB, not SQLite's ~4 MB: random keys dirty pages all over the
+        # tree, so fewer checkpoints (figures: benchmarks/README.md)
         db.execute("PRAGMA wal_autocheckpoint=100000")
         db.execute("PRAGMA cache_size=-262144")  # 256 MiB of pages
         db.execute(SCHEMA)

@@ -1,0 +1,114 @@
+"""The README and docs/: every relative link resolves to a file and, with an #anchor, to one of its
+headings; the README stays one screen and links every page of docs/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+README_MAX_LINES = 200
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, mailto:, ...
+
+
+def prose(text: str) -> str:
+    """`text` without fenced code blocks: a `#` line there is a comment, `](` is not a link."""
+    return FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup dropped, lowercase, punctuation but hyphens and spaces
+    dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
+    text = re.sub(r"[`*]", "", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a Markdown file; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in HEADING.findall(prose(path.read_text(encoding="utf-8"))):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def links(path: Path) -> list[str]:
+    """The link targets of a Markdown file, outside code blocks and code spans."""
+    return LINK.findall(CODE_SPAN.sub("", prose(path.read_text(encoding="utf-8"))))
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def broken(path: Path) -> list[str]:
+    """Each relative link of `path` whose file does not exist or whose anchor is no heading of it."""
+    bad = []
+    for target in links(path):
+        if EXTERNAL.match(target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.is_file():
+            bad.append(f"{target} (no file {shown(dest)})")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            bad.append(f"{target} (no heading #{anchor} in {shown(dest)})")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("heading", "expected"),
+    [
+        ("Which defaults are faithful", "which-defaults-are-faithful"),
+        ("13. Translations the release lacks; DeepL", "13-translations-the-release-lacks-deepl"),
+        ("`make demo` and `make test` on a clone", "make-demo-and-make-test-on-a-clone"),
+        ("Failure semantics: one bad row", "failure-semantics-one-bad-row"),
+        ("Left out, or an extension (the LLM or DeepL)", "left-out-or-an-extension-the-llm-or-deepl"),
+        ("Self-hosted servers", "self-hosted-servers"),
+    ],
+)
+def test_slug_follows_github(heading: str, expected: str):
+    assert slug(heading) == expected
+
+
+def test_a_broken_link_or_anchor_is_found(tmp_path: Path):
+    (tmp_path / "a.md").write_text("# Title\n\n## Part one\n", encoding="utf-8")
+    page = tmp_path / "b.md"
+    page.write_text(
+        "[ok](a.md#part-one) [self](#b) [bad anchor](a.md#part-two) [no file](c.md) [web](https://x.org)\n"
+        "```\n# not a heading [nor](d.md)\n```\n# B\n",
+        encoding="utf-8",
+    )
+    assert [b.split(" ")[0] for b in broken(page)] == ["a.md#part-two", "c.md"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=shown)
+def test_every_relative_link_resolves(page: Path):
+    assert page.is_file()
+    bad = broken(page)
+    assert not bad, f"{shown(page)} has broken links:\n" + "\n".join(bad)
+
+
+def test_readme_is_one_screen():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/"
+    )
+
+
+def test_readme_links_every_page_of_docs():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(README) if not EXTERNAL.match(t)}
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link docs/{missing}"
