@@ -21,7 +21,7 @@ from stages.core.cli import run, start, timed
 from stages.core.engines import STRUCTURED_OUTPUT
 from stages.core.executors import Executor, engine_pool, in_own_process
 from stages.core.io import iter_aligned, value_counts
-from stages.core.judge import best_index, judge_table
+from stages.core.judge import judge_table
 from stages.core.params import Params, ParamsError
 from stages.core.prompts import template
 from stages.core.responses import JUDGED, SCORED
@@ -69,7 +69,6 @@ def take_published(params: Params, name: str) -> None:
             local,
             scored,
             record=comparison.record_schema(local)[0],
-            best=best_index,
             multiturn=variant.second_turn is not None,
             rows=variant.score.shard_size,
             producer=published.producer(record),

@@ -11,7 +11,6 @@ import pytest
 from stages.core import published
 from stages.core.errors import SourceError
 from stages.core.io import engine_roles, read_jsonl_gz
-from stages.core.judge import best_index
 from stages.core.params import load_params
 from stages.core.resume import recipe
 from tests.conftest import SAMPLE, run_stage, set_params
@@ -159,15 +158,15 @@ def _record(conversation: list | None, scores: list[float]) -> dict:
 
 
 def test_the_best_response_is_the_one_the_published_conversation_continues():
-    row = published.scored_row(_record([[B, USER, A]], [7.0, 7.0]), best_index, multiturn=True)
+    row = published.scored_row(_record([[B, USER, A]], [7.0, 7.0]), multiturn=True)
     assert (row["best_index"], row["multiturn"], row["multiturn_status"]) == (1, [[B, USER, A]], "published")
-    row = published.scored_row(_record(None, [7.0, 7.0]), best_index, multiturn=True)
+    row = published.scored_row(_record(None, [7.0, 7.0]), multiturn=True)
     assert (row["best_index"], row["multiturn"]) == (0, None)  # no conversation: the judge's rule
-    row = published.scored_row(_record([[B]], [-1.0, -1.0]), best_index, multiturn=True)
+    row = published.scored_row(_record([[B]], [-1.0, -1.0]), multiturn=True)
     assert row["best_index"] == 1  # every judgement failed, yet the publisher continued b
 
 
 @pytest.mark.parametrize("stored", [[[{"role": "assistant", "content": "z"}]], [[], []]])
 def test_a_published_conversation_from_no_response_is_refused(stored):
     with pytest.raises(SourceError, match="c1: the published synthesized_multiturn_conversation is not one"):
-        published.scored_row(_record(stored, [7.0, 3.0]), best_index, multiturn=True)
+        published.scored_row(_record(stored, [7.0, 3.0]), multiturn=True)

@@ -21,8 +21,8 @@ from stages.core import sft
 from stages.core.crypto import decrypt_file, derive_key
 from stages.core.errors import PipelineError, SourceError
 from stages.core.io import read_jsonl_gz, write_jsonl_gz
-from stages.core.judge import best_index
 from stages.core.params import ParamsError, SftOption, load_params, validate
+from stages.core.scores import best_index
 from tests.conftest import SAMPLE, FakeEngine, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_best_response_is_not_always_the_first(built: Path):
     """The sample's scores pick a later response for some instructions: selection is exercised."""
     records = pq.read_table(built / f"data/release/gemma2/{STEM}.parquet").to_pylist()
     picks = [
-        sft.best_response([n["preference_score"] for n in r["synthesized_response_scoring_annotations"]])
+        best_index([n["preference_score"] for n in r["synthesized_response_scoring_annotations"]])
         for r in records
         if r["synthesized_response_scoring_annotations"]
     ]
@@ -253,7 +253,6 @@ USER = {"instruction_ja": "質問", "instruction": "question", "redacted": False
     ],
 )
 def test_best_response_and_min_score(scores, min_score, want):
-    assert sft.best_response(scores) == best_index(scores)  # the response score chose (two-turn's start)
     turns, reason = sft.conversation(_record(scores), USER, SftOption(min_score=min_score))
     if want.startswith("r"):
         assert reason is None

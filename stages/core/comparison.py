@@ -22,7 +22,8 @@ from stages.core.errors import SourceError
 from stages.core.join import DUCKDB
 from stages.core.plots import TOKEN_BINS
 from stages.core.published import EN, ID, JA, NOTES, RECORD
-from stages.core.responses import MESSAGE, SCORE_FAILED
+from stages.core.responses import MESSAGE
+from stages.core.scores import SCORE_FAILED
 
 SIDES = ("ours", "published")
 FLAGS = ("empty_user_instruction_ja", "duplicate_user_instruction_ja", "is_template_instruction")

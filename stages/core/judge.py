@@ -23,7 +23,8 @@ import pyarrow as pa
 from stages.core.engines import MODE_IGNORED, OK, ChatRequest, Completion, Engine, Reply
 from stages.core.params import ScoreParams
 from stages.core.prompts import user_turn
-from stages.core.responses import SCORE_FAILED, SCORED, request_seed
+from stages.core.responses import SCORED, request_seed
+from stages.core.scores import SCORE_FAILED, best_index
 
 FAILED = SCORE_FAILED
 MAX_SCORE = 10.0
@@ -238,12 +239,6 @@ def judge_request(spec: ScoreParams, question: str, answer: str, seed: int) -> C
     if spec.mode == "logprob":
         return ChatRequest(messages, seed=seed, top_logprobs=spec.top_logprobs, logprobs_after=RATING_MARK)
     return ChatRequest(messages, seed=seed)
-
-
-def best_index(scores: list[float]) -> int | None:
-    """Index of the highest valid score (the first on ties); None when every judgement failed."""
-    valid = [(score, -i) for i, score in enumerate(scores) if score != FAILED]
-    return -max(valid)[1] if valid else None
 
 
 def annotations(

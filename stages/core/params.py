@@ -5,10 +5,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stages.core.errors import PipelineError
 from stages.core.resume import OMIT_DEFAULT, RUNTIME
@@ -16,6 +24,16 @@ from stages.core.resume import OMIT_DEFAULT, RUNTIME
 PARAMS_FILE = Path(os.environ.get("LMSYS_SYNTH_PARAMS", "params.yaml"))
 VARIANT_NAME = r"^[a-z][a-z0-9_]*$"
 SHA256 = r"[0-9a-f]{64}"
+
+
+def _hex_digests(pins: dict[str, str]) -> dict[str, str]:
+    bad = [name for name, digest in pins.items() if not re.fullmatch(SHA256, digest)]
+    if bad:
+        raise ValueError(f"not 64 lowercase hex digits for {bad}")
+    return pins
+
+
+Pins = Annotated[dict[str, str], AfterValidator(_hex_digests)]  # sha256 checksums by file name
 COMMIT = r"[0-9a-f]{40}"
 RELEASE_PROFILE = "production"  # its sources must be pinned to commits
 
@@ -76,17 +94,9 @@ class SourceSpec(Strict):
     uri: str  # local path, s3:// or hf://datasets/<repo>
     revision: str | None = None  # Hub revision: a 40-hex commit in release configs
     include: list[str] = Field(min_length=1)  # globs relative to uri
-    sha256: dict[str, str] = {}  # expected checksums by relative path
+    sha256: Pins = {}  # expected checksums by relative path
     # fsspec options that are not secrets, e.g. {endpoint_url: ...} for S3, {endpoint: ...} for a Hub mirror
     storage_options: dict[str, str | int | float | bool] = {}
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digests(cls, pins: dict[str, str]) -> dict[str, str]:
-        bad = [name for name, digest in pins.items() if not re.fullmatch(SHA256, digest)]
-        if bad:
-            raise ValueError(f"not 64 lowercase hex digits for {bad}")
-        return pins
 
 
 class FilterSpec(Strict):
@@ -417,17 +427,9 @@ class PublishedParams(Strict):
     uri: str  # local path, s3:// or hf://datasets/<repo>, as fetch.released
     revision: str | None = None  # Hub revision: a 40-hex commit in release configs
     file: str  # a variant's public file, relative to uri; {name} is its release_name
-    sha256: dict[str, str] = {}  # expected checksums by file (after {name} is filled in)
+    sha256: Pins = {}  # expected checksums by file (after {name} is filled in)
     storage_options: dict[str, str | int | float | bool] = {}  # fsspec options that are not secrets
     card: PublishedCard | None = None  # the dataset card's figures of each file
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digests(cls, pins: dict[str, str]) -> dict[str, str]:
-        bad = [name for name, digest in pins.items() if not re.fullmatch(SHA256, digest)]
-        if bad:
-            raise ValueError(f"not 64 lowercase hex digits for {bad}")
-        return pins
 
     def figures(self, release_name: str) -> dict[str, int | None] | None:
         """The card's figures of a variant's file when the published files are the card's release."""

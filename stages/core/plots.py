@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.io import write_json
-from stages.core.responses import SCORE_FAILED
+from stages.core.scores import SCORE_FAILED
 
 # response_token_length bins: [low, next low); the last is open (the default repetition rule: > 2000,
 # docs/assumptions.md)

@@ -32,6 +32,7 @@ from stages.core.io import ENGINE_METADATA, PARQUET_OPTIONS, atomic_path, sha256
 from stages.core.join import DUCKDB, Spill, read_batches, rechunk
 from stages.core.params import COMMIT, PublishedParams
 from stages.core.responses import ANNOTATION, GENERATED, MESSAGE, SCORED
+from stages.core.scores import best_index
 from stages.core.source import fetch_files
 
 LOG = logging.getLogger(__name__)
@@ -170,18 +171,18 @@ def conversation(value: list | None) -> list | None:
     return [value] if isinstance(value[0], dict) else value
 
 
-def scored_row(record: dict, best: Callable[[list[float]], int | None], multiturn: bool) -> dict:
+def scored_row(record: dict, multiturn: bool) -> dict:
     """Score's row of a published record: the annotations as published, judge status `published`
     per response, where `multiturn` the record's conversation (`conversation`, status `published`),
     and the best response: the one that conversation starts from, as the publisher chose it (the
-    card: the second turn continues the best response [V]), else `best` (the judge's rule). Nulls
-    where the record has no responses."""
+    card: the second turn continues the best response [V]), else scores.best_index (the judge's
+    rule). Nulls where the record has no responses."""
     cid, messages, notes = record[ID], record[JA], record[NOTES]
     _aligned(cid, messages, notes)
     row = dict.fromkeys(SCORED.names) | {ID: cid}
     if messages is None:
         return row
-    at = best([n["preference_score"] for n in notes])
+    at = best_index([n["preference_score"] for n in notes])
     if multiturn and (stored := conversation(record.get(MULTITURN))) is not None:
         contents = [m["content"] for m in messages]
         if len(stored) != 1 or not stored[0] or stored[0][0]["content"] not in contents:
@@ -296,21 +297,20 @@ def write_scored(
     published: Path,
     out: str | Path,
     record: pa.Schema,
-    best: Callable[[list[float]], int | None],
     multiturn: bool,
     rows: int,
     producer: dict,
 ) -> int:
     """Write score's table for every translated row from the published file (`record`: its fields'
-    types, the multi-turn field's shape among them): each row as `scored_row` makes it, with `best`
-    the judge's rule and, where `multiturn`, the published conversations (status `not_published` where
-    the file lacks the row); nulls where the file lacks the row or it has no responses. `producer` is
-    recorded as the judge role (and second_turn where `multiturn`). Return the rows written."""
+    types, the multi-turn field's shape among them): each row as `scored_row` makes it and, where
+    `multiturn`, the published conversations (status `not_published` where the file lacks the row);
+    nulls where the file lacks the row or it has no responses. `producer` is recorded as the judge
+    role (and second_turn where `multiturn`). Return the rows written."""
     columns = [ID, JA, NOTES, *([MULTITURN] if multiturn and MULTITURN in record.names else [])]
     taking = Taking(
         columns,
         SCORED,
-        partial(scored_row, best=best, multiturn=multiturn),
+        partial(scored_row, multiturn=multiturn),
         lacking={"multiturn_status": NOT_PUBLISHED} if multiturn else {},
         record=record,
     )

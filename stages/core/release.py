@@ -10,7 +10,8 @@ import pyarrow.compute as pc
 from stages.core.engines import FAILED as FAILED_REQUEST
 from stages.core.engines import MODE_IGNORED, PARTIAL, TOO_LONG
 from stages.core.engines.base import distribution_version
-from stages.core.responses import ANNOTATION, MESSAGE, SCORE_FAILED, SKIPPED_REDACTED
+from stages.core.responses import ANNOTATION, MESSAGE, SKIPPED_REDACTED
+from stages.core.scores import SCORE_FAILED
 
 
 def messages(turns: pa.ChunkedArray, role: str, field: str = "content") -> pa.ChunkedArray:

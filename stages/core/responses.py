@@ -27,7 +27,6 @@ ANNOTATION = pa.struct(
         ("preference_score", pa.float64()),
     ]
 )
-SCORE_FAILED = -1.0  # preference_score where the judge failed or its output holds no rating
 FIELDS = {"ja": "instruction_ja", "en": "instruction"}  # the instruction each language answers
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 # generate's out: responses (null where not asked or none came back) and the request's status

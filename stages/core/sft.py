@@ -16,6 +16,7 @@ from stages.core.errors import PipelineError, SourceError
 from stages.core.first_turn import iter_first_turns
 from stages.core.io import jsonl_gz_writer, read_jsonl_gz
 from stages.core.params import FetchParams, Params, SftOption
+from stages.core.scores import best_index
 from stages.core.source import list_files
 
 # why a record gets no conversation, in the order the rules are applied (counted under the first)
@@ -43,12 +44,6 @@ def options_for(params: Params, variant: str, names: list[str] | None = None) ->
     return {k: o for k, o in found.items() if names is None or k in names}
 
 
-def best_response(scores: list[float]) -> int | None:
-    """The index of the highest valid score (a failed judgement scores -1), the first on ties: the
-    response score chose (judge.best_index, which this module does not import: it brings the engines)."""
-    return max((i for i, score in enumerate(scores) if score >= 0), key=scores.__getitem__, default=None)
-
-
 def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict] | None, str | None]:
     """(the SFT conversation, None), or (None, the first REASONS rule that leaves the record out).
 
@@ -64,7 +59,7 @@ def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict
     if option.language == "en":  # one English response, not scored
         return [first, {"role": "assistant", "content": responses[0]["content"]}], None
     scores = [note["preference_score"] for note in record[NOTES]]
-    best = best_response(scores)
+    best = best_index(scores)  # the response score chose
     if best is None:
         return None, "no_scored_response"
     if option.min_score is not None and scores[best] < option.min_score:
