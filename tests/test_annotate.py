@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stages.core.annotate import (
     blank,
@@ -177,3 +179,62 @@ def test_prefiltered_batches_keep_python_regex_semantics():
     assert template_categories(table, templates).to_pylist() == expected
     folded = ["folded"] * 3
     assert expected == [*folded, "kelvin", None, "ascii", None, "scoped", None, "digits", None, None, None]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "run"),
+    [
+        (r"(?i)^\s*give me an introduction over \d+ words for \S", "give me an introduction over "),
+        (r"(?i)\bsay something (toxic|bad)\b[^\n]{0,20}", "say something "),
+        (r"abc?d", "ab"),  # an optional character cuts the run
+        (r"ab{0,2}cd", "cd"),
+        (r"ab{2}cd", "ab"),  # a required repeat keeps the character, then cuts
+        (r"a\x41bc", "bc"),  # a coded character is skipped whole, never read as "41"
+        (r"\N{HIRAGANA LETTER A}bc", "bc"),
+        (r"\.com\?", ".com?"),  # an escaped punctuation mark is itself
+        (r"a{b}c", "a{b}c"),  # not a repeat: literal braces, as in Python
+        (r"a|bcd", ""),  # an alternation at the top level: nothing is in every match
+        (r"(?x)a b c", ""),  # verbose: whitespace and comments are not text
+        (r"x(?i:abc)y[bcd]z", "x"),  # groups and classes cut
+    ],
+)
+def test_the_literal_run_of_a_pattern(pattern, run):
+    import re
+
+    from stages.core.annotate import _literal_run
+
+    assert _literal_run(re.compile(pattern)) == run
+
+
+ATOMS = ["a", "b", "s", "k", "i", "ſ", "K", "ı", " ", "\\.", "\\d", "\\s", "\\b", ".", "^", "$", "[ab]",
+         "[^a]", "(ab)", "(?:a|b)", "(?i:sk)", "\\x61", "\\u017f", "\\N{LATIN SMALL LETTER A}",
+         "{", "}"]  # fmt: skip
+REPEATS = ["", "", "", "*", "+", "?", "{2}", "{0,2}", "{1,}", "*?", "+?"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    atoms=st.lists(st.tuples(st.sampled_from(ATOMS), st.sampled_from(REPEATS)), min_size=1, max_size=6),
+    flags=st.sampled_from(["", "(?i)", "(?a)", "(?s)"]),
+    alternative=st.booleans(),
+    texts=st.lists(st.text(alphabet="absikſKıI .\n1٣{}", max_size=12), min_size=1, max_size=8),
+)
+def test_a_prefilter_never_drops_a_row_python_s_re_matches(atoms, flags, alternative, texts):
+    """Every text a pattern finds a match in also matches its prefilter (RE2, in Arrow): the batch
+    path can only narrow the rows Python's `re` then reads, never lose one."""
+    import re
+
+    import pyarrow.compute as pc
+
+    from stages.core.annotate import prefilters
+
+    pattern = flags + "".join(a + r for a, r in atoms) + ("|zz" if alternative else "")
+    try:
+        compiled = re.compile(pattern)
+    except re.error:
+        return
+    (prefilter,) = prefilters([compiled])
+    texts = [*texts, *(m.group() for t in texts if (m := compiled.search(t)))]
+    matched = [t for t in texts if compiled.search(t)]
+    if prefilter is not None and matched:
+        assert pc.match_substring_regex(pa.array(matched), prefilter).to_pylist() == [True] * len(matched)

@@ -9,7 +9,6 @@ import itertools
 import re
 import sys
 from dataclasses import dataclass
-from re import _constants, _parser  # the parse tree of the regex a rule holds
 
 import numpy as np
 import pyarrow as pa
@@ -79,15 +78,78 @@ def _same_characters(chars: set[str], flags: int) -> dict[str, str]:
     return classes
 
 
+QUANTIFIER = re.compile(r"\*|\+|\?|\{(\d*)(?:,\d*)?\}")  # a repeat, its minimum in {m,n}
+ESCAPES = frozenset("0123456789ABDNSUWZabdfnrstuvwx")  # escapes that are not the character itself
+# what follows an escape that is part of it: \x41, \u3042, \U0001F600, \N{...}, \012, \12
+ESCAPE_TAIL = re.compile(
+    r"(?<=x)[0-9a-fA-F]{2}|(?<=u)[0-9a-fA-F]{4}|(?<=U)[0-9a-fA-F]{8}|(?<=N)\{[^}]*\}|(?<=\d)\d{0,2}"
+)
+
+
+def _skip_group(text: str, start: int) -> int:
+    """The index after the group or class that opens at `start` (nested groups, classes and escapes
+    inside it skipped); len(text) when it never closes (re.compile has refused that pattern)."""
+    depth, i, in_class, class_start = 0, start, False, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if c == "]" and i > class_start:
+                in_class = False
+                if depth == 0:
+                    return i + 1
+        elif c == "[":
+            in_class, class_start = True, i + 1 + (text[i + 1 : i + 2] == "^")
+            if text[class_start : class_start + 1] == "]":
+                class_start += 1  # "[]...]": the first ] is a member
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return len(text)
+
+
 def _literal_run(pattern: re.Pattern) -> str:
-    """The longest run of literal characters at the top level of `pattern`: each match holds it."""
-    runs, run = [], ""
-    for op, value in _parser.parse(pattern.pattern, pattern.flags):
-        if op is _constants.LITERAL:
-            run += chr(value)
-        else:
+    """The longest run of characters that every match of `pattern` holds in this order, read off its
+    top level: literal characters, with groups, classes, escapes that stand for a set, anchors and
+    optional repeats breaking a run ("" under an alternation or re.VERBOSE). Conservative: a run
+    it cannot be sure of is cut, never guessed (tests/test_annotate.py checks it against `re`)."""
+    text = pattern.pattern if isinstance(pattern.pattern, str) else ""
+    if pattern.flags & re.VERBOSE:
+        return ""
+    runs, run, i, literal = [], "", 0, False  # literal: the last atom was run's last character
+    while i < len(text):
+        c = text[i]
+        if repeat := QUANTIFIER.match(text, i):
+            i = repeat.end() + (text[repeat.end() : repeat.end() + 1] in ("?", "+"))  # lazy, possessive
+            if literal and (c in "*?" or (c == "{" and not int(repeat.group(1) or 0))):
+                run = run[:-1]  # an optional character is not in every match
             runs.append(run)
-            run = ""
+            run, literal = "", False
+            continue
+        if c == "|":
+            return ""  # an alternation at the top level: no run is in every match
+        if c == "\\" and i + 1 < len(text) and text[i + 1] not in ESCAPES:
+            run, i, literal = run + text[i + 1], i + 2, True
+            continue
+        if c in "\\.^$()[":
+            if c == "\\":  # an escape that stands for a set, a position or a coded character
+                i = (
+                    (tail.end() if (tail := ESCAPE_TAIL.match(text, i + 2)) else i + 2)
+                    if i + 1 < len(text)
+                    else i + 1
+                )
+            else:
+                i = _skip_group(text, i) if c in "([" else i + 1
+            runs.append(run)
+            run, literal = "", False
+            continue
+        run, i, literal = run + c, i + 1, True
     return max([*runs, run], key=len)
 
 
