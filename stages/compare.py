@@ -31,7 +31,7 @@ BATCH_ROWS = 4096  # rows of our release read at a time
 def our_release(params: Params, name: str) -> tuple[Path, Iterator[pa.RecordBatch]]:
     """The variant's released public file (Parquet if package wrote it, else jsonl.gz) and its records."""
     stem = params.release.file.format(name=params.models[name].release_name)
-    directory = Path(params.paths.release) / name
+    directory = Path(params.paths.release_of(name))
     parquet, jsonl = directory / f"{stem}.parquet", directory / f"{stem}.jsonl.gz"
     if parquet.is_file():
         found = pq.ParquetFile(parquet)

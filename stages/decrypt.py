@@ -6,33 +6,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core.cli import run, start_subsets, timed
-from stages.core.crypto import decrypt_file, derive_key
-from stages.core.errors import SourceError
-from stages.core.io import PARQUET_OPTIONS, atomic_path, private_tempdir, read_jsonl_gz
+from stages.core.crypto import decrypt_file, derive_key, instruction_rows
+from stages.core.io import PARQUET_OPTIONS, atomic_path, private_tempdir
 
 LOG = logging.getLogger("stages.decrypt")
 ROW_GROUP = 16_384  # rows held and written at a time
 SCHEMA = pa.schema([("conversation_id", pa.string()), ("instruction_ja", pa.string())])
-
-
-def instruction_rows(path: Path) -> Iterator[dict]:
-    """Parse the decrypted jsonl.gz; a record without its first user turn is an error naming it."""
-    seen = set()  # conversation_ids so far: ~0.5 M of them in the published release
-    for i, record in enumerate(read_jsonl_gz(path), 1):
-        turns = record.get("translated_conversation") or []
-        if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
-            raise SourceError(f"{path}: record {i} lacks conversation_id or a first user turn")
-        if record["conversation_id"] in seen:
-            raise SourceError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
-        seen.add(record["conversation_id"])
-        yield {"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]}
 
 
 def write_instructions(rows: Iterable[dict], out: Path) -> int:

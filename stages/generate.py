@@ -51,7 +51,7 @@ def main() -> None:
     params, name = start("generate", __doc__, variant=True)
     spec, paths = params.models[name].generate, params.paths
     translated = paths.translated_of(params.models[name].subset)
-    out = Path(paths.generated) / f"{name}.parquet"
+    out = Path(paths.generated_of(name))
     if spec.source == "published":
         take_published(params, name, out)
         return

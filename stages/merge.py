@@ -22,7 +22,7 @@ LOG = logging.getLogger("stages.merge")
 def release_file(params: Params, name: str) -> Path:
     """The release's jsonl.gz that merge reads; SourceError when release.formats leaves it out."""
     stem = params.release.file.format(name=params.models[name].release_name)
-    release = Path(params.paths.release) / name / f"{stem}.jsonl.gz"
+    release = Path(params.paths.release_of(name)) / f"{stem}.jsonl.gz"
     if not release.is_file():
         raise SourceError(
             f"{release} does not exist: merge reads the release's jsonl.gz (release.formats must list "

@@ -81,8 +81,8 @@ def released_rows(params: Params, name: str) -> Iterator[pa.Table]:
     paths = params.paths
     return iter_aligned(
         (paths.translated_of(params.models[name].subset), FLAGS),
-        (Path(paths.generated) / f"{name}.parquet", GENERATED),
-        (Path(paths.scored) / f"{name}.parquet", SCORED),
+        (paths.generated_of(name), GENERATED),
+        (paths.scored_of(name), SCORED),
         rows=params.release.batch_rows,
     )
 
@@ -103,7 +103,7 @@ def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, sc
     same_subset = sorted(
         v for v, spec in params.models.items() if spec.subset == variant.subset and v != name
     )
-    dirs = [f"{paths.release}/{v}" for v in [name, *same_subset]]
+    dirs = [paths.release_of(v) for v in [name, *same_subset]]
     previous = previous_ciphertext(dirs, target.name, plain_sha256, key, scratch)
     if previous is not None:
         shutil.copyfile(previous, target)  # inside the staged directory
@@ -119,7 +119,7 @@ def main() -> None:
         timed(LOG, f"package@{name}") as counts,
         # the plaintext instructions, private like their source: never in the system's temp dir
         private_tempdir(Path(paths.instructions).parent, f"package-{name}") as tmp,
-        staged_dir(Path(paths.release) / name) as out,  # all or nothing: the old release stays until done
+        staged_dir(paths.release_of(name)) as out,  # all or nothing: the old release stays until done
     ):
         plain = Path(tmp) / "instructions.jsonl.gz"
         totals, drawn = write_release(params, name, out, plain)
@@ -139,8 +139,8 @@ def main() -> None:
                 engine_roles(  # translate's: the translator of the rows the release lacks, if any
                     [
                         paths.translated_of(variant.subset),
-                        Path(paths.generated) / f"{name}.parquet",
-                        Path(paths.scored) / f"{name}.parquet",
+                        paths.generated_of(name),
+                        paths.scored_of(name),
                     ]
                 )
             ),

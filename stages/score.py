@@ -35,9 +35,9 @@ LOG = logging.getLogger("stages.score")
 def _files(params: Params, name: str) -> tuple[Path, Path, Path]:
     """generate's out, the judge pass's out and score's out of variant `name`."""
     paths, variant = params.paths, params.models[name]
-    scored = Path(paths.scored) / f"{name}.parquet"
+    scored = Path(paths.scored_of(name))
     judged = scored if variant.second_turn is None else Path(paths.checkpoints) / f"score@{name}.parquet"
-    return Path(paths.generated) / f"{name}.parquet", judged, scored
+    return Path(paths.generated_of(name)), judged, scored
 
 
 def from_published(params: Params, name: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stages.core import sft
 from stages.core.cli import LOG_FORMAT, run, timed
+from stages.core.crypto import instruction_rows
 from stages.core.errors import PipelineError, SourceError
 from stages.core.io import staged_dir, write_json
 from stages.core.params import Params, load_params
@@ -54,7 +55,7 @@ def sources(params: Params, args: argparse.Namespace, options: dict) -> list[tup
             raise PipelineError("--lmsys goes with --instructions (rebuilding from the public files)")
         path = Path(params.paths.translated_of(params.models[args.variant].subset))
         return [(str(path), sft.table_rows(path, USER_COLUMNS, BATCH_ROWS))]
-    found = [(str(args.instructions), sft.instruction_rows(args.instructions))]
+    found = [(str(args.instructions), instruction_rows(args.instructions))]
     if args.lmsys is not None:
         return [*found, (str(args.lmsys), sft.lmsys_rows(args.lmsys, params.fetch))]
     need = [k for k, o in options.items() if o.language == "en" or o.exclude_redacted]
@@ -73,7 +74,7 @@ def main() -> None:
     params.variant(name)
     options = sft.options_for(params, name, args.sets)
     records = sft.release_records(
-        release_file(params, name, args.release_dir or Path(params.paths.release) / name), BATCH_ROWS
+        release_file(params, name, args.release_dir or Path(params.paths.release_of(name))), BATCH_ROWS
     )
     pairs = sft.merged(records, sources(params, args, options))
     with timed(LOG, f"sft@{name}") as counts, staged_dir(args.out or Path(params.paths.sft) / name) as out:

@@ -18,7 +18,7 @@ from stages.core.shards import (
     main,
     prunable,
     rows_digest,
-    run_sharded,
+    run_checkpointed,
     slices,
 )
 
@@ -43,7 +43,7 @@ def _double(calls: list[int]):
 
 
 def _run(table: pa.Table, fn, tmp_path, key: str = "k1") -> int:
-    return run_sharded(
+    return run_checkpointed(
         slices(table, 3),
         fn,
         out=tmp_path / "out.parquet",
@@ -180,7 +180,7 @@ def _flaky(calls: list[list[str]], failing: set[str]):
 
 
 def _run_status(table: pa.Table, fn, tmp_path, tally: Counter | None = None) -> int:
-    return run_sharded(
+    return run_checkpointed(
         slices(table, 3),
         fn,
         out=tmp_path / "out.parquet",

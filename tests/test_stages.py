@@ -270,13 +270,18 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
 
 
 def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
+    from stages.core.crypto import instruction_rows
     from stages.core.io import write_jsonl_gz
-    from stages.decrypt import instruction_rows
 
     record = {"conversation_id": "c1", "translated_conversation": [{"role": "user", "content": "こんにちは"}]}
     path = tmp_path / "ja.jsonl.gz"
     write_jsonl_gz([record, record], path)
     with pytest.raises(ValueError, match="record 2 repeats conversation_id c1"):
+        list(instruction_rows(path))
+    write_jsonl_gz([record, {"conversation_id": "c2", "translated_conversation": []}], path)
+    with pytest.raises(
+        ValueError, match=r"record 2 lacks conversation_id or a first user turn .*not the \.gpg"
+    ):
         list(instruction_rows(path))
 
 

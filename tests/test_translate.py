@@ -159,3 +159,17 @@ def test_the_release_decides_membership_and_the_filter_only_what_it_lacks(tmp_pa
     assert table["conversation_id"].to_pylist() == ["a", "b", "c"]
     assert table["duplicate_user_instruction_ja"].to_pylist() == [None, "a", None]
     assert table["instruction_source"].to_pylist() == ["released"] * 3
+
+
+def test_repeated_ids_of_a_table_or_a_parquet_file(tmp_path):
+    """One query names the repeated conversation_ids for translate, the published file and compare."""
+    import duckdb
+
+    from stages.core.join import repeated_ids
+
+    ids = pa.table({"conversation_id": ["d", "a", "b", "a", "c", "d", "b", "e"]})
+    pq.write_table(ids, tmp_path / "ids.parquet")
+    with duckdb.connect() as db:
+        assert repeated_ids(db, "read_parquet($t)", {"t": str(tmp_path / "ids.parquet")}) == ["a", "b", "d"]
+        db.register("side", ids)
+        assert repeated_ids(db, "side", limit=2) == ["a", "b"]

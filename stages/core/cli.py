@@ -108,9 +108,9 @@ def stage_input(params: Params, kind: str, name: str | None, subset: str | None)
         "first_turn": (paths.first_turn, "fetch"),
         "instructions": (paths.instructions_of(subset), f"decrypt@{subset}"),
         "translated": (paths.translated_of(subset), f"translate@{subset}"),
-        "generated": (f"{paths.generated}/{name}.parquet", f"generate@{name}"),
-        "scored": (f"{paths.scored}/{name}.parquet", f"score@{name}"),
-        "release": (f"{paths.release}/{name}", f"package@{name}"),
+        "generated": (paths.generated_of(name), f"generate@{name}"),
+        "scored": (paths.scored_of(name), f"score@{name}"),
+        "release": (paths.release_of(name), f"package@{name}"),
     }[kind]
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.errors import SourceError
-from stages.core.join import DUCKDB
+from stages.core.join import DUCKDB, repeated_ids
 from stages.core.plots import TOKEN_BINS
 from stages.core.published import EN, ID, JA, NOTES, RECORD
 from stages.core.responses import MESSAGE
@@ -169,11 +169,6 @@ def load_side(db: duckdb.DuckDBPyConnection, side: str, batches: Iterable[pa.Rec
     return totals
 
 
-def _repeated(db: duckdb.DuckDBPyConnection, side: str) -> list[str]:
-    query = f"SELECT {ID} FROM {side} GROUP BY {ID} HAVING count(*) > 1 ORDER BY {ID} LIMIT {EXAMPLES}"
-    return [cid for (cid,) in db.sql(query).fetchall()]
-
-
 JOINED = f"""FROM ours o FULL OUTER JOIN published p ON o.{ID} = p.{ID}"""
 BOTH = f"o.{ID} IS NOT NULL AND p.{ID} IS NOT NULL"
 # per flag (and responses per row): the SQL of "the two sides differ" on a shared row
@@ -196,7 +191,7 @@ def join_counts(db: duckdb.DuckDBPyConnection) -> dict:
     """Row overlap, and per flag the shared rows that differ (set on one side only, or set to
     different values) with a few example conversation_ids."""
     for side in SIDES:
-        if repeated := _repeated(db, side):
+        if repeated := repeated_ids(db, side, limit=EXAMPLES):
             raise SourceError(f"the {side} file repeats conversation_ids, e.g. {repeated}")
     counts = dict(
         zip(

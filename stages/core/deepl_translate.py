@@ -27,7 +27,7 @@ from stages.core.errors import PipelineError
 from stages.core.io import ENGINE_METADATA, value_counts
 from stages.core.params import DeepLParams, Params
 from stages.core.resume import code_digest, digest, recipe
-from stages.core.shards import run_sharded, slices
+from stages.core.shards import run_checkpointed, slices
 from stages.core.translator import TRANSLATED, read_answers, split_empty
 
 LOG = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def translate_with_deepl(
     out = Path(params.paths.stage_out(stage))
     client = DeepL(spec, ResponseCache(params.paths.response_cache, params.engine.cache))
     try:
-        run_sharded(
+        run_checkpointed(
             slices(table.select(["conversation_id", "instruction"]), params.translate.shard_size),
             lambda shard, _: translate_table(client, shard),
             out=out,

@@ -1,6 +1,6 @@
 """Where a stage's engine work runs: one engine in this process (`engine.executor: local`) or a pool
 of engine replicas on a Ray cluster (`engine.executor: ray`). Both take the same picklable work,
-`work(engine, shard) -> table`, and hand its result to `run_sharded`, which checkpoints every
+`work(engine, shard) -> table`, and hand its result to `shards.run_checkpointed`, which checkpoints every
 finished shard under the stage's resume key: a killed job, a lost worker or a preempted node costs
 only the shards that were not finished. Results do not depend on the executor: every request
 carries its own seed."""
@@ -28,7 +28,7 @@ from stages.core.engines.base import missing_extra
 from stages.core.errors import PipelineError
 from stages.core.io import ENGINE_METADATA, engines_of
 from stages.core.params import EngineParams, LLMSpec
-from stages.core.shards import run_sharded
+from stages.core.shards import run_checkpointed
 
 LOG = logging.getLogger(__name__)
 Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
@@ -72,7 +72,7 @@ class Executor(abc.ABC):
         ceiling: tuple[str, float] | None = None,
         **kwargs: Any,
     ) -> int:
-        """`shards.run_sharded` with `work` on this executor's engines. `out` records this engine's
+        """`shards.run_checkpointed` with `work` on this executor's engines. `out` records this engine's
         identity as `role` (and the roles recorded in the Parquet file `carry`, an input). `statuses`
         names the out's request-status columns: unfinished requests of reused shards are asked again,
         and with `ceiling` (its params key, its rate) the stage fails when more than that share of
@@ -80,7 +80,7 @@ class Executor(abc.ABC):
         metadata = engines_of(carry) if carry else {}
         metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
         tally, stage = Counter(), kwargs.get("stage", role)
-        rows = run_sharded(
+        rows = run_checkpointed(
             shards,
             lambda shard, index: self.submit(work, shard, index),
             window=self.capacity,

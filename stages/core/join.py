@@ -55,6 +55,15 @@ LLM_ROWS = pa.schema(
 )
 
 
+def repeated_ids(
+    db: duckdb.DuckDBPyConnection, relation: str, params: dict | None = None, limit: int = 5
+) -> list[str]:
+    """Up to `limit` conversation_ids that `relation` (a table name, or read_parquet($x) with
+    `params`) holds more than once, in id order."""
+    query = f"SELECT {ID} FROM {relation} GROUP BY {ID} HAVING count(*) > 1 ORDER BY {ID} LIMIT {int(limit)}"
+    return [cid for (cid,) in db.sql(query, params=params).fetchall()]
+
+
 def read_batches(path: str | Path, columns: list[str] | None, rows: int) -> Iterator[pa.RecordBatch]:
     """The rows of a Parquet file, a batch at a time."""
     parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False)
@@ -187,10 +196,7 @@ class TranslationJoin:
 
     def repeated_ids(self) -> list[str]:
         """Up to 5 conversation_ids that the first-turn table holds more than once."""
-        query = (
-            f"SELECT {ID} FROM read_parquet($first) GROUP BY {ID} HAVING count(*) > 1 ORDER BY {ID} LIMIT 5"
-        )
-        return [cid for (cid,) in self._sql(query).fetchall()]
+        return repeated_ids(self.db, "read_parquet($first)", {"first": str(self.first)})
 
     def release_counts(self) -> dict[str, int]:
         """The released rows (with a translation) and how this subset's filter sees them:

@@ -81,6 +81,18 @@ class Paths(Strict):
         """translate@<subset>'s out: that subset's conversations with their Japanese instructions."""
         return f"{self.translated}-{subset}.parquet"
 
+    def generated_of(self, variant: str) -> str:
+        """generate@<variant>'s out: its responses and their statuses."""
+        return f"{self.generated}/{variant}.parquet"
+
+    def scored_of(self, variant: str) -> str:
+        """score@<variant>'s out: its judgements, best responses and second turns."""
+        return f"{self.scored}/{variant}.parquet"
+
+    def release_of(self, variant: str) -> str:
+        """package@<variant>'s out: the release directory."""
+        return f"{self.release}/{variant}"
+
     def not_released_of(self, subset: str) -> str:
         """translate@<subset>'s list of the conversation_ids its filter keeps that the release lacks."""
         return f"{self.translated}-{subset}.not-released.txt"

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from stages.core.errors import SourceError
 from stages.core.io import ENGINE_METADATA, PARQUET_OPTIONS, atomic_path, sha256_file, write_json
-from stages.core.join import DUCKDB, Spill, read_batches, rechunk
+from stages.core.join import DUCKDB, Spill, read_batches, rechunk, repeated_ids
 from stages.core.params import COMMIT, PublishedParams
 from stages.core.responses import ANNOTATION, GENERATED, MESSAGE, SCORED
 from stages.core.scores import best_index
@@ -198,11 +198,6 @@ def scored_row(record: dict, multiturn: bool) -> dict:
     return row
 
 
-def _repeated(db: duckdb.DuckDBPyConnection, table: Path) -> list[str]:
-    query = f"SELECT {ID} FROM read_parquet($t) GROUP BY {ID} HAVING count(*) > 1 ORDER BY {ID} LIMIT 5"
-    return [cid for (cid,) in db.sql(query, params={"t": str(table)}).fetchall()]
-
-
 def _places(db: duckdb.DuckDBPyConnection, taken: Path, translated: Path, rows: int) -> pa.RecordBatchReader:
     """Each published row's row in translated order (null: not a translated row), in published order."""
     query = f"""SELECT t.file_row_number AS row FROM read_parquet($taken, file_row_number = true) p
@@ -217,7 +212,7 @@ def _spill(taken: Path, translated: Path, scratch: Path, rows: int, parts: int) 
     placed = pa.schema([("row", pa.int64()), *list(pq.read_schema(taken))[1:]])
     spill = Spill(scratch / "by-row", placed, parts)
     with duckdb.connect(config={**DUCKDB, "temp_directory": str(scratch / "duckdb")}) as db:
-        if repeated := _repeated(db, taken):
+        if repeated := repeated_ids(db, "read_parquet($t)", {"t": str(taken)}):
             raise SourceError(f"the published file repeats conversation_ids, e.g. {repeated}")
         places = rechunk(_places(db, taken, translated, rows), rows)
         for part, place in zip(rechunk(read_batches(taken, None, rows), rows), places, strict=True):

@@ -103,22 +103,6 @@ def table_rows(path: Path, columns: list[str], rows: int) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def instruction_rows(path: Path) -> Iterator[dict]:
-    """The decrypted instructions file (lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz)."""
-    for record in read_jsonl_gz(path):
-        yield {"conversation_id": record["conversation_id"], "instruction_ja": _first_user(record, path)}
-
-
-def _first_user(record: dict, path: Path) -> str:
-    turns = record.get("translated_conversation") or []
-    if not turns or turns[0].get("role") != "user":
-        raise SourceError(
-            f"{path}: conversation {record.get('conversation_id')} has no user turn in "
-            "translated_conversation; pass the decrypted instructions file (.jsonl.gz, not the .gpg)"
-        )
-    return turns[0]["content"]
-
-
 def lmsys_rows(root: Path, fetch: FetchParams) -> Iterator[dict]:
     """conversation_id, instruction (the first user turn) and redacted of LMSYS-Chat-1M under `root`
     (laid out as on the Hub), filtered as fetch filters it: the rows of the first-turn table."""

@@ -155,7 +155,7 @@ class _Slot:
         return not isinstance(self.result, Future) or self.result.done()
 
 
-def run_sharded(
+def run_checkpointed(
     shards: Iterable[pa.Table],
     fn: Callable[[pa.Table, int], pa.Table | Future],
     *,
