@@ -173,3 +173,14 @@ def test_repeated_ids_of_a_table_or_a_parquet_file(tmp_path):
         assert repeated_ids(db, "read_parquet($t)", {"t": str(tmp_path / "ids.parquet")}) == ["a", "b", "d"]
         db.register("side", ids)
         assert repeated_ids(db, "side", limit=2) == ["a", "b"]
+
+
+def test_in_order_places_a_part_s_rows_and_refuses_a_row_placed_twice():
+    from stages.core.join import in_order
+
+    placed = pa.table({"row": [12, 10, 14], "text": ["c", "a", "e"]})
+    table, present = in_order(placed, 10, 5)
+    assert table["text"].to_pylist() == ["a", None, "c", None, "e"]
+    assert present.tolist() == [True, False, True, False, True]
+    with pytest.raises(ValueError, match=r"a row of \[10, 15\) is placed more than once"):
+        in_order(pa.table({"row": [11, 11], "text": ["x", "y"]}), 10, 5)

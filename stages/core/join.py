@@ -142,14 +142,16 @@ def llm_rows(missing: pa.Table, answers: dict[str, tuple[str | None, str]]) -> p
     return pa.table([pa.array(c, f.type) for c, f in zip(columns, LLM_ROWS, strict=True)], schema=LLM_ROWS)
 
 
-def _in_order(placed: pa.Table, start: int, rows: int, released: Path) -> pa.Table:
-    """The placed rows of the range [start, start + rows) in row order (null where a row has none)."""
-    offsets = placed["row"].to_numpy() - start
+def in_order(placed: pa.Table, start: int, rows: int) -> tuple[pa.Table, np.ndarray]:
+    """The rows of a spill part placed in the range [start, start + rows) (its `row` column), in row
+    order with a null row where a row has none; and which rows have one. The one alignment of
+    translate, the published file and the merged file."""
     index = np.full(rows, -1, dtype=np.int64)
-    index[offsets] = np.arange(len(offsets))
-    if np.count_nonzero(index >= 0) != len(offsets):
-        raise SourceError(f"{released} repeats conversation_ids: re-run decrypt, which rejects them")
-    return placed.take(pa.array(index, mask=index < 0))
+    index[placed["row"].to_numpy() - start] = np.arange(placed.num_rows)
+    present = index >= 0
+    if np.count_nonzero(present) != placed.num_rows:
+        raise ValueError(f"a row of [{start}, {start + rows}) is placed more than once")
+    return placed.take(pa.array(index, mask=~present)), present
 
 
 class TranslationJoin:
@@ -302,7 +304,12 @@ class TranslationJoin:
     ) -> pa.Table:
         """First-turn rows [start, start + n) with their translation, its source, the LLM's status
         and the flags; a row neither released nor answered by the translator (`llm`) is left out."""
-        placed = _in_order(placed, start, first.num_rows, self.released)
+        try:
+            placed, _ = in_order(placed, start, first.num_rows)
+        except ValueError:
+            raise SourceError(
+                f"{self.released} repeats conversation_ids: re-run decrypt, which rejects them"
+            ) from None
         rows, answered_rows = np.arange(start, start + first.num_rows), llm["row"].to_numpy()
         answered = np.isin(rows, answered_rows)
         where = pa.array(np.searchsorted(answered_rows, rows), mask=~answered)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from stages.core.errors import SourceError
 from stages.core.io import PARQUET_OPTIONS, jsonl_gz_table_writer, private_tempdir
-from stages.core.join import DUCKDB, Spill, read_batches, rechunk
+from stages.core.join import DUCKDB, Spill, in_order, read_batches, rechunk
 from stages.core.release import public_schema
 
 ID = "conversation_id"
@@ -125,13 +125,6 @@ def _spill_lmsys(
     return spill
 
 
-def _in_order(placed: pa.Table, start: int, rows: int) -> pa.Table:
-    """The LMSYS columns of release rows [start, start + rows), null where a row has none."""
-    index = np.full(rows, -1, dtype=np.int64)
-    index[placed["row"].to_numpy() - start] = np.arange(placed.num_rows)
-    return placed.drop_columns(["row"]).take(pa.array(index, mask=index < 0))
-
-
 def _side_by_side(*tables: pa.Table) -> pa.Table:
     """The columns of `tables` (of as many rows), in order, as one table."""
     return pa.Table.from_arrays(
@@ -161,5 +154,11 @@ def write_merged(release: Path, translated: str, lmsys: list[str], out: Path, ro
                 strict=True,
             )
             for index, (public, instruction, placed) in enumerate(ranges):
-                write(_side_by_side(public, instruction, _in_order(placed, index * rows, public.num_rows)))
+                write(
+                    _side_by_side(
+                        public,
+                        instruction,
+                        in_order(placed, index * rows, public.num_rows)[0].drop_columns(["row"]),
+                    )
+                )
     return {"rows": total, "rows_without_lmsys": total - found}

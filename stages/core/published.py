@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from stages.core.errors import SourceError
 from stages.core.io import ENGINE_METADATA, PARQUET_OPTIONS, atomic_path, sha256_file, write_json
-from stages.core.join import DUCKDB, Spill, read_batches, rechunk, repeated_ids
+from stages.core.join import DUCKDB, Spill, in_order, read_batches, rechunk, repeated_ids
 from stages.core.params import COMMIT, PublishedParams
 from stages.core.responses import ANNOTATION, GENERATED, MESSAGE, SCORED
 from stages.core.scores import best_index
@@ -224,10 +223,8 @@ def _spill(taken: Path, translated: Path, scratch: Path, rows: int, parts: int) 
 
 def _in_order(ids: pa.Array, placed: pa.Table, start: int, taking: Taking) -> pa.Table:
     """The out's rows of translated rows [start, start + len(ids)) from their taken rows."""
-    index = np.full(len(ids), -1, dtype=np.int64)
-    index[placed["row"].to_numpy() - start] = np.arange(placed.num_rows)
-    found = placed.take(pa.array(index, mask=index < 0))
-    present = pa.array(index >= 0)
+    found, present = in_order(placed, start, len(ids))
+    present = pa.array(present)
     columns = [
         found[f.name]
         if f.name not in taking.lacking
