@@ -450,9 +450,9 @@ def test_a_refused_request_fails_alone_and_its_batch_is_answered():
 # When this test fails, decide: if the change alters what the engine returns for the same request,
 # raise the engine's VERSION (its cached responses are then asked again); either way, update the entry.
 ENGINE_CODE = {
-    "transformers": (2, "829aa550d897a817"),  # top_k and penalties only where set: defaults unchanged
-    "vllm": (2, "829aa550e934f42d"),
-    "openai": (2, "829aa550c8de79ac"),
+    "transformers": (2, "a09d0dd0d897a817"),  # top_k and penalties only where set: defaults unchanged
+    "vllm": (2, "a09d0dd0e934f42d"),
+    "openai": (2, "a09d0dd0c8de79ac"),
 }
 
 

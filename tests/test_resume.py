@@ -4,6 +4,7 @@ stage imports."""
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from stages.core.params import EngineParams, LLMSpec
-from stages.core.resume import closure, code_digest, input_digest, recipe
+from stages.core.resume import closure, code_digest, code_meaning, input_digest, recipe
 from tests.conftest import run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,18 @@ def test_comment_and_docstring_edits_to_every_module_keep_every_code_digest(tmp_
     judge = copy / "core" / "judge.py"
     judge.write_text(judge.read_text().replace("MAX_SCORE = 10.0", "MAX_SCORE = 9.0"))
     assert code_digest("stages.score", root=copy) != before["stages.score"]
+
+
+def test_an_engine_s_identity_sees_its_code_not_its_comments(tmp_path):
+    from stages.core.engines import make_engine
+
+    engine = make_engine(LLMSpec(model="m"), EngineParams(backend="openai", batch_size=1))
+    source = Path(inspect.getfile(type(engine)))
+    copy = tmp_path / source.name
+    copy.write_text("# a comment\n" + source.read_text(encoding="utf-8").replace('"""', '"""Reworded. ', 1))
+    assert code_meaning(copy) == code_meaning(source) == engine.identity()["code"]
+    copy.write_text(source.read_text(encoding="utf-8") + "\nEXTRA = 1\n")
+    assert code_meaning(copy) != engine.identity()["code"]
 
 
 def test_a_comment_edit_everywhere_reuses_every_checkpoint_without_the_cache(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import abc
 import bisect
 import contextlib
-import hashlib
 import inspect
 import itertools
 import json
@@ -24,7 +23,7 @@ from typing import Any, ClassVar
 from stages.core.cache import ResponseCache, engine_identity, request_key
 from stages.core.errors import PipelineError
 from stages.core.params import EngineParams, LLMSpec, Sampling
-from stages.core.resume import recipe
+from stages.core.resume import code_meaning, recipe
 
 LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
@@ -132,7 +131,7 @@ class Engine(abc.ABC):
 
     def identity(self) -> dict:
         """What of the engine determines its output: backend, library and version, engine code, model."""
-        code = hashlib.sha256(Path(inspect.getfile(type(self))).read_bytes()).hexdigest()
+        code = code_meaning(Path(inspect.getfile(type(self))))  # a comment edit keeps every key
         versions = {name: distribution_version(name) for name in self.LIBRARIES}
         return {"backend": self.options.backend, "libraries": versions, "code": code, "llm": recipe(self.llm)}
 
