@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from stages.core.io import PARQUET_OPTIONS
-from stages.core.responses import ANNOTATION, GENERATED, RESPONSE, SCORED
+from stages.core.rows.responses import ANNOTATION, GENERATED, RESPONSE, SCORED
+from stages.core.storage.io import PARQUET_OPTIONS
 
 PIECE = 2000  # rows per written row group (as the sharded stages write them)
 N_RESPONSES = 10

@@ -239,7 +239,7 @@ def truncated(rng: random.Random, text: str) -> str:
 
 
 def prompt(name: str, **fields: str) -> str:
-    """stages/prompts/<name>.txt rendered as the stages render it (stages.core.prompts)."""
+    """stages/prompts/<name>.txt rendered as the stages render it (stages.core.rows.prompts)."""
     return Template((PROMPTS / f"{name}.txt").read_text(encoding="utf-8").strip()).substitute(**fields)
 
 

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.core import comparison, published
-from stages.core.cli import run, start, timed
-from stages.core.errors import SourceError
-from stages.core.io import atomic_path, sha256_file, write_json
-from stages.core.params import Params
-from stages.core.published import ID
+from stages.core.config.cli import run, start, timed
+from stages.core.config.errors import SourceError
+from stages.core.config.params import Params
+from stages.core.release import comparison, published
+from stages.core.release.published import ID
+from stages.core.storage.io import atomic_path, sha256_file, write_json
 
 LOG = logging.getLogger("stages.compare")
 BATCH_ROWS = 4096  # rows of our release read at a time

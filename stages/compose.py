@@ -29,9 +29,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stages.core.cli import run
-from stages.core.errors import PipelineError
-from stages.core.params import PARAMS_FILE, load_params, validate
+from stages.core.config.cli import run
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import PARAMS_FILE, load_params, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEADER = "# Written by `python -m stages.compose{args}`: edit conf/ and re-run it, never this file.\n"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.cli import run, start_subsets, timed
-from stages.core.crypto import decrypt_file, derive_key, instruction_rows
-from stages.core.io import PARQUET_OPTIONS, atomic_path, private_tempdir
+from stages.core.config.cli import run, start_subsets, timed
+from stages.core.storage.crypto import decrypt_file, derive_key, instruction_rows
+from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, private_tempdir
 
 LOG = logging.getLogger("stages.decrypt")
 ROW_GROUP = 16_384  # rows held and written at a time

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.core.cli import run, start, timed
-from stages.core.first_turn import MAX_CHARS, write_first_turns
-from stages.core.io import staged_dir, write_json
-from stages.core.source import fetch_files
+from stages.core.config.cli import run, start, timed
+from stages.core.rows.first_turn import MAX_CHARS, write_first_turns
+from stages.core.storage.io import staged_dir, write_json
+from stages.core.storage.source import fetch_files
 
 LOG = logging.getLogger("stages.fetch")
 

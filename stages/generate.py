@@ -11,14 +11,14 @@ import functools
 import logging
 from pathlib import Path
 
-from stages.core import published
-from stages.core.cli import run, start, timed
-from stages.core.executors import engine_pool
-from stages.core.io import iter_aligned, value_counts
-from stages.core.params import Params
-from stages.core.responses import GENERATED, generate_table
-from stages.core.resume import code_digest, digest, recipe
-from stages.core.shards import shard_count
+from stages.core.config.cli import run, start, timed
+from stages.core.config.params import Params
+from stages.core.release import published
+from stages.core.rows.responses import GENERATED, generate_table
+from stages.core.runtime.executors import engine_pool
+from stages.core.runtime.shards import shard_count
+from stages.core.storage.io import iter_aligned, value_counts
+from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger("stages.generate")
 COLUMNS = [  # the columns of the translated table that generate reads (and its resume key covers)

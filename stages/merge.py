@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.core import merged
-from stages.core.cli import run, start, timed
-from stages.core.errors import SourceError
-from stages.core.io import write_json
-from stages.core.params import Params
+from stages.core.config.cli import run, start, timed
+from stages.core.config.errors import SourceError
+from stages.core.config.params import Params
+from stages.core.release import merged
+from stages.core.storage.io import write_json
 
 LOG = logging.getLogger("stages.merge")
 

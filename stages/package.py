@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.core import card, plots, release
-from stages.core.cli import run, start, timed
-from stages.core.crypto import derive_key, encrypt_file
-from stages.core.io import (
+from stages.core.config.cli import run, start, timed
+from stages.core.config.params import Params, ReleaseParams
+from stages.core.release import card, plots
+from stages.core.rows import records as release
+from stages.core.storage.crypto import derive_key, encrypt_file
+from stages.core.storage.io import (
     engine_roles,
     in_thread,
     iter_aligned,
@@ -31,8 +33,7 @@ from stages.core.io import (
     staged_dir,
     write_json,
 )
-from stages.core.params import Params, ReleaseParams
-from stages.core.previous import previous_ciphertext
+from stages.core.storage.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")
 FLAGS = [

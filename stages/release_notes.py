@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.core.cli import LOG_FORMAT, run
-from stages.core.errors import PipelineError
+from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.errors import PipelineError
 
 LOG = logging.getLogger("stages.release_notes")
 DVC = [sys.executable, "-m", "dvc"]  # the DVC installed beside this project, whether or not on PATH

@@ -16,18 +16,18 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
-from stages.core import comparison, published
-from stages.core.cli import run, start, timed
+from stages.core.config.cli import run, start, timed
+from stages.core.config.params import Params, ParamsError
 from stages.core.engines import STRUCTURED_OUTPUT
-from stages.core.executors import Executor, engine_pool, in_own_process
-from stages.core.io import iter_aligned, value_counts
-from stages.core.judge import judge_table
-from stages.core.params import Params, ParamsError
-from stages.core.prompts import template
-from stages.core.responses import JUDGED, SCORED
-from stages.core.resume import code_digest, digest, recipe
-from stages.core.second_turn import second_turn_table
-from stages.core.shards import shard_count
+from stages.core.release import comparison, published
+from stages.core.rows.judge import judge_table
+from stages.core.rows.prompts import template
+from stages.core.rows.responses import JUDGED, SCORED
+from stages.core.rows.second_turn import second_turn_table
+from stages.core.runtime.executors import Executor, engine_pool, in_own_process
+from stages.core.runtime.shards import shard_count
+from stages.core.storage.io import iter_aligned, value_counts
+from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger("stages.score")
 

@@ -16,12 +16,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from stages.core import sft
-from stages.core.cli import LOG_FORMAT, run, timed
-from stages.core.crypto import instruction_rows
-from stages.core.errors import PipelineError, SourceError
-from stages.core.io import staged_dir, write_json
-from stages.core.params import Params, load_params
+from stages.core.config.cli import LOG_FORMAT, run, timed
+from stages.core.config.errors import PipelineError, SourceError
+from stages.core.config.params import Params, load_params
+from stages.core.rows import sft
+from stages.core.storage.crypto import instruction_rows
+from stages.core.storage.io import staged_dir, write_json
 
 LOG = logging.getLogger("stages.sft")
 BATCH_ROWS = 1000  # release records read at a time: the stage's memory

@@ -9,7 +9,7 @@ written; llm or deepl (an extension of the dataset) translates them. Released ro
 turn (fetch's filter dropped them) are counted and logged. Metrics: rows by instruction_source, the
 release's rows as the filter sees them, failed translations, DeepL's billed characters.
 
-Neither table is loaded whole: the join streams in bounded memory (stages/core/join.py)."""
+Neither table is loaded whole: the join streams in bounded memory (stages/core/rows/translation.py)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.core import annotate
-from stages.core.cli import run, start_subsets, timed
-from stages.core.deepl_translate import auth_key, translate_with_deepl
-from stages.core.errors import PipelineError, SourceError
-from stages.core.io import engines_of, write_json, write_lines
-from stages.core.join import ID, TranslationJoin, llm_rows
-from stages.core.params import Params
-from stages.core.translator import EMPTY_SOURCE, translate_missing
+from stages.core.config.cli import run, start_subsets, timed
+from stages.core.config.errors import PipelineError, SourceError
+from stages.core.config.params import Params
+from stages.core.rows import annotate
+from stages.core.rows.translation import ID, TranslationJoin, llm_rows
+from stages.core.runtime.deepl_translate import auth_key, translate_with_deepl
+from stages.core.runtime.translator import EMPTY_SOURCE, translate_missing
+from stages.core.storage.io import engines_of, write_json, write_lines
 
 LOG = logging.getLogger("stages.translate")
 BACKENDS = {"llm": "LLM", "deepl": "DeepL"}  # translate.missing -> how messages name it

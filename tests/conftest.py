@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
+from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import ChatRequest, Completion, Engine, Reply, RequestError
-from stages.core.params import EngineParams, LLMSpec, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -88,7 +88,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
         engine.llm, engine.options = llm, options  # the identity of the model the stage asked for
         return engine
 
-    monkeypatch.setattr("stages.core.executors.make_engine", make_engine)
+    monkeypatch.setattr("stages.core.runtime.executors.make_engine", make_engine)
     return engine
 
 

@@ -7,8 +7,8 @@ import importlib
 import os
 import sys
 
-from stages.core import executors
-from stages.core.cli import run
+from stages.core.config.cli import run
+from stages.core.runtime import executors
 from tests.conftest import FakeEngine
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.core.annotate import (
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import TemplateRule, load_params
+from stages.core.rows.annotate import (
     blank,
     compile_templates,
     first_occurrences,
     template_categories,
     template_category,
 )
-from stages.core.errors import PipelineError
-from stages.core.params import TemplateRule, load_params
 
 ROOT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 COMPANY = "Give me an introduction over {n} words for {name}, a chemical company in {place}"
@@ -201,7 +201,7 @@ def test_prefiltered_batches_keep_python_regex_semantics():
 def test_the_literal_run_of_a_pattern(pattern, run):
     import re
 
-    from stages.core.annotate import _literal_run
+    from stages.core.rows.annotate import _literal_run
 
     assert _literal_run(re.compile(pattern)) == run
 
@@ -226,7 +226,7 @@ def test_a_prefilter_never_drops_a_row_python_s_re_matches(atoms, flags, alterna
 
     import pyarrow.compute as pc
 
-    from stages.core.annotate import prefilters
+    from stages.core.rows.annotate import prefilters
 
     pattern = flags + "".join(a + r for a, r in atoms) + ("|zz" if alternative else "")
     try:

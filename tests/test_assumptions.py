@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
-from stages.core import card
-from stages.core.params import validate
+from stages.core.config.params import validate
+from stages.core.release import card
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTER = ROOT / "docs" / "assumptions.md"
@@ -52,7 +52,7 @@ def card_text() -> str:
     producers = {"models": {"generate": {"model": "google/gemma-2-27b-it"}, "t": {"model": "meta-llama/x"}}}
     return "\n\n".join(
         [
-            (ROOT / "stages/core/card.py").read_text(encoding="utf-8"),
+            (ROOT / "stages/core/release/card.py").read_text(encoding="utf-8"),
             *card.licences(producers),
             *card.FIELDS.values(),
         ]
@@ -67,7 +67,7 @@ def sources() -> list[tuple[str, str]]:
         *sorted((ROOT / "conf").rglob("*.yaml")),
     ]
     return [(str(p.relative_to(ROOT)), p.read_text(encoding="utf-8")) for p in files] + [
-        ("stages/core/card.py (card text)", card_text())
+        ("stages/core/release/card.py (card text)", card_text())
     ]
 
 

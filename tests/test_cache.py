@@ -20,7 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.cache import (
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, Sampling
+from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, Completion
+from stages.core.rows.responses import request_seed
+from stages.core.runtime.executors import LocalExecutor
+from stages.core.storage.cache import (
     COMPLETION_FIELDS,
     OPTIONAL_FIELDS,
     ResponseCache,
@@ -30,11 +35,6 @@ from stages.core.cache import (
     request_key,
     valid_value,
 )
-from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, Completion
-from stages.core.errors import PipelineError
-from stages.core.executors import LocalExecutor
-from stages.core.params import EngineParams, Sampling
-from stages.core.responses import request_seed
 from tests.conftest import ROOT, FakeEngine, run_stage, set_params
 
 SAMPLING = Sampling(temperature=0.6, max_tokens=16)
@@ -147,7 +147,7 @@ def test_a_damaged_entry_is_a_miss_asked_again_and_replaced(tmp_path, caplog, va
     _poison(path, value, digest)
     again = FakeEngine()
     again.cache = ResponseCache(path)
-    with caplog.at_level(logging.WARNING, logger="stages.core.cache"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.storage.cache"):
         assert _ask(again, "q") == [first]  # asked again: the right answer, not the stored one
         again.cache.close()
         again.cache.close()
@@ -204,7 +204,7 @@ def test_a_full_disk_under_the_cache_turns_writes_off_and_the_run_goes_on(tmp_pa
     engine.cache = ResponseCache(path)
     db = engine.cache._connect()
     db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")  # full
-    with caplog.at_level(logging.WARNING, logger="stages.core.cache"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.storage.cache"):
         replies = _ask(engine, *(f"question {i} " + "x" * 4000 for i in range(20)))
         more = _ask(engine, "another")
     assert [r.status for r in replies + more] == [OK] * 21  # the answers, for the stage's outs
@@ -215,7 +215,7 @@ def test_a_full_disk_under_the_cache_turns_writes_off_and_the_run_goes_on(tmp_pa
 
 WRITER = """
 import sys
-from stages.core.cache import ResponseCache
+from stages.core.storage.cache import ResponseCache
 cache = ResponseCache(sys.argv[1])
 value = [{"text": "x" * 2000, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}]
 i = 0
@@ -384,8 +384,8 @@ def test_a_changed_run_sends_only_the_requests_of_its_new_rows(workspace, monkey
 def test_a_local_openai_compatible_server_gets_only_the_misses(tmp_path, monkeypatch):
     pytest.importorskip("openai")
     from benchmarks.fake_vllm import FakeVLLMServer
+    from stages.core.config.params import EngineParams, LLMSpec
     from stages.core.engines import make_engine
-    from stages.core.params import EngineParams, LLMSpec
 
     monkeypatch.setenv("CACHE_TEST_KEY", "sk-local")
     requests = [ChatRequest([{"role": "user", "content": f"question {i}"}], n=3, seed=i) for i in range(12)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.core import card
+from stages.core.release import card
 from tests.conftest import run_stage
 
 
@@ -66,7 +66,7 @@ def test_datasets_loads_the_release_directory_with_one_schema(released: Path, tm
 
 
 def test_a_gemma3_card_says_its_file_has_no_english(workspace):
-    from stages.core.params import load_params
+    from stages.core.config.params import load_params
 
     params = load_params(workspace / "params.yaml")
     manifest = {
@@ -129,7 +129,7 @@ def test_a_llama_translator_and_a_gemma_generator_list_both_families_and_the_del
 
 
 def test_a_deepl_translator_is_a_producer_without_a_model():
-    from stages.core.release import producers
+    from stages.core.rows.records import producers
 
     found = producers({"translate": {"backend": "deepl", "libraries": {"deepl": "1.2"}, "formality": None}})
     assert found["models"]["translate"] == {
@@ -143,7 +143,7 @@ def test_a_deepl_translator_is_a_producer_without_a_model():
 
 
 def test_the_card_says_which_judge_mode_produced_the_scores():
-    from stages.core.card import scoring
+    from stages.core.release.card import scoring
 
     assert scoring("structured", {"judge_mode_ignored": 0}) == (
         "Scores: judge mode `structured` (`score.mode`), for every judgement."
@@ -157,7 +157,7 @@ def test_the_card_says_which_judge_mode_produced_the_scores():
 def test_code_provenance_does_not_move_with_unrelated_history_and_names_uncommitted_code(tmp_path):
     import subprocess
 
-    from stages.core.card import code_provenance
+    from stages.core.release.card import code_provenance
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     (tmp_path / "stages").mkdir()

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.cli import READS, stage_input
-from stages.core.params import load_params
+from stages.core.config.cli import READS, stage_input
+from stages.core.config.params import load_params
 from tests.conftest import set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,8 +252,8 @@ def test_a_terminated_stage_removes_its_private_temporary_files(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text(
         "import sys, time\n"
-        "from stages.core.cli import run\n"
-        "from stages.core.io import private_tempdir\n"
+        "from stages.core.config.cli import run\n"
+        "from stages.core.storage.io import private_tempdir\n"
         "def main():\n"
         f"    with private_tempdir({str(tmp_path / 'private')!r}, 'package-x') as tmp:\n"
         "        (tmp / 'instructions.jsonl.gz').write_bytes(b'plaintext')\n"

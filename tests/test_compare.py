@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from scripts import make_sample
-from stages.core import comparison, published
-from stages.core.io import read_jsonl_gz
-from stages.core.params import load_params
-from stages.core.source import ChecksumError
+from stages.core.config.params import load_params
+from stages.core.release import comparison, published
+from stages.core.storage.io import read_jsonl_gz
+from stages.core.storage.source import ChecksumError
 from tests.conftest import SAMPLE, run_stage, set_params
 
 FILE = "dataset/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"

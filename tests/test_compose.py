@@ -8,7 +8,7 @@ import pytest
 
 from stages import compose
 from stages.compose import check_params, compose_params
-from stages.core.errors import PipelineError
+from stages.core.config.errors import PipelineError
 
 TEMPERATURE = "models.gemma3.generate.sampling.temperature=0.7"
 

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
-from stages.core import crypto
-from stages.core.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
-from stages.core.io import read_jsonl_gz
-from stages.core.params import ParamsError, validate
+from stages.core.config.params import ParamsError, validate
+from stages.core.storage import crypto
+from stages.core.storage.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
+from stages.core.storage.io import read_jsonl_gz
 from tests.conftest import run_stage, set_params
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -412,7 +412,7 @@ def test_a_required_sandbox_that_this_machine_lacks_refuses_to_run(tmp_path, mon
 @pytest.mark.parametrize("policy", ["best-effort", "off"])
 def test_an_unsandboxed_run_warns_what_is_not_isolated(tmp_path, monkeypatch, caplog, policy):
     monkeypatch.setattr(crypto, "sandbox_missing", lambda: "user namespaces are off (test)")
-    with caplog.at_level(logging.WARNING, logger="stages.core.crypto"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.storage.crypto"):
         assert _script_key(tmp_path, "echo passphrase\n", sandbox=policy) == "passphrase"
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith("NO SANDBOX (") and "runs unisolated" in warning

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
-from stages.core.deepl_translate import batches
-from stages.core.errors import PipelineError
-from stages.core.params import ParamsError, validate
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import ParamsError, validate
+from stages.core.runtime.deepl_translate import batches
 from tests.conftest import run_stage, set_params
 from tests.deepl_server import FakeDeepL
 

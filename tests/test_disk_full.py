@@ -24,7 +24,7 @@ RELEASE = "data/release/gemma3"
 FULL_DISK = """
 import errno, io, sys, types
 from zlib_ng import gzip_ng_threaded
-from stages.core import io as core_io
+from stages.core.storage import io as core_io
 
 class Full(io.RawIOBase):
     def __init__(self, room):
@@ -45,7 +45,7 @@ core_io.gzip_ng_threaded = types.SimpleNamespace(open=lambda tmp, *a, **k: real_
 OTHER_WRITER_FIRST = """
 import contextlib
 from pathlib import Path
-from stages.core.cli import run
+from stages.core.config.cli import run
 
 def main():
     with contextlib.ExitStack() as stack:
@@ -61,7 +61,7 @@ WRITER_THREAD = """
 import contextlib
 from pathlib import Path
 import pyarrow as pa
-from stages.core.cli import run
+from stages.core.config.cli import run
 
 def main():
     with contextlib.ExitStack() as stack:
@@ -86,8 +86,8 @@ with io.parquet_table_writer(out, pa.schema([('x', pa.string())]), 1000) as writ
 LIMITED_SCRIPT = """
 import os, sys
 import pyarrow as pa
-from stages.core import io
-from stages.core.cli import run
+from stages.core.storage import io
+from stages.core.config.cli import run
 
 out = sys.argv[1]
 

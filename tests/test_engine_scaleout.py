@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer, Faults
+from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import FAILED, OK, ChatRequest, make_engine
-from stages.core.params import EngineParams, LLMSpec, Sampling
 from tests.conftest import FakeEngine
 
 SAMPLING = Sampling(temperature=0.7, max_tokens=16)

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.errors import PipelineError
-from stages.core.executors import engine_pool
-from stages.core.io import ENGINE_METADATA
-from stages.core.params import EngineParams, LLMSpec, Sampling
-from stages.core.responses import GENERATED, generate_table
-from stages.core.shards import slices
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec, Sampling
+from stages.core.rows.responses import GENERATED, generate_table
+from stages.core.runtime.executors import engine_pool
+from stages.core.runtime.shards import slices
+from stages.core.storage.io import ENGINE_METADATA
 from tests.conftest import ROOT, SAMPLE, run_stage, set_params
 from tests.s3 import CREDENTIALS, moto_server
 
@@ -40,7 +40,7 @@ def _rows(n: int) -> pa.Table:
 
 
 def _spec():
-    from stages.core.params import GenerateParams
+    from stages.core.config.params import GenerateParams
 
     return GenerateParams(
         llm=TINY_LLM,
@@ -150,7 +150,7 @@ def test_a_shard_that_kills_its_replica_every_time_fails_the_stage_by_name(tmp_p
 
 
 def test_ray_records_the_library_versions_its_replicas_run(tmp_path, ray_local):
-    from stages.core.executors import RayExecutor
+    from stages.core.runtime.executors import RayExecutor
 
     options = EngineParams(backend="transformers", batch_size=8, executor="ray", replicas=2)
     pool = RayExecutor(TINY_LLM, options)
@@ -195,7 +195,7 @@ def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
     assert sorted(k["Key"] for k in keys) == [
         "checkpoints/generate@t/k/00000.parquet",
         "checkpoints/generate@t/k/00001.parquet",
-        "checkpoints/generate@t/k/_complete",  # the mark `python -m stages.core.shards prune` reads
+        "checkpoints/generate@t/k/_complete",  # the mark `python -m stages.core.runtime.shards prune` reads
     ]
 
 

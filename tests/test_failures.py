@@ -8,9 +8,9 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
+from stages.core.config.errors import PipelineError
 from stages.core.engines import Completion, EngineDown, Reply
-from stages.core.errors import PipelineError
-from stages.core.executors import check_ceiling
+from stages.core.runtime.executors import check_ceiling
 from tests.conftest import FakeEngine, run_stage, set_params
 
 GENERATED = "data/generated/gemma3.parquet"

@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer, Faults
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import FAILED, OK, PARTIAL, TOO_LONG, ChatRequest, EngineDown
 from stages.core.engines.vllm import VLLMApi, VLLMEngine, check_arguments
-from stages.core.errors import PipelineError
-from stages.core.params import EngineParams, LLMSpec, Sampling
 
 MARKER = "[The Start of Assistant's Answer]"
 
@@ -372,7 +372,7 @@ def test_vllm_engine_reads_what_vllm_ended_otherwise():
 
 
 def test_vllm_engine_asks_judge_modes_for_a_schema_and_logprobs():
-    from stages.core.judge import JUDGEMENT_SCHEMA
+    from stages.core.rows.judge import JUDGEMENT_SCHEMA
 
     fake = FakeLLM()
     structured = ChatRequest([{"role": "user", "content": "q"}], json_schema=JUDGEMENT_SCHEMA)

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.core.errors import SourceError
-from stages.core.first_turn import SeenIds, filter_batch
-from stages.core.params import FilterSpec
-from stages.core.source import AccessError, ChecksumError
+from stages.core.config.errors import SourceError
+from stages.core.config.params import FilterSpec
+from stages.core.rows.first_turn import SeenIds, filter_batch
+from stages.core.storage.source import AccessError, ChecksumError
 from tests.conftest import ROOT, run_stage, set_params
 from tests.s3 import CREDENTIALS, moto_server, upload_tree
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
+from stages.core.config.params import GenerateParams, LLMSpec, Sampling, validate
 from stages.core.engines import ChatRequest, Reply
-from stages.core.params import GenerateParams, LLMSpec, Sampling, validate
-from stages.core.responses import SKIPPED_REDACTED, generate_table
-from stages.core.resume import digest, recipe
+from stages.core.rows.responses import SKIPPED_REDACTED, generate_table
+from stages.core.storage.resume import digest, recipe
 from tests.conftest import FakeEngine
 
 SAMPLING = Sampling(temperature=0.6, max_tokens=16)

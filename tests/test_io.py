@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.errors import PipelineError
-from stages.core.io import (
+from stages.core.config.errors import PipelineError
+from stages.core.storage.io import (
     GZIP_BLOCK,
     RowGroups,
     WriteError,
@@ -303,7 +303,7 @@ def _dead_pid() -> int:
 
 
 def test_litter_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_is_kept(tmp_path):
-    from stages.core.io import atomic_path, staged_dir
+    from stages.core.storage.io import atomic_path, staged_dir
 
     dead, live = _dead_pid(), os.getpid()
     torn = tmp_path / f".out.parquet.{dead}.x1y2.tmp"
@@ -325,7 +325,7 @@ def test_litter_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_is
 
 
 def test_plaintext_intermediates_live_in_a_private_dir_removed_on_any_exit(tmp_path):
-    from stages.core.io import private_tempdir
+    from stages.core.storage.io import private_tempdir
 
     stale = tmp_path / f".package-gemma3.{_dead_pid()}.k.tmp"  # a SIGKILLed package's plaintext
     stale.mkdir()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.core.errors import PipelineError
-from stages.core.judge import FAILED, MAX_SCORE, annotations, best_index, judge_messages, parse_score
+from stages.core.config.errors import PipelineError
+from stages.core.rows.judge import FAILED, MAX_SCORE, annotations, best_index, judge_messages, parse_score
 
 MT_BENCH_PREAMBLE = (
     "Please act as an impartial judge and evaluate the quality of the response. Be as objective as "

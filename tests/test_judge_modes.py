@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec, ParamsError, Sampling, ScoreParams
 from stages.core.engines import FAILED as FAILED_REQUEST
 from stages.core.engines import MODE_IGNORED, OK, ChatRequest, Completion, Reply, make_engine
 from stages.core.engines import vllm as vllm_engine
 from stages.core.engines.base import token_logprobs
-from stages.core.errors import PipelineError
-from stages.core.judge import (
+from stages.core.rows.judge import (
     FAILED,
     JUDGEMENT_SCHEMA,
     effective_mode,
@@ -32,7 +33,6 @@ from stages.core.judge import (
     score_of,
     structured_score,
 )
-from stages.core.params import EngineParams, LLMSpec, ParamsError, Sampling, ScoreParams
 from tests.conftest import FakeEngine, run_stage, set_params
 
 TINY = str(Path(__file__).resolve().parent.parent / "data" / "sample" / "tiny-chat")
@@ -171,7 +171,7 @@ def logprob_engine(monkeypatch) -> LogprobEngine:
         engine.llm, engine.options = llm, options
         return engine
 
-    monkeypatch.setattr("stages.core.executors.make_engine", make)
+    monkeypatch.setattr("stages.core.runtime.executors.make_engine", make)
     return engine
 
 

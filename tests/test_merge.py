@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core import merged
-from stages.core.errors import SourceError
-from stages.core.io import read_jsonl_gz, write_jsonl_gz
+from stages.core.config.errors import SourceError
+from stages.core.release import merged
+from stages.core.storage.io import read_jsonl_gz, write_jsonl_gz
 from tests.conftest import run_stage
 from tests.test_sft import STEM, built  # noqa: F401  (the sample run through package@gemma2)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec, Sampling, ScoreParams
 from stages.core.engines import MODE_IGNORED, OK, TOO_LONG, ChatRequest, make_engine
-from stages.core.errors import PipelineError
-from stages.core.judge import judge_rows
-from stages.core.params import EngineParams, LLMSpec, Sampling, ScoreParams
+from stages.core.rows.judge import judge_rows
 
 TINY = str(Path(__file__).resolve().parent.parent / "data" / "sample" / "tiny-chat")
 SERVE = ("transformers", "fastapi", "uvicorn", "accelerate", "openai")  # what `transformers serve` needs

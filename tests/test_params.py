@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from stages.compose import HEADER, check_params, compose_params
-from stages.core.errors import PipelineError
-from stages.core.params import ParamsError, load_params, validate
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import ParamsError, load_params, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_HEADER = HEADER.format(args="")
@@ -220,7 +220,7 @@ def test_every_production_model_fits_an_8x80gb_node_with_room_for_the_kv_cache()
 
 @pytest.mark.parametrize("name", ["../../outside", "a/b", ".hidden", ""])
 def test_a_release_name_that_would_leave_its_directory_is_refused(name):
-    from stages.core.params import ParamsError, validate
+    from stages.core.config.params import ParamsError, validate
 
     data = yaml.safe_load(compose_params(["profile=sample"]))
     data["models"]["gemma2"]["release_name"] = name

@@ -8,11 +8,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core import published
-from stages.core.errors import SourceError
-from stages.core.io import engine_roles, read_jsonl_gz
-from stages.core.params import load_params
-from stages.core.resume import recipe
+from stages.core.config.errors import SourceError
+from stages.core.config.params import load_params
+from stages.core.release import published
+from stages.core.storage.io import engine_roles, read_jsonl_gz
+from stages.core.storage.resume import recipe
 from tests.conftest import SAMPLE, run_stage, set_params
 
 FILE = "dataset/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"

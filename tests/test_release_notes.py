@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import release_notes
-from stages.core import plots
-from stages.core.errors import PipelineError
-from stages.core.responses import ANNOTATION, MESSAGE
+from stages.core.config.errors import PipelineError
+from stages.core.release import plots
+from stages.core.rows.responses import ANNOTATION, MESSAGE
 
 
 def _release(path: Path, rows: list[tuple[list[float], list[int]] | None]) -> Path:

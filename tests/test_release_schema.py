@@ -15,8 +15,8 @@ import pytest
 import yaml
 from datasets.info import DatasetInfosDict
 
-from stages.core import release
-from stages.core.responses import SCORED
+from stages.core.rows import records as release
+from stages.core.rows.responses import SCORED
 from tests.conftest import run_stage
 
 STEM = "gemma2-lmsys-chat-1m-synth-ja+en"

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.params import EngineParams, LLMSpec
-from stages.core.resume import closure, code_digest, code_meaning, input_digest, recipe
+from stages.core.config.params import EngineParams, LLMSpec
+from stages.core.storage.resume import closure, code_digest, code_meaning, input_digest, recipe
 from tests.conftest import run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,23 +30,30 @@ def test_recipe_drops_runtime_knobs():
 
 def test_module_level_closure_leaves_engine_backends_to_the_engine_identity():
     eager, lazy = closure("stages.generate"), closure("stages.generate", lazy=True)
-    assert {"stages.core.engines.base", "stages.core.resume", "stages.core.shards"} <= set(eager)
+    assert {"stages.core.engines.base", "stages.core.storage.resume", "stages.core.runtime.shards"} <= set(
+        eager
+    )
     assert "stages.core.engines.vllm" not in eager and "stages.core.engines.vllm" in lazy
-    assert "stages.core.judge" in closure("stages.score") and "stages.core.judge" not in eager
+    assert "stages.core.rows.judge" in closure("stages.score") and "stages.core.rows.judge" not in eager
 
 
 def test_code_digest_sees_an_edit_in_an_imported_module_only(tmp_path):
     copy = tmp_path / "stages"
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = {m: code_digest(m, root=copy) for m in ("stages.score", "stages.generate")}
-    judge = copy / "core" / "judge.py"
+    judge = copy / "core" / "rows" / "judge.py"
     judge.write_text(judge.read_text().replace("MAX_SCORE = 10.0", "MAX_SCORE = 10.0 + 0"))
     after = {m: code_digest(m, root=copy) for m in ("stages.score", "stages.generate")}
     assert after["stages.score"] != before["stages.score"]
     assert after["stages.generate"] == before["stages.generate"]  # generate does not import the judge
 
 
-ENTRIES = ("stages.generate", "stages.score", "stages.core.translator", "stages.core.deepl_translate")
+ENTRIES = (
+    "stages.generate",
+    "stages.score",
+    "stages.core.runtime.translator",
+    "stages.core.runtime.deepl_translate",
+)
 
 
 def _edit_comments_and_docstrings(root: Path) -> int:
@@ -69,11 +76,11 @@ def test_comment_and_docstring_edits_to_every_module_keep_every_code_digest(tmp_
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = {m: code_digest(m, root=copy) for m in ENTRIES}
     assert _edit_comments_and_docstrings(copy) >= 40
-    assert (copy / "core" / "judge.py").read_text(encoding="utf-8") != (
-        ROOT / "stages/core/judge.py"
+    assert (copy / "core" / "rows" / "judge.py").read_text(encoding="utf-8") != (
+        ROOT / "stages/core/rows/judge.py"
     ).read_text(encoding="utf-8")
     assert {m: code_digest(m, root=copy) for m in ENTRIES} == before
-    judge = copy / "core" / "judge.py"
+    judge = copy / "core" / "rows" / "judge.py"
     judge.write_text(judge.read_text().replace("MAX_SCORE = 10.0", "MAX_SCORE = 9.0"))
     assert code_digest("stages.score", root=copy) != before["stages.score"]
 
@@ -100,7 +107,7 @@ def test_a_comment_edit_everywhere_reuses_every_checkpoint_without_the_cache(
     copy = tmp_path / "stages"
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
     _edit_comments_and_docstrings(copy)
-    monkeypatch.setattr("stages.core.resume.PACKAGE_DIR", copy)
+    monkeypatch.setattr("stages.core.storage.resume.PACKAGE_DIR", copy)
     set_params(scored, lambda d: d["engine"].update(cache="off"))
     assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
     assert [p.read_bytes() for p in outs] == before
@@ -187,7 +194,7 @@ def test_a_judge_prompt_edit_rescores(scored, monkeypatch, fake_engine, tmp_path
     shutil.copytree(ROOT / "stages" / "prompts", prompts)
     judge = prompts / "judge-0to10.txt"
     judge.write_text(judge.read_text(encoding="utf-8").replace("impartial judge", "impartial, strict judge"))
-    monkeypatch.setattr("stages.core.prompts.PROMPT_DIR", prompts)
+    monkeypatch.setattr("stages.core.rows.prompts.PROMPT_DIR", prompts)
     judged = _rerun(monkeypatch, fake_engine, "generate", "score")
     responses = sum(
         len(r or [])
@@ -200,9 +207,9 @@ def test_a_judge_prompt_edit_rescores(scored, monkeypatch, fake_engine, tmp_path
 def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_path):
     copy = tmp_path / "stages"
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    judge = copy / "core" / "judge.py"
+    judge = copy / "core" / "rows" / "judge.py"
     judge.write_text(judge.read_text(encoding="utf-8") + "\nFIXED = 1\n", encoding="utf-8")  # a code change
-    monkeypatch.setattr("stages.core.resume.PACKAGE_DIR", copy)
+    monkeypatch.setattr("stages.core.storage.resume.PACKAGE_DIR", copy)
     shards = scored / "data/.checkpoints/score@gemma3"
     before = {p.name for p in shards.iterdir()}
     # the judge's requests did not change: its shards are rebuilt from the cached judgements

@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from stages.compose import compose_params
-from stages.core import sft
-from stages.core.crypto import decrypt_file, derive_key
-from stages.core.errors import PipelineError, SourceError
-from stages.core.io import read_jsonl_gz, write_jsonl_gz
-from stages.core.params import ParamsError, SftOption, load_params, validate
-from stages.core.scores import best_index
+from stages.core.config.errors import PipelineError, SourceError
+from stages.core.config.params import ParamsError, SftOption, load_params, validate
+from stages.core.rows import sft
+from stages.core.rows.scores import best_index
+from stages.core.storage.crypto import decrypt_file, derive_key
+from stages.core.storage.io import read_jsonl_gz, write_jsonl_gz
 from tests.conftest import SAMPLE, FakeEngine, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def built(tmp_path_factory) -> Path:
     engine = FakeEngine()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
-        mp.setattr("stages.core.executors.make_engine", lambda llm, options: engine)
+        mp.setattr("stages.core.runtime.executors.make_engine", lambda llm, options: engine)
         for stage in ("fetch", "decrypt", "translate"):
             run_stage(mp, stage)
         for stage in ("generate", "score", "package", "sft"):

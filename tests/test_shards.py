@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.shards import (
+from stages.core.runtime.shards import (
     INPUT_DIGEST,
     ROWS_DIGEST,
     CheckpointStore,
@@ -82,7 +82,7 @@ def test_a_truncated_shard_is_recomputed_with_a_warning(tmp_path, caplog):
     shard = tmp_path / "t" / "k1" / "00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-40])  # torn by a crash or a full disk
     calls.clear()
-    with caplog.at_level(logging.WARNING, logger="stages.core.shards"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.runtime.shards"):
         assert _run(table, fn, tmp_path) == 10
     assert calls == [1]
     assert "t shard 00001: checkpoint" in caplog.text and "cannot be read back" in caplog.text
@@ -99,7 +99,7 @@ def test_an_invalid_shard_is_recomputed(tmp_path, caplog):
     meta = {INPUT_DIGEST: kept.schema.metadata[INPUT_DIGEST], ROWS_DIGEST: rows_digest(short)}
     pq.write_table(short.replace_schema_metadata(meta), shard)  # readable, both digests hold, a row short
     calls.clear()
-    with caplog.at_level(logging.WARNING, logger="stages.core.shards"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.runtime.shards"):
         _run(table, fn, tmp_path)
     assert calls == [2] and "2 rows for 3 input rows" in caplog.text
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_rewritten_with_intact_metadata_is_recomputed(tmp_path, cap
     forged = pa.table([kept["conversation_id"], [0, 0, 0]], schema=SCHEMA)
     pq.write_table(forged.replace_schema_metadata(kept.schema.metadata), shard)
     calls.clear()
-    with caplog.at_level(logging.WARNING, logger="stages.core.shards"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.runtime.shards"):
         _run(table, fn, tmp_path)
     assert calls == [1] and "does not match its digest" in caplog.text
     assert pq.read_table(tmp_path / "out.parquet")["x"].to_pylist() == [2 * i for i in range(10)]

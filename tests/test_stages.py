@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.crypto import CryptoError, KeySpec, derive_key
-from stages.core.errors import PipelineError
-from stages.core.io import engines_of, read_jsonl_gz, sha256_file
-from stages.core.params import load_params
-from stages.core.second_turn import selected
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import load_params
+from stages.core.rows.second_turn import selected
+from stages.core.storage.crypto import CryptoError, KeySpec, derive_key
+from stages.core.storage.io import engines_of, read_jsonl_gz, sha256_file
 from tests.conftest import compose_params, run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,8 +270,8 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
 
 
 def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
-    from stages.core.crypto import instruction_rows
-    from stages.core.io import write_jsonl_gz
+    from stages.core.storage.crypto import instruction_rows
+    from stages.core.storage.io import write_jsonl_gz
 
     record = {"conversation_id": "c1", "translated_conversation": [{"role": "user", "content": "こんにちは"}]}
     path = tmp_path / "ja.jsonl.gz"
@@ -485,7 +485,7 @@ def _full_disk_while_copying(src, dst):
 
 
 def _full_disk_half_way(monkeypatch, workspace):
-    from stages.core import release
+    from stages.core.rows import records as release
 
     set_params(workspace, lambda d: d["release"].update(batch_rows=64))
     written, original = [], release.public_table
@@ -496,7 +496,7 @@ def _full_disk_half_way(monkeypatch, workspace):
             raise OSError(28, "No space left on device")
         return original(*args)
 
-    monkeypatch.setattr("stages.core.release.public_table", table)
+    monkeypatch.setattr("stages.core.rows.records.public_table", table)
 
 
 @pytest.mark.parametrize("where", ["records", "reused ciphertext"])

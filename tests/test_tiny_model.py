@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from scripts.make_tiny_model import build, model_digest, write_revision
 from stages.compose import compose_params
+from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import ChatRequest, make_engine
-from stages.core.judge import FAILED, parse_score
-from stages.core.params import EngineParams, LLMSpec, Sampling
-from stages.core.prompts import user_turn
-from stages.core.resume import digest, recipe
+from stages.core.rows.judge import FAILED, parse_score
+from stages.core.rows.prompts import user_turn
+from stages.core.storage.resume import digest, recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "data" / "sample" / "tiny-chat"

@@ -1,4 +1,4 @@
-"""The streaming join of translate (stages/core/join.py) with batches of a few rows, so that the
+"""The streaming join of translate (stages/core/rows/translation.py) with batches of a few rows, so that the
 batches, the spill parts and the row ranges really split: first-turn order, first occurrences
 across batch boundaries, rows the release lacks."""
 
@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.annotate import compile_templates
-from stages.core.first_turn import SCHEMA
-from stages.core.join import TranslationJoin, llm_rows
+from stages.core.rows.annotate import compile_templates
+from stages.core.rows.first_turn import SCHEMA
+from stages.core.rows.translation import TranslationJoin, llm_rows
 
 ROWS = 40
 TEXTS = ["こんにちは", "光合成とは？", "", "  ", "\u3000", "猫の名前を考えて", "こんにちは！"]
@@ -165,7 +165,7 @@ def test_repeated_ids_of_a_table_or_a_parquet_file(tmp_path):
     """One query names the repeated conversation_ids for translate, the published file and compare."""
     import duckdb
 
-    from stages.core.join import repeated_ids
+    from stages.core.storage.spill import repeated_ids
 
     ids = pa.table({"conversation_id": ["d", "a", "b", "a", "c", "d", "b", "e"]})
     pq.write_table(ids, tmp_path / "ids.parquet")
@@ -176,7 +176,7 @@ def test_repeated_ids_of_a_table_or_a_parquet_file(tmp_path):
 
 
 def test_in_order_places_a_part_s_rows_and_refuses_a_row_placed_twice():
-    from stages.core.join import in_order
+    from stages.core.storage.spill import in_order
 
     placed = pa.table({"row": [12, 10, 14], "text": ["c", "a", "e"]})
     table, present = in_order(placed, 10, 5)

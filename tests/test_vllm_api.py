@@ -29,10 +29,10 @@ from vllm.utils.counter import Counter  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 from stages.compose import compose_params  # noqa: E402
+from stages.core.config.errors import PipelineError  # noqa: E402
+from stages.core.config.params import EngineParams, LLMSpec, Sampling, validate  # noqa: E402
 from stages.core.engines import FAILED, OK, ChatRequest, Completion, EngineDown  # noqa: E402
 from stages.core.engines.vllm import VLLMApi, VLLMEngine, accepted_engine_args, check_arguments  # noqa: E402
-from stages.core.errors import PipelineError  # noqa: E402
-from stages.core.params import EngineParams, LLMSpec, Sampling, validate  # noqa: E402
 
 PRODUCTION = validate(yaml.safe_load(compose_params([])))
 REJECTED = ord("☠")  # a token id the recording engine refuses, as vLLM refuses one outside its vocabulary
@@ -146,7 +146,7 @@ def test_request_arguments_are_sampling_params_fields_with_valid_values():
 
 def test_judge_mode_arguments_are_valid_sampling_params():
     """Structured output (the judge's JSON schema) and logprobs, as judge modes structured and logprob ask."""
-    from stages.core.judge import JUDGEMENT_SCHEMA
+    from stages.core.rows.judge import JUDGEMENT_SCHEMA
 
     request = ChatRequest([{"role": "user", "content": "hi"}], json_schema=JUDGEMENT_SCHEMA, top_logprobs=20)
     params = VLLMApi.installed().params(request, Sampling(temperature=0.0, max_tokens=64))
@@ -157,7 +157,7 @@ def test_logprobs_of_a_completion_output_give_the_expected_rating():
     from vllm.logprobs import Logprob
 
     from stages.core.engines.vllm import _logprobs
-    from stages.core.judge import expected_rating
+    from stages.core.rows.judge import expected_rating
 
     steps = [
         {5: Logprob(0.0, 1, "Rating: [[")},

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from stages.core.engines.base import (
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec
+from stages.core.engines.base import Engine, EngineDown, RequestError, apply_chat_rules
+from stages.core.rows.requests import (
     FAILED,
     MODE_IGNORED,
     OK,
@@ -10,15 +13,9 @@ from stages.core.engines.base import (
     TOO_LONG,
     ChatRequest,
     Completion,
-    Engine,
-    EngineDown,
     Reply,
-    RequestError,
-    apply_chat_rules,
     unfinished,
 )
-from stages.core.errors import PipelineError
-from stages.core.params import EngineParams, LLMSpec
 
 __all__ = [
     "FAILED",

@@ -22,21 +22,17 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import Sampling
 from stages.core.engines.base import (
-    FAILED,
-    PARTIAL,
-    ChatRequest,
-    Completion,
     Engine,
     EngineDown,
-    Reply,
     apply_chat_rules,
     by_text,
     missing_extra,
     token_logprobs,
 )
-from stages.core.errors import PipelineError
-from stages.core.params import Sampling
+from stages.core.rows.requests import FAILED, PARTIAL, ChatRequest, Completion, Reply
 
 LOG = logging.getLogger(__name__)
 CHECK_TIMEOUT = 5.0  # seconds per attempt (two in all) of load()'s look at a server's model list

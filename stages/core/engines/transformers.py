@@ -12,18 +12,10 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, ClassVar
 
-from stages.core.engines.base import (
-    ChatRequest,
-    Completion,
-    Engine,
-    Reply,
-    apply_chat_rules,
-    by_text,
-    missing_extra,
-    token_logprobs,
-)
-from stages.core.errors import PipelineError
-from stages.core.params import Sampling
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import Sampling
+from stages.core.engines.base import Engine, apply_chat_rules, by_text, missing_extra, token_logprobs
+from stages.core.rows.requests import ChatRequest, Completion, Reply
 
 
 class SeededSampler:

@@ -28,21 +28,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import Sampling
 from stages.core.engines.base import (
-    FAILED,
-    ChatRequest,
-    Completion,
     Engine,
     EngineDown,
-    Reply,
     RequestError,
     apply_chat_rules,
     by_text,
     missing_extra,
     token_logprobs,
 )
-from stages.core.errors import PipelineError
-from stages.core.params import Sampling
+from stages.core.rows.requests import FAILED, ChatRequest, Completion, Reply
 
 FINISHED = ("stop", "length")  # vLLM's finish reasons of a completion that came back whole
 

@@ -1,0 +1,260 @@
+"""The release's provenance and its dataset card (README.md with the Hub's YAML front matter), so that
+`datasets.load_dataset(<release dir>)` loads the public file with typed columns and a reader sees what
+the files hold, under which licences, and what produced them."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from stages.core.config.params import Params
+from stages.core.config.project import distribution_version
+from stages.core.storage.resume import digest, recipe
+
+# The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,
+# README): the instructions are LMSYS-Chat-1M derivatives; each model family's outputs (responses,
+# judgements, translations) fall under its own terms. The deletion clause is quoted from the LMSYS-Chat-1M
+# Dataset License Agreement [V] (https://huggingface.co/datasets/lmsys/lmsys-chat-1m, "Right to Request
+# Deletion"); what it means for a licensee of a release is our reading (docs/assumptions.md).
+LMSYS = (
+    "LMSYS-Chat-1M Dataset License Agreement (https://huggingface.co/datasets/lmsys/lmsys-chat-1m): "
+    "the Japanese instructions, in the encrypted file only. Its Right to Request Deletion clause: "
+    '"At any time, we may require you to delete all copies of the conversation dataset (in whole or '
+    'in part) in your possession and control. You will promptly comply with any and all such requests." '
+    "Our reading, not legal advice: a licensee of this release may be asked to delete the decrypted "
+    "instructions and whatever holds them (SFT files, caches, checkpoints); a rebuild after such a "
+    "removal can have fewer rows than this release"
+)
+FAMILIES = {
+    "llama": "Llama 3.1 Community License (https://www.llama.com/llama3_1/license/) and its Acceptable "
+    'Use Policy: "Built with Llama"',
+    "gemma": "Gemma Terms of Use (https://ai.google.dev/gemma/terms) and its Prohibited Use Policy",
+}
+LOCKS = ["requirements/test.lock", "requirements/demo.lock"]  # the dependency locks `make` installs
+SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+FIELDS = {
+    "conversation_id": "LMSYS-Chat-1M's conversation id: the join key with the encrypted instructions",
+    "duplicate_user_instruction_ja": "the conversation_id of an earlier row with the same Japanese "
+    "instruction, or null",
+    "empty_user_instruction_ja": "true when the Japanese instruction is empty (no responses then)",
+    "is_template_instruction": "the template category of the instruction (conf/translate), or null",
+    "synthesized_assistant_responses": "responses to the Japanese instruction ({role, content}); up to n",
+    "synthesized_response_scoring_annotations": "per response, in the same order: response_token_length, "
+    "judgement (the judge's text), repetition_flag, preference_score (0-10; -1 when no rating was found)",
+    "synthesized_assistant_responses_en": "responses to the original English instruction",
+    "synthesized_multiturn_conversation": "a list of one conversation from the best response: "
+    "[[assistant, user, assistant]] (the best response, a synthesized follow-up and its answer) for a "
+    "share of the instructions (models.<variant>.second_turn.share), else single-turn [[assistant]]; "
+    "null without a best response or when the second turn failed. Prepend translated_conversation "
+    "for the whole conversation",
+}
+
+
+CODE = ["stages", "scripts", "dvc.yaml", "pyproject.toml", *LOCKS]  # what builds a release
+LIBRARIES = ["pyarrow", "polars", "orjson", "zlib-ng", "python-gnupg"]  # what writes its bytes
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def code_provenance(root: Path = Path(".")) -> dict:
+    """The code a release is built from, in terms that do not move with unrelated git history: the
+    last commit that changed the code (not HEAD, not a describe of the latest tag), the code files
+    that differ from it (uncommitted), a digest of the code's content, the dependency lock's digest
+    and the versions of the libraries that write the release's bytes. No timestamps."""
+    files = sorted(
+        p
+        for name in CODE
+        for p in ([root / name] if (root / name).is_file() else (root / name).rglob("*"))
+        if p.is_file() and not _bytecode(p.as_posix())
+    )
+    lock = next((root / name for name in LOCKS if (root / name).is_file()), None)
+    changed = _git(root, "diff", "--name-only", "HEAD", "--", *CODE) or ""
+    dirty = changed + "\n" + (_git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE) or "")
+    return {
+        "git_commit": _git(root, "log", "-1", "--format=%H", "--", *CODE),
+        "uncommitted": sorted(f for f in dirty.split() if not _bytecode(f)),
+        "code_sha256": _digest_files(files, root),
+        "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
+        "libraries": {name: distribution_version(name) for name in LIBRARIES},
+    }
+
+
+def _bytecode(path: str) -> bool:
+    return "__pycache__/" in path or path.endswith((".pyc", ".pyo"))
+
+
+def _digest_files(files: list[Path], root: Path) -> str:
+    """sha256 over the files' paths (relative to `root`) and contents, in order."""
+    found = hashlib.sha256()
+    for path in files:
+        found.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return found.hexdigest()
+
+
+def provenance(params: Params, name: str) -> dict:
+    """What a release was built from: code (`code_provenance`), sources (pinned revisions), and a
+    fingerprint of every parameter that changes the variant's rows (runtime knobs excluded, like the
+    resume keys)."""
+    variant, fetch = params.models[name], params.fetch
+    return {
+        "code": code_provenance(),
+        "sources": {
+            key: {"uri": spec.uri, "revision": spec.revision}
+            for key, spec in (("source", fetch.source), ("released", fetch.released))
+        },
+        "subset": variant.subset,
+        "params_fingerprint": digest(
+            params.seed,
+            recipe(fetch),
+            recipe(params.decrypt),
+            recipe(params.translate),
+            recipe(variant),
+            recipe(params.release),
+        ),
+    }
+
+
+def licences(producers: dict) -> list[str]:
+    """The licences of a release: LMSYS for the instructions, then the terms of each model family that
+    produced rows (any role: generate, judge, second_turn, translate), naming the roles and models it
+    covers; a producer without a model (DeepL) adds none."""
+    roles = sorted(producers.get("models", {}).items())
+    found = []
+    for family, text in FAMILIES.items():
+        used = [f"{role} (`{m['model']}`)" for role, m in roles if family in (m.get("model") or "").lower()]
+        if used:
+            found.append(f"{text}: covers {', '.join(used)}")
+    return [LMSYS, *found, "Apache-2.0: this project's code"]
+
+
+def size_category(rows: int) -> str:
+    return next((label for limit, label in SIZES if rows < limit), "1M<n<10M")
+
+
+def front_matter(params: Params, name: str, files: list[str], features: list[dict], rows: int) -> dict:
+    """The Hub's dataset-card metadata: configs over the public files, with their features."""
+    stem = params.release.file.format(name=params.models[name].release_name)
+    # one config: `datasets` picks one builder for a directory, so a second (Parquet) config would be
+    # read as JSON; the same rows in Parquet load with load_dataset("parquet", data_files=...)
+    public = next((f"{stem}.{s}" for s in ("jsonl.gz", "parquet") if f"{stem}.{s}" in files), None)
+    configs = (
+        [{"config_name": "default", "data_files": [{"split": "train", "path": public}]}] if public else []
+    )
+    info = [{"config_name": "default", "features": features}] if public else []
+    languages = ["ja", "en"] if params.models[name].generate.n_en > 0 else ["ja"]
+    return {
+        "pretty_name": f"LMSYS-Chat-1M-Synth {params.models[name].release_name} (rebuilt)",
+        "license": "other",
+        "license_name": "lmsys-chat-1m-synth-mixed",
+        "language": languages,
+        "size_categories": [size_category(rows)],
+        "task_categories": ["text-generation"],
+        "tags": ["synthetic", "sft", "lmsys-chat-1m"],
+        "configs": configs,
+        "dataset_info": info,
+    }
+
+
+def _table(header: tuple[str, str], rows: list[tuple[object, object]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows])
+
+
+def code_rows(code: dict) -> list[tuple[str, str]]:
+    """The card's provenance rows for the code a release was built from."""
+    changed = ", ".join(f"`{f}`" for f in code["uncommitted"]) or "none"
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted(code["libraries"].items()))
+    return [
+        ("code: last commit that changed it", f"`{code['git_commit']}`"),
+        ("code: uncommitted changes", changed),
+        ("code: sha256 of its files", f"`{code['code_sha256']}`"),
+        ("dependency lock: sha256", f"`{code['lock_sha256']}`"),
+        ("libraries that write the files", libraries),
+    ]
+
+
+def scoring(mode: str, metrics: dict) -> str:
+    """Which judge mode produced the release's scores (a server may ignore the one asked)."""
+    ignored = metrics.get("judge_mode_ignored", 0)
+    line = f"Scores: judge mode `{mode}` (`score.mode`)"
+    if not ignored:
+        return line + ", for every judgement."
+    return (
+        line + f", except {ignored:,} judgements that the server answered without it (status "
+        "`mode_ignored`): those are scored by parsing their text."
+    )
+
+
+def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]) -> str:
+    """README.md of a release directory, from its manifest (files, metrics, producers, provenance)."""
+    variant, metrics = params.models[name], manifest["metrics"]
+    files = sorted(manifest["files"])
+    meta = front_matter(params, name, files, features, metrics.get("instructions", 0))
+    source = manifest["provenance"]
+    en = variant.generate.n_en > 0
+    sections = [
+        f"# LMSYS-Chat-1M-Synth: {variant.release_name}\n",
+        f"Rebuilt by lmsys-chat-1m-synth {manifest['producers']['project']['version']} (variant `{name}`). "
+        f"Up to {variant.generate.n_ja} Japanese responses per instruction"
+        + (f" and {variant.generate.n_en} English" if en else "; no English responses")
+        + (", with a synthesized second turn" if variant.second_turn else "")
+        + ". The Japanese instructions are only in the encrypted file (see *Licences*)."
+        + ("" if en else " The file name keeps the published `ja+en`, though this variant has Japanese only.")
+        + "\n\n"
+        + scoring(variant.score.mode, metrics)
+        + "\n",
+        "## Files\n\n"
+        + _table(
+            ("file", "sha256 (size)"),
+            [
+                (f"`{f}`", f"`{manifest['files'][f]['sha256']}` ({manifest['files'][f]['size']:,} B)")
+                for f in files
+            ],
+        ),
+        "## Counts\n\n" + _table(("metric", "value"), sorted(metrics.items())),
+        "## Models\n\n"
+        + _table(
+            ("role", "model @ revision (engine and libraries)"),
+            [
+                (
+                    role,
+                    (f"`{m['model']}` @ `{m['revision']}`" if m["model"] else "(no model)")
+                    + f" ({m['engine']}: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(m["libraries"].items()))
+                    + ")",
+                )
+                for role, m in sorted(manifest["producers"]["models"].items())
+            ],
+        ),
+        "## Provenance\n\n"
+        + _table(
+            ("what", "value"),
+            [
+                *((f"{k} (`{s['uri']}`)", f"`{s['revision']}`") for k, s in source["sources"].items()),
+                ("subset", source["subset"]),
+                ("params fingerprint", f"`{source['params_fingerprint']}`"),
+                *code_rows(source["code"]),
+            ],
+        )
+        + "\n\nThe release is tagged on the commit whose `dvc.lock` records these files.",
+        "## Fields\n\n"
+        + _table(("field", "meaning"), [(f"`{f['name']}`", FIELDS.get(f["name"], "")) for f in features]),
+        "## Licences\n\n" + "\n".join(f"- {text}" for text in licences(manifest["producers"])),
+    ]
+    header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=10**6)
+    return f"---\n{header}---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def write_card(params: Params, name: str, manifest: dict, features: list[dict], out: Path) -> None:
+    (out / "README.md").write_text(dataset_card(params, name, manifest, features), encoding="utf-8")

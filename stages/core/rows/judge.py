@@ -1,0 +1,295 @@
+"""Row logic of score: judge replies in, per-response annotations (judgement, score) and judge
+statuses out; also the judge requests, the rating parser and best-response selection.
+
+A judgement becomes its score by `score.mode`: `parse` (the default; the published parser is not
+public, docs/assumptions.md) reads the rating in the text; `structured` asks the engine for JSON that
+follows JUDGEMENT_SCHEMA, so a rating is always written, and reads its "rating"; `logprob` asks for
+the top alternatives of the tokens after "[[" and scores the expected rating over the rating tokens
+among them (`expected_rating`). A server that ignores the
+mode asked (plain text for a schema, no logprobs) gets the parse score and status MODE_IGNORED
+(`effective_mode`), so the request is asked again and counted, never passed off as "ok"."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import re
+import unicodedata
+
+import pyarrow as pa
+
+from stages.core.config.params import ScoreParams
+from stages.core.rows.prompts import user_turn
+from stages.core.rows.requests import MODE_IGNORED, OK, Chat, ChatRequest, Completion, Reply
+from stages.core.rows.responses import SCORED, request_seed
+from stages.core.rows.scores import SCORE_FAILED, best_index
+
+FAILED = SCORE_FAILED
+MAX_SCORE = 10.0
+# A rating value: "7", "7.5" or "8" of "8." at a sentence end; never part of a longer number ("2023"),
+# a negative number ("-3"), a range ("1-10", "1 to 10") or a scale ("10点満点", "10点中").
+NUMBER = r"(?<![\d.\-−])(\d+(?:\.\d+)?)(?!\.?\d|\s*(?:[-–~]|to\b)\s*\d|\s*点(?:満点|中))"
+# "Rating:", "**Final score** is", "Score (1-10) =", "Score out of 10:", "評価は", "点数は10点中",
+# "a score of".
+LABEL = (
+    r"(?:\b(?:(?:overall|final)\s+)?(?:rating|score|grade)s?\b|総合評価|評価|点数|スコア|採点)"
+    r"(?:[ \t]*(?:\([^()\n]{0,30}\)|out\s+of\s+10|/\s*10))?"
+    r"[ \t*]*(?:[:=]|\bis\b|\bwould\s+be\b|\bof\b|は|を)"
+    r"(?![ \t*:]*\[[^\]\n]*(?:\n|\Z))"  # a "[" must close on its line: "Rating: [[1" may be a cut "[[10]]"
+    r"[ \t*:\[「『【]*(?:10[ \t]*点(?:満点)?中[ \t]*)?"
+)
+OTHER_SCALE = r"(?![ \t*\]」』】]*(?:/|out\s+of)\s*(?!10(?!\d))\d)"  # "Rating: 4/5" is not a 0-10 rating
+COUNTER = r"(?![ \t]*(?:つ|個|項目|段階|件|回|年|月|日|%))"  # "評価は3つの観点で", "評価は5段階" count things
+SCALE_10 = r"[ \t*]*(?:/[ \t]*|out\s+of\s+)10(?![\d/]|\.\d)"  # "/10", " out of 10"; not "10/5", "10.5"
+DOUBLE_BRACKET = re.compile(rf"\[\[[ \t*]*{NUMBER}[ \t*]*(?:/[ \t]*10[ \t]*)?\]\]")  # "[[7]]", "[[ 7.5 ]]"
+LABELLED = re.compile(rf"(?i){LABEL}{NUMBER}{OTHER_SCALE}{COUNTER}")  # "Rating: **7**/10", "評価: 7点"
+JSON_FIELD = re.compile(rf"""(?i)["'](?:\w*_)?(?:score|rating)["']\s*:\s*"?{NUMBER}""")  # {"score": 7}
+# a rating verb: "I'd give it 4/10", "I rate this answer a solid 7 out of 10", "7点をつけます", "8点とします"
+RATED = re.compile(
+    rf"(?i)\b(?:give[sn]?|giving|gave|rate[sd]?)\s+(?:(?:it|this|that|the|my)\b(?:\s+(?:response|answer"
+    rf"|reply|one))?\s+)?(?:(?:an?|at|as)\s+(?:[a-z]+\s+)?)?\**{NUMBER}\**{SCALE_10}(?!\s+of\b)"
+    rf"|{NUMBER}[ \t]*点[ \t]*(?:を[ \t]*(?:つけ|付け|与え)(?!加|足)|と[ \t]*(?:し|評価|判断))"
+)
+# An unlabelled rating ("8/10", "8 out of 10", "7点", "[7]") is a rating only where it stands alone
+# at the close of the judgement. ALONE: it starts the text or a line, or follows a sentence or clause
+# mark (. ! ? 。 : , 、 — –), past spaces and opening markup (* _ # > ( 「 『 【 " “).
+ALONE = r"(?:^|(?<=[.!?。:,、—–]))[ \t*_#>(「『【\"“]*"
+# CLOSING: nothing follows it to the end but whitespace, punctuation (. , ; ! ? 。 、), closing
+# brackets and quotes () ] } 」 』 】 〉 》 " ' ” ’), markdown (* _ ~ `), closing HTML tags ("</b>")
+# and a scale note ("(10点満点)", "(out of 10)").
+CLOSING = r"(?=(?:[\s.,;!?。、)\]}」』】〉》\"'”’*_~`]|</\w+>|\((?:10点満点|out\s+of\s+10)\))*\Z)"
+OUT_OF_TEN = re.compile(  # "7/10", "7 out of 10", "10点中7点", "7点"; not a date ("2023/10", "3/10/2024")
+    rf"(?im){ALONE}(?:10[ \t]*点(?:満点)?中[ \t]*)?{NUMBER}(?:{SCALE_10}|[ \t*]*点){CLOSING}"
+)
+BARE_BRACKET = re.compile(rf"(?m){ALONE}\[[ \t*]*{NUMBER}[ \t*]*\]{CLOSING}")  # "[7]"; not "see [1] and [2]."
+PATTERNS = (DOUBLE_BRACKET, LABELLED, JSON_FIELD, RATED, OUT_OF_TEN, BARE_BRACKET)  # in order of trust
+RATINGS = list(range(11))
+# structured mode: an explanation first (as the prompt asks), then a rating the schema restricts to 0-10
+JUDGEMENT_SCHEMA = {
+    "title": "judgement",
+    "type": "object",
+    "properties": {"explanation": {"type": "string"}, "rating": {"type": "integer", "enum": RATINGS}},
+    "required": ["explanation", "rating"],
+    "additionalProperties": False,
+}
+RATING_MARK = "[["  # logprob mode: the rating token follows it ("Rating: [[7]]")
+RATING_TOKEN = re.compile(r"10|[0-9]")  # what a rating token reads, past "[[" and spaces
+
+
+def judge_messages(prompt: str, question: str, answer: str) -> list[dict[str, str]]:
+    return user_turn(prompt, question=question, answer=answer)
+
+
+def parse_score(text: str | None) -> float:
+    """The 0-10 rating a judge meant; FAILED (-1) when its output holds none in range. Never raises.
+
+    The text is NFKC-normalised (full-width digits, colons, brackets), then the first of PATTERNS with an
+    in-range value gives its LAST in-range match: judges often quote the format before they rate.
+    Out-of-range values are skipped, so a pattern holding only those falls through to the next one.
+    An explicit rating (DOUBLE_BRACKET "[[7]]", LABELLED "Rating: 7", JSON_FIELD '"rating": 7', RATED
+    "I'd give it 7/10") counts anywhere in the text. An unlabelled one (OUT_OF_TEN "7/10", "7点",
+    BARE_BRACKET "[7]") counts only where it stands ALONE at the CLOSING of the text: after the start, a
+    line break or a sentence or clause mark, and before nothing but whitespace, punctuation and closing
+    markup. So "Step 1/10 is wrong." and "Refer to [2] and [5]." hold no rating; "... Overall: 8/10"
+    and "良い回答です。[7]" do.
+    """
+    if not isinstance(text, str):  # None, or NaN from a missing pandas cell
+        return FAILED
+    text = unicodedata.normalize("NFKC", text)
+    for pattern in PATTERNS:
+        values = (float(m.group(m.lastindex)) for m in pattern.finditer(text))  # RATED has two groups
+        in_range = [value for value in values if 0.0 <= value <= MAX_SCORE]
+        if in_range:
+            return in_range[-1]
+    return FAILED
+
+
+def json_rating(text: str | None) -> float | None:
+    """The "rating" of a JSON judgement (structured mode) when it is a number in 0-10; None where the
+    text is no such JSON (the server ignored the schema, or the output was cut at max_tokens)."""
+    try:
+        rating = json.loads(text)["rating"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    valid = isinstance(rating, int | float) and not isinstance(rating, bool) and 0 <= rating <= MAX_SCORE
+    return float(rating) if valid else None
+
+
+def structured_score(text: str | None) -> float:
+    """The "rating" of a JSON judgement (structured mode); parse_score of the text where it is not
+    such JSON (cut at max_tokens, say)."""
+    rating = json_rating(text)
+    return parse_score(text) if rating is None else rating
+
+
+def expected_rating(completion: Completion) -> float:
+    """Logprob mode: the expected rating, sum of p(k) * k over the ratings k = 0..10 that the top
+    alternatives of the token after the last "[[" (that has any) read, p renormalised over them.
+
+    A token reads rating k when, past the part of "[[" it holds, it is k's digits (spaces around
+    them allowed; no leading zero). "10" may be one token (Llama 3) or "1" then "0" (Gemma splits digits):
+    - a "10" token among the alternatives: the tokenizer writes 10 as one token, so "1" is 1;
+    - else, where the sampled token is "1", the next token's alternatives split its mass: "0" (and no
+      further digit) is 10, a token that is no digit is 1, other digits (11-19) are dropped;
+    - else "1" cannot be told from the start of a 10: its mass goes to whichever of 1 and 10 is
+      nearer the mean of the other ratings (10 on a tie), or, with no other rating, the "[[" is skipped.
+    Where no "[[" is followed by rating alternatives (or the engine returned no logprobs), the score
+    is parse_score of the text, so FAILED (-1) only where that finds no rating either.
+    """
+    ratings = rating_alternatives(completion)
+    if not ratings:
+        return parse_score(completion.text)
+    return sum(p * k for k, p in ratings.items()) / sum(ratings.values())
+
+
+def rating_alternatives(completion: Completion) -> dict[int, float]:
+    """The probability of each rating at the last "[[" of `completion` whose next token has rating
+    alternatives, as `expected_rating` reads them; {} where none has (or there are no logprobs)."""
+    tokens = completion.logprobs or []
+    joined = "".join(token for token, _ in tokens)
+    starts = list(itertools.accumulate((len(token) for token, _ in tokens[:-1]), initial=0))
+    ends = [m.end() for m in re.finditer(re.escape(RATING_MARK), joined)]
+    for end in reversed(ends):
+        holder = bisect.bisect_right(starts, end) - 1
+        if holder < 0 or end >= starts[holder] + len(tokens[holder][0]) or not tokens[holder][1]:
+            continue
+        following = tokens[holder + 1] if holder + 1 < len(tokens) else None
+        ratings = _ratings(tokens[holder], joined[starts[holder] : end], following)
+        if sum(ratings.values()) > 0:  # not all -inf
+            return ratings
+    return {}
+
+
+def _ratings(token: list, prefix: str, following: list | None) -> dict[int, float]:
+    """Probability of each rating at `token` ([text, alternatives]) whose text starts with `prefix`
+    (the end of "[["), the "1" of a split 10 resolved as `expected_rating` says."""
+    ratings: dict[int, float] = {}
+    ones = 0.0  # mass of a bare "1": 1, or the first token of "10"
+    for text, logprob in token[1].items():
+        rest = text.removeprefix(prefix).strip() if text.startswith(prefix) else ""
+        if not RATING_TOKEN.fullmatch(rest):
+            continue
+        if rest == "1":
+            ones += math.exp(logprob)
+        else:
+            ratings[int(rest)] = ratings.get(int(rest), 0.0) + math.exp(logprob)
+    if not ones or 10 in ratings:
+        return ratings | ({1: ones} if ones else {})
+    sampled = token[0].removeprefix(prefix).strip() if token[0].startswith(prefix) else ""
+    if sampled == "1":
+        zero, end = _after_one(following[1] if following else {})
+        share = zero / (zero + end) if zero + end else 0.0  # the text ended after "1": a 1
+        return ratings | {1: ones * (1 - share), 10: ones * share}
+    if not sum(ratings.values()):  # no other rating (or only -inf ones)
+        return {}
+    mean = sum(p * k for k, p in ratings.items()) / sum(ratings.values())
+    return ratings | {1 if mean - 1 < 10 - mean else 10: ones}
+
+
+def _after_one(alternatives: dict[str, float]) -> tuple[float, float]:
+    """(mass of "0" ending the number, mass of a token that starts with no digit) after a "1"."""
+    zero = end = 0.0
+    for text, logprob in alternatives.items():
+        if re.match(r"0(?![0-9])", text):
+            zero += math.exp(logprob)
+        elif not text[:1].isdigit():
+            end += math.exp(logprob)
+    return zero, end
+
+
+def effective_mode(completion: Completion, mode: str) -> str:
+    """The judge mode `completion` can be scored by: `mode` where the engine honoured it, else "parse".
+    structured: honoured where the text is JSON with a 0-10 "rating" (`json_rating`); logprob: where
+    some "[[" is followed by rating alternatives (`rating_alternatives`); parse is always honoured."""
+    if mode == "structured" and json_rating(completion.text) is None:
+        return "parse"
+    if mode == "logprob" and not rating_alternatives(completion):
+        return "parse"
+    return mode
+
+
+def score_of(completion: Completion | None, mode: str) -> float:
+    """The 0-10 score of a judgement by the mode it honours (`effective_mode`; FAILED without one)."""
+    if completion is None:
+        return FAILED
+    honoured = effective_mode(completion, mode)
+    if honoured == "structured":
+        return structured_score(completion.text)
+    if honoured == "logprob":
+        return expected_rating(completion)
+    return parse_score(completion.text)
+
+
+def judge_status(reply: Reply, mode: str) -> str:
+    """The status of one judge request: MODE_IGNORED where it came back OK but its judgement does not
+    honour `mode` (`effective_mode`: it is scored as parse), else the engine's own status."""
+    judged = reply.completions[0] if reply.completions else None
+    if reply.status == OK and judged is not None and effective_mode(judged, mode) != mode:
+        return MODE_IGNORED
+    return reply.status
+
+
+def judge_request(spec: ScoreParams, question: str, answer: str, seed: int) -> ChatRequest:
+    """The judge request of one response: structured output or logprobs as `spec.mode` asks."""
+    messages = judge_messages(spec.prompt, question, answer)
+    if spec.mode == "structured":
+        return ChatRequest(messages, seed=seed, json_schema=JUDGEMENT_SCHEMA)
+    if spec.mode == "logprob":
+        return ChatRequest(messages, seed=seed, top_logprobs=spec.top_logprobs, logprobs_after=RATING_MARK)
+    return ChatRequest(messages, seed=seed)
+
+
+def annotations(
+    responses: list[dict], replies: list[Reply], repetition_threshold: int, mode: str = "parse"
+) -> list[dict]:
+    """The published per-response annotations, aligned with `responses` (judgement null and score
+    -1 where the judge request was not sent or failed), scored by judge mode `mode` where the
+    judgement honours it (`score_of`)."""
+    notes = []
+    for response, reply in zip(responses, replies, strict=True):
+        judged = reply.completions[0] if reply.completions else None
+        notes.append(
+            {
+                "response_token_length": response["completion_tokens"],
+                "judgement": judged.text if judged else None,
+                "repetition_flag": response["completion_tokens"] > repetition_threshold,
+                "preference_score": score_of(judged, mode),
+            }
+        )
+    return notes
+
+
+def judge_rows(engine: Chat, rows: list[dict], spec: ScoreParams, seed: int) -> tuple[list, list]:
+    """Judge every response of every row in one batched call: per row its annotations and each
+    judge request's status (`judge_status`; both None for a row without responses)."""
+    requests = [
+        judge_request(
+            spec,
+            r["instruction_ja"],
+            response["content"],
+            request_seed(seed, r["conversation_id"], f"judge:{j}"),
+        )
+        for r in rows
+        for j, response in enumerate(r["responses_ja"] or [])
+    ]
+    replies = iter(engine.chat(requests, spec.sampling))
+    notes, statuses = [], []
+    for r in rows:
+        mine = None if r["responses_ja"] is None else [next(replies) for _ in r["responses_ja"]]
+        notes.append(
+            None
+            if mine is None
+            else annotations(r["responses_ja"], mine, spec.repetition_threshold, spec.mode)
+        )
+        statuses.append(None if mine is None else [judge_status(reply, spec.mode) for reply in mine])
+    return notes, statuses
+
+
+def judge_table(engine: Chat, part: pa.Table, spec: ScoreParams, seed: int) -> pa.Table:
+    """One shard of score's out: annotations, best response and judge statuses of each row."""
+    notes, statuses = judge_rows(engine, part.to_pylist(), spec, seed)
+    best = [None if n is None else best_index([x["preference_score"] for x in n]) for n in notes]
+    nulls = [None] * part.num_rows  # the second pass, where the variant has one, fills these
+    return pa.table([part["conversation_id"], notes, best, statuses, nulls, nulls], schema=SCORED)

@@ -1,0 +1,305 @@
+"""Where a stage's engine work runs: one engine in this process (`engine.executor: local`) or a pool
+of engine replicas on a Ray cluster (`engine.executor: ray`). Both take the same picklable work,
+`work(engine, shard) -> table`, and hand its result to `shards.run_checkpointed`, which checkpoints every
+finished shard under the stage's resume key: a killed job, a lost worker or a preempted node costs
+only the shards that were not finished. Results do not depend on the executor: every request
+carries its own seed."""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import multiprocessing
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.errors import PipelineError
+from stages.core.config.params import EngineParams, LLMSpec
+from stages.core.engines import Engine, make_engine
+from stages.core.engines.base import missing_extra
+from stages.core.rows.requests import unfinished
+from stages.core.runtime.shards import run_checkpointed
+from stages.core.storage.cache import ResponseCache
+from stages.core.storage.io import ENGINE_METADATA, engines_of
+
+LOG = logging.getLogger(__name__)
+Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
+
+
+class Executor(abc.ABC):
+    """Runs work on engines for `llm`; `capacity` shards may be in flight at once. Each engine
+    answers what it can from the response cache file `cache` (engine.cache says how)."""
+
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        self.llm, self.options, self.cache = llm, options, cache
+        self.capacity = options.shards_in_flight
+
+    def cache_counts(self) -> dict[str, int]:
+        """Requests answered from the response cache, and those sent, so far."""
+        return {}
+
+    def failure_details(self) -> Counter:
+        """Failed requests by error text, so far."""
+        return Counter()
+
+    def identity(self) -> dict:
+        """What of the engine determines results (for resume keys and the release manifest)."""
+        return make_engine(self.llm, self.options).identity()
+
+    @abc.abstractmethod
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
+        """Run `work` on shard number `index`; its result, or the error that ended it."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to free by default
+        """Free the engines (and their GPUs)."""
+
+    def run_sharded(
+        self,
+        work: Work,
+        shards: Any,
+        *,
+        role: str,
+        carry: str | Path | None = None,
+        statuses: tuple[str, ...] = (),
+        ceiling: tuple[str, float] | None = None,
+        **kwargs: Any,
+    ) -> int:
+        """`shards.run_checkpointed` with `work` on this executor's engines. `out` records this engine's
+        identity as `role` (and the roles recorded in the Parquet file `carry`, an input). `statuses`
+        names the out's request-status columns: unfinished requests of reused shards are asked again,
+        and with `ceiling` (its params key, its rate) the stage fails when more than that share of
+        the out's requests did not finish."""
+        metadata = engines_of(carry) if carry else {}
+        metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
+        tally, stage = Counter(), kwargs.get("stage", role)
+        rows = run_checkpointed(
+            shards,
+            lambda shard, index: self.submit(work, shard, index),
+            window=self.capacity,
+            metadata=metadata,
+            statuses=statuses,
+            tally=tally,
+            **kwargs,
+        )
+        if counts := self.cache_counts():
+            LOG.info("%s: response cache: %s", stage, counts)
+        if statuses:
+            LOG.info("%s: request statuses: %s", stage, dict(tally))
+        if ceiling:
+            check_ceiling(stage, tally, *ceiling, self.failure_details())
+        return rows
+
+
+def check_ceiling(stage: str, tally: Counter, key: str, rate: float, details: Counter) -> None:
+    """Raise when more than `rate` of the requests counted in `tally` are unfinished (failed, partial,
+    mode ignored): the message names the stage, the counts, the params key and the commonest error."""
+    asked = sum(tally.values())
+    bad = {status: n for status, n in tally.items() if unfinished(status)}
+    failed = sum(bad.values())
+    if not asked or failed / asked <= rate:
+        return
+    common = details.most_common(1)
+    why = f"; most common error ({common[0][1]:,}x): {common[0][0]}" if common else ""
+    kinds = ", ".join(f"{status} {n:,}" for status, n in bad.items())
+    raise PipelineError(
+        f"{stage}: {failed:,} of {asked:,} requests did not finish ({kinds}"
+        f"; {failed / asked:.1%} > {key}={rate}){why}. The out is written and every finished request "
+        "is kept: fix the cause and re-run, and only the unfinished requests are asked again"
+    )
+
+
+class LocalExecutor(Executor):
+    """One engine in this process; `shards_in_flight` threads give it the next shard's requests
+    (and read and write shards) while it finishes the last."""
+
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        super().__init__(llm, options, cache)
+        self.engine = make_engine(llm, options)
+        self.engine.cache = ResponseCache(cache, options.cache) if cache else None
+        self._threads = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="shard")
+
+    def identity(self) -> dict:
+        return self.engine.identity()
+
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
+        return self._threads.submit(work, self.engine, shard)
+
+    def cache_counts(self) -> dict[str, int]:
+        return self.engine.cache.counts() if self.engine.cache else {}
+
+    def failure_details(self) -> Counter:
+        return Counter(self.engine.failures)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        self.engine.__exit__(None, None, None)
+        if self.engine.cache:
+            self.engine.cache.close()
+
+
+class Replica:
+    """A Ray actor that owns one engine (loaded on its first request) and runs work on it."""
+
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | None) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.engine = make_engine(llm, options)
+        self.engine.cache = ResponseCache(cache, options.cache) if cache else None
+
+    def run(self, work: Work, shard: pa.Table) -> pa.Table:
+        return work(self.engine, shard)
+
+    def identity(self) -> dict:
+        """The engine's identity where it runs: the library versions of this replica's host."""
+        return self.engine.identity()
+
+    def cache_counts(self) -> dict[str, int]:
+        return self.engine.cache.counts() if self.engine.cache else {}
+
+    def failure_details(self) -> Counter:
+        return Counter(self.engine.failures)
+
+    def close(self) -> None:
+        self.engine.__exit__(None, None, None)
+        if self.engine.cache:
+            self.engine.cache.close()
+
+
+class RayExecutor(Executor):
+    """`replicas` Ray actors, each owning one engine and the GPUs it needs (tensor x pipeline
+    parallel size; none for the openai and transformers backends). A shard goes to the least busy
+    replica. Ray restarts a replica whose process dies and retries its shards there. Each replica
+    opens the response cache file on its own host (SQLite: safe for several processes on one host,
+    not over a network filesystem; `python -m stages.core.storage.cache merge` joins the hosts' files)."""
+
+    def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
+        super().__init__(llm, options, cache)
+        try:
+            import ray
+        except ImportError as err:
+            raise missing_extra("ray", "ray") from err
+        self._ray, self._started = ray, not ray.is_initialized()
+        if self._started:
+            ray.init(address=options.ray_address, log_to_driver=True)
+        gpus = llm.gpus if options.backend == "vllm" else 0
+        resources = ray.cluster_resources()
+        replicas = options.replicas or int(
+            resources.get("GPU", 0) // gpus if gpus else max(1, resources.get("CPU", 1))
+        )
+        if replicas < 1:
+            raise PipelineError(
+                f"{llm.model} needs {gpus} GPUs per replica (tensor x pipeline parallel size); the Ray "
+                f"cluster at {options.ray_address or 'local'} has {resources.get('GPU', 0):g}"
+            )
+        actor = ray.remote(Replica).options(
+            num_gpus=gpus,
+            num_cpus=1,
+            # a replica whose process dies is started again and its unfinished shards retried on it,
+            # a bounded number of times: a shard that kills its replica each time fails the stage
+            max_restarts=options.ray_max_retries,
+            max_task_retries=options.ray_max_retries,
+            max_concurrency=options.shards_in_flight,
+        )
+        self._actors = [actor.remote(llm, options, str(cache) if cache else None) for _ in range(replicas)]
+        self._busy = [0] * replicas
+        self._lock = threading.Lock()
+        self.capacity = replicas * options.shards_in_flight
+        LOG.info("%s: %d Ray replicas, %d GPUs each", llm.model, replicas, gpus)
+
+    def identity(self) -> dict:
+        """The engine's identity as the replicas report it (their hosts' library versions); replicas
+        that disagree (hosts with other versions) stop the stage."""
+        found = self._ray.get([a.identity.remote() for a in self._actors])
+        if any(other != found[0] for other in found[1:]):
+            versions = sorted({json.dumps(f["libraries"], sort_keys=True) for f in found})
+            raise PipelineError(f"{self.llm.model}: the Ray replicas run different engines: {versions}")
+        return found[0]
+
+    def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
+        with self._lock:
+            i = min(range(len(self._actors)), key=self._busy.__getitem__)
+            self._busy[i] += 1
+        ray_future = self._actors[i].run.remote(work, shard).future()
+        result: Future = Future()
+        ray_future.add_done_callback(lambda done: self._done(i, index, done, result))
+        return result
+
+    def _done(self, i: int, index: int, done: Future, result: Future) -> None:
+        """Hand a replica's answer on; a replica that died past its retries fails the shard by name."""
+        with self._lock:
+            self._busy[i] -= 1
+        error = done.exception() if not done.cancelled() else None
+        if done.cancelled():
+            result.cancel()
+        elif isinstance(error, self._ray.exceptions.RayActorError):
+            retries = self.options.ray_max_retries
+            result.set_exception(
+                PipelineError(
+                    f"shard {index:05d}: its Ray replica died and was restarted {retries} times "
+                    f"(engine.ray_max_retries={retries}); the shard fails the stage: {error}"
+                )
+            )
+        elif error is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(done.result())
+
+    def failure_details(self) -> Counter:
+        totals: Counter = Counter()
+        for details in self._ray.get([a.failure_details.remote() for a in self._actors]):
+            totals.update(details)
+        return totals
+
+    def cache_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counts in self._ray.get([a.cache_counts.remote() for a in self._actors]):
+            for name, value in counts.items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
+    def close(self) -> None:
+        """Close each engine, then end the actors' processes, which returns their GPUs."""
+        ray = self._ray
+        try:
+            ray.get([a.close.remote() for a in self._actors], timeout=300)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            LOG.warning("closing the Ray replicas: %s", err)
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        if self._started:
+            ray.shutdown()
+
+
+@contextmanager
+def engine_pool(llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> Iterator[Executor]:
+    """The executor `engine.executor` names, for `llm`, answering from the response cache file
+    `cache` where it can; its engines are freed on exit."""
+    executor = (RayExecutor if options.executor == "ray" else LocalExecutor)(llm, options, cache)
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+def in_own_process(target: Callable[..., None], *args: Any, what: str) -> None:
+    """Run `target(*args)` in a fresh (spawned) process and wait: whatever it loads, GPU memory
+    included, goes back to the system when it exits. Its failure is a PipelineError here."""
+    LOG.info("%s: in its own process", what)
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(target, *args), name=what)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise PipelineError(f"{what} failed in its own process (exit status {process.exitcode}): see above")
+
+
+def _child(target: Callable[..., None], *args: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    run(lambda: target(*args))

@@ -1,0 +1,323 @@
+"""Sharded, resumable processing: each finished shard is checkpointed under the stage's resume key
+(stages/core/storage/resume.py) with the digests of its input rows and of its own rows; a rerun reuses it
+only when it is readable, intact, valid and computed from the same input, and asks again the rows
+whose requests did not finish (failed, partial: `engines.unfinished`).
+
+`python -m stages.core.runtime.shards list|prune` shows and removes checkpoints; a run never removes
+another key's checkpoints (two runs with different keys may share one store)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
+
+from stages.core.config.errors import PipelineError
+from stages.core.rows.requests import unfinished
+from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, write_table
+from stages.core.storage.resume import input_digest
+
+LOG = logging.getLogger(__name__)
+INPUT_DIGEST = b"lmsys_synth.input_digest"  # Parquet metadata key of a checkpoint shard
+ROWS_DIGEST = b"lmsys_synth.rows_digest"  # ... and of the digest of its own rows, checked on reuse
+COMPLETE = "_complete"  # marker file of a key whose run assembled its out (for `prune`)
+
+
+def slices(table: pa.Table, size: int) -> Iterable[pa.Table]:
+    """Consecutive slices of an in-memory table, `size` rows each."""
+    return (table.slice(start, size) for start in range(0, table.num_rows, size))
+
+
+def shard_count(path: str | Path, size: int) -> int:
+    """How many shards of `size` rows the Parquet file at `path` makes (for progress bars)."""
+    return -(-pq.ParquetFile(path).metadata.num_rows // size)
+
+
+def mismatch(table: pa.Table, schema: pa.Schema, shard: pa.Table) -> str | None:
+    """Why `table` is not a valid result for input `shard`, or None when it is."""
+    if not table.schema.equals(schema, check_metadata=False):
+        return f"schema {table.schema.types} is not {schema.types}"
+    if table.num_rows != shard.num_rows:
+        return f"{table.num_rows} rows for {shard.num_rows} input rows"
+    if not table["conversation_id"].equals(shard["conversation_id"]):
+        return "its conversations are not those of the input shard"
+    return None
+
+
+class CheckpointStore:
+    """Checkpoint shards under a local directory or any fsspec URL (s3://bucket/prefix, a shared
+    filesystem): local files are written through a temporary file and renamed, object-store files in
+    one PUT, so a reader never sees half a shard."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, stage: str, key: str, index: int) -> str:
+        return f"{self.root}/{stage}/{key}/{index:05d}.parquet"
+
+    def read(self, path: str) -> pa.Table | None:
+        if not self.fs.exists(path):
+            return None
+        return pq.read_table(path, filesystem=None if self.local else self.fs)
+
+    def write(self, table: pa.Table, path: str) -> None:
+        if self.local:
+            write_table(table, path)
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **PARQUET_OPTIONS)
+        self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+    def complete(self, stage: str, key: str) -> None:
+        """Mark `key`'s checkpoints as those of a run that assembled its out."""
+        self.fs.pipe_file(f"{self.root}/{stage}/{key}/{COMPLETE}", str(int(time.time())).encode())
+
+
+def rows_digest(table: pa.Table) -> str:
+    """The digest of a checkpoint's own rows, stored beside them and checked when it is reused."""
+    return input_digest(table.replace_schema_metadata(None))
+
+
+def _reuse(
+    store: CheckpointStore, path: str, want: str, shard: pa.Table, schema: pa.Schema, label: str
+) -> pa.Table | None:
+    """The checkpoint at `path` if it can be read back, was computed from this input, is intact and
+    is valid."""
+    try:
+        table = store.read(path)
+    except (pa.ArrowException, OSError) as err:
+        LOG.warning("%s: checkpoint %s cannot be read back (%s): recomputing it", label, path, err)
+        return None
+    if table is None:
+        return None
+    meta = table.schema.metadata or {}
+    if meta.get(INPUT_DIGEST) != want.encode():
+        LOG.info("%s: its input rows changed since %s was written: recomputing it", label, path)
+        return None
+    table = table.replace_schema_metadata(None)
+    if meta.get(ROWS_DIGEST) != rows_digest(table).encode():
+        LOG.warning("%s: checkpoint %s does not match its digest (altered): recomputing it", label, path)
+        return None
+    if problem := mismatch(table, schema, shard):
+        LOG.warning("%s: checkpoint %s is invalid (%s): recomputing it", label, path, problem)
+        return None
+    return table
+
+
+def statuses_of(table: pa.Table, columns: tuple[str, ...]) -> list[list[str]]:
+    """Each row's request statuses, from `columns` (a status, or a list of statuses, per row)."""
+    found: list[list[str]] = [[] for _ in range(table.num_rows)]
+    for name in columns:
+        for row, value in zip(found, table[name].to_pylist(), strict=True):
+            row.extend(v for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return found
+
+
+def unfinished_rows(table: pa.Table, columns: tuple[str, ...]) -> list[int]:
+    """Positions of the rows holding a request status that is not final (failed, partial, ...)."""
+    return [i for i, row in enumerate(statuses_of(table, columns)) if any(map(unfinished, row))]
+
+
+def merged(old: pa.Table, redone: pa.Table, rows: list[int]) -> pa.Table:
+    """`old` with its rows at positions `rows` replaced by those of `redone`, in order."""
+    order = list(range(old.num_rows))
+    for k, i in enumerate(rows):
+        order[i] = old.num_rows + k
+    return pa.concat_tables([old, redone.replace_schema_metadata(None)]).take(order)
+
+
+@dataclass
+class _Slot:
+    """One shard on its way to `out`: its reused checkpoint, and/or its result (a table or a Future)
+    for the whole shard (nothing reused) or for the reused checkpoint's rows at `redo`."""
+
+    index: int
+    shard: pa.Table
+    path: str
+    want: str
+    reused: pa.Table | None
+    redo: list[int]
+    result: pa.Table | Future | None = None
+
+    def ready(self) -> bool:
+        return not isinstance(self.result, Future) or self.result.done()
+
+
+def run_checkpointed(
+    shards: Iterable[pa.Table],
+    fn: Callable[[pa.Table, int], pa.Table | Future],
+    *,
+    out: str | Path,
+    schema: pa.Schema,
+    checkpoints: str | Path,
+    stage: str,
+    key: str,
+    total: int | None = None,
+    window: int = 1,
+    metadata: dict[bytes, bytes] | None = None,
+    statuses: tuple[str, ...] = (),
+    tally: Counter | None = None,
+) -> int:
+    """Apply `fn(shard, index)` to each input shard and stream the results into `out`; return its rows.
+
+    `fn` returns the result, or a Future of it: up to `window` shards are then in flight at once
+    (read ahead, computing, or waiting to be written), and results are written in input order.
+    Each result (with `schema`, one row per input row, same conversation_id) is written atomically
+    to `<checkpoints>/<stage>/<key>/<i:05d>.parquet` with its input digest and its own digest. A
+    rerun reuses a shard only if it reads back, matches both digests and is valid; otherwise it is
+    recomputed with a warning. Where `statuses` names the out's request-status columns, a reused
+    shard's rows holding an unfinished status are given to `fn` again (those rows only) and merged
+    back; `tally` counts every status of `out`. `out` (with `metadata` in its schema) takes its
+    place only when every shard is done; other keys' checkpoints are never removed here.
+    """
+    store, rows, count = CheckpointStore(checkpoints), 0, 0
+    slots: deque[_Slot] = deque()
+    out_schema = schema.with_metadata(metadata) if metadata else schema
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, out_schema, **PARQUET_OPTIONS) as writer:
+
+        def finish(slot: _Slot) -> None:
+            nonlocal rows, count
+            table = _result(slot, schema, f"{stage} shard {slot.index:05d}")
+            if slot.result is not None:
+                store.write(_sealed(table, slot.want), slot.path)
+            writer.write_table(table.replace_schema_metadata(metadata))
+            if tally is not None:
+                tally.update(s for row in statuses_of(table, statuses) for s in row)
+            rows, count = rows + table.num_rows, count + 1
+
+        try:
+            for i, shard in enumerate(tqdm(shards, desc=stage, unit="shard", total=total)):
+                slot = _slot(store, stage, key, i, shard, schema, statuses)
+                if slot.reused is None:
+                    slot.result = fn(shard, i)
+                elif slot.redo:
+                    slot.result = fn(shard.take(slot.redo), i)
+                slots.append(slot)
+                while slots and (len(slots) >= window or slots[0].ready()):
+                    finish(slots.popleft())
+            while slots:
+                finish(slots.popleft())
+        except BaseException:
+            for slot in slots:
+                if isinstance(slot.result, Future):
+                    slot.result.cancel()
+            raise
+        if count == 0:
+            raise PipelineError(f"{stage}: no input rows: re-run the stage that writes its input")
+    store.complete(stage, key)
+    return rows
+
+
+def _slot(
+    store: CheckpointStore,
+    stage: str,
+    key: str,
+    index: int,
+    shard: pa.Table,
+    schema: pa.Schema,
+    statuses: tuple[str, ...],
+) -> _Slot:
+    """Shard `index` with its checkpoint, if one can be reused, and the rows of it to ask again."""
+    path, want, label = store.path(stage, key, index), input_digest(shard), f"{stage} shard {index:05d}"
+    reused = _reuse(store, path, want, shard, schema, label)
+    redo = unfinished_rows(reused, statuses) if reused is not None and statuses else []
+    if redo:
+        LOG.info("%s: %d rows with unfinished requests are asked again (%s)", label, len(redo), path)
+    elif reused is not None:
+        LOG.info("%s: already done, reusing %s", label, path)
+    return _Slot(index, shard, path, want, reused, redo)
+
+
+def _result(slot: _Slot, schema: pa.Schema, label: str) -> pa.Table:
+    """The finished table of a slot: computed, reused, or reused with its redone rows merged in."""
+    table = slot.result.result() if isinstance(slot.result, Future) else slot.result
+    if table is not None:
+        part = slot.shard if slot.reused is None else slot.shard.take(slot.redo)
+        if problem := mismatch(table, schema, part):
+            raise RuntimeError(f"{label}: the stage returned an invalid shard: {problem}")
+    if slot.reused is None:
+        return table
+    return slot.reused if table is None else merged(slot.reused, table, slot.redo)
+
+
+def _sealed(table: pa.Table, want: str) -> pa.Table:
+    """A checkpoint: the table with its input digest and the digest of its rows in its metadata."""
+    return table.replace_schema_metadata({INPUT_DIGEST: want, ROWS_DIGEST: rows_digest(table)})
+
+
+def key_dirs(store: CheckpointStore) -> list[dict]:
+    """Every stage/key directory of `store`: its shards, bytes, and when its run completed (or None)."""
+    found = []
+    for stage_dir in sorted(store.fs.ls(store.root, detail=False)) if store.fs.exists(store.root) else []:
+        for key_dir in sorted(store.fs.ls(stage_dir, detail=False)):
+            if not store.fs.isdir(key_dir):
+                continue
+            files = store.fs.ls(key_dir, detail=True)
+            marker = [f for f in files if f["name"].rstrip("/").endswith(f"/{COMPLETE}")]
+            shards = [f for f in files if f["name"].endswith(".parquet")]
+            found.append(
+                {
+                    "stage": stage_dir.rstrip("/").rsplit("/", 1)[-1],
+                    "key": key_dir.rstrip("/").rsplit("/", 1)[-1],
+                    "path": key_dir,
+                    "shards": len(shards),
+                    "bytes": sum(f.get("size") or 0 for f in shards),
+                    "completed": int(store.fs.cat_file(marker[0]["name"])) if marker else None,
+                    "touched": max((_mtime(f) for f in files), default=0.0),
+                }
+            )
+    return found
+
+
+def _mtime(info: dict) -> float:
+    """Seconds since the epoch a file was last written, from an fsspec `ls` entry (local or S3)."""
+    stamp = info.get("mtime") or info.get("LastModified") or 0.0
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+def prunable(dirs: list[dict], older_than_days: float, now: float) -> list[dict]:
+    """The key directories `prune` removes: all but each stage's most recently completed key, and of
+    those only the ones not written to for longer than the age given (a run in progress is kept)."""
+    latest: dict[str, dict] = {}
+    for d in dirs:
+        if d["completed"] is not None and d["completed"] >= latest.get(d["stage"], {}).get("completed", -1):
+            latest[d["stage"]] = d
+    cutoff = now - older_than_days * 86400
+    return [d for d in dirs if d is not latest.get(d["stage"]) and d["touched"] <= cutoff]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`list` the checkpoint directories of a store, or `prune` old keys (never a stage's latest)."""
+    parser = argparse.ArgumentParser(prog="python -m stages.core.runtime.shards", description=main.__doc__)
+    parser.add_argument("command", choices=["list", "prune"])
+    parser.add_argument("store", help="the checkpoint store: paths.shards in params.yaml, or an fsspec URL")
+    parser.add_argument("--older-than", type=float, default=0.0, metavar="DAYS", help="prune: age in days")
+    parser.add_argument("--dry-run", action="store_true", help="prune: list what would be removed")
+    args = parser.parse_args(argv)
+    store = CheckpointStore(args.store)
+    dirs = key_dirs(store)
+    if args.command == "list":
+        for d in dirs:
+            done = time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["completed"])) if d["completed"] else "-"
+            print(f"{d['stage']}\t{d['key']}\t{d['shards']} shards\t{d['bytes']:,} bytes\tcompleted {done}")
+        return
+    for d in prunable(dirs, args.older_than, time.time()):
+        print(f"{'would remove' if args.dry_run else 'removing'} {d['path']} ({d['shards']} shards)")
+        if not args.dry_run:
+            store.fs.rm(d["path"], recursive=True)
+
+
+if __name__ == "__main__":
+    main()
