@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import math
 import random
+import signal
 import threading
 import time
 import uuid
@@ -515,6 +516,9 @@ def main() -> None:
         port=args.port,
         one_choice=args.one_choice,
     )
+    # Ctrl-C (SIGINT) stops it even when started from a shell's background job, which runs its
+    # commands with SIGINT ignored (and Python keeps a signal that was ignored at start ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with server:
         print(f"serving {args.model} on {server.base_url} (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
