@@ -49,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.fake_vllm import FakeVLLMServer, Faults  # noqa: E402
-from stages.compose import compose_params  # noqa: E402
+from stages.core.config.compose import compose_params  # noqa: E402
 from stages.core.config.params import validate  # noqa: E402
 from stages.core.rows.responses import requests_for  # noqa: E402
 

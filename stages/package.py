@@ -8,109 +8,19 @@ is one line naming the file) leaves the previous release as it was."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import shutil
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-
 from stages.core.config.cli import run, start, timed
-from stages.core.config.params import Params, ReleaseParams
 from stages.core.release import card, plots
+from stages.core.release.files import LOG, encrypted_instructions, write_release
 from stages.core.rows import records as release
-from stages.core.storage.crypto import derive_key, encrypt_file
 from stages.core.storage.io import (
     engine_roles,
-    in_thread,
-    iter_aligned,
-    jsonl_gz_table_writer,
-    parquet_table_writer,
     private_tempdir,
     sha256_file,
     staged_dir,
     write_json,
 )
-from stages.core.storage.previous import previous_ciphertext
-
-LOG = logging.getLogger("stages.package")
-FLAGS = [
-    "instruction_ja",
-    "empty_user_instruction_ja",
-    "duplicate_user_instruction_ja",
-    "is_template_instruction",
-    "translation_failed",
-]
-ROW_GROUP = 2048  # rows per row group of the public Parquet file, whatever release.batch_rows is
-GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
-SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
-
-
-def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Counter, dict[str, Counter]]:
-    """Write the public files to `out` and the plaintext instructions to `plain`; return the counts
-    (metrics) and the plot counts."""
-    variant, spec = params.models[name], params.release
-    with_en, with_second_turn = variant.generate.n_en > 0, variant.second_turn is not None
-    stem, totals, drawn = spec.file.format(name=variant.release_name), Counter(), plots.new_totals()
-    with contextlib.ExitStack() as stack:
-        # each file is written in a thread of its own (JSON text, Parquet encoding and gzip all
-        # release the GIL), fed the same batches in the same order: the bytes do not change
-        write_plain = stack.enter_context(in_thread(stack.enter_context(_jsonl_gz(spec, plain))))
-        public = []  # a writer per public format
-        if "jsonl.gz" in spec.formats:
-            jsonl = stack.enter_context(_jsonl_gz(spec, out / f"{stem}.jsonl.gz"))
-            public.append(stack.enter_context(in_thread(jsonl)))
-        if "parquet" in spec.formats:
-            schema = release.public_schema(with_en, with_second_turn)
-            parquet = stack.enter_context(parquet_table_writer(out / f"{stem}.parquet", schema, ROW_GROUP))
-            public.append(stack.enter_context(in_thread(parquet)))
-        for part in released_rows(params, name):
-            part, failed = release.released(part)
-            release.add_metrics(totals, part, failed)
-            write_plain(release.instruction_table(part))
-            records = release.public_table(part, with_en, with_second_turn)
-            plots.add(drawn, records)
-            for write in public:
-                write(records)
-    return totals, drawn
-
-
-def released_rows(params: Params, name: str) -> Iterator[pa.Table]:
-    """translate's rows with variant `name`'s responses and scores, `release.batch_rows` at a time."""
-    paths = params.paths
-    return iter_aligned(
-        (paths.translated_of(params.models[name].subset), FLAGS),
-        (paths.generated_of(name), GENERATED),
-        (paths.scored_of(name), SCORED),
-        rows=params.release.batch_rows,
-    )
-
-
-def _jsonl_gz(spec: ReleaseParams, path: Path) -> contextlib.AbstractContextManager:
-    """A table writer of gzip JSON lines at the release's level (the same bytes whatever the threads)."""
-    return jsonl_gz_table_writer(path, level=spec.gzip_level, threads=spec.gzip_threads)
-
-
-def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, scratch: Path) -> str:
-    """Write the encrypted instructions file of variant `name` into `out`; return its plaintext's
-    sha256. gpg output is random: when an existing release of the same subset (this variant's, or
-    another's) holds this very plaintext under this key, its ciphertext is reused."""
-    variant, paths = params.models[name], params.paths
-    target = out / params.release.instructions_file.format(subset=variant.subset)
-    plain_sha256 = sha256_file(plain)
-    key = derive_key(paths.source, params.decrypt.key, released_root=paths.released)
-    same_subset = sorted(
-        v for v, spec in params.models.items() if spec.subset == variant.subset and v != name
-    )
-    dirs = [paths.release_of(v) for v in [name, *same_subset]]
-    previous = previous_ciphertext(dirs, target.name, plain_sha256, key, scratch)
-    if previous is not None:
-        shutil.copyfile(previous, target)  # inside the staged directory
-    else:
-        encrypt_file(plain, target, key)
-    return plain_sha256
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import ChatRequest, Completion, Engine, Reply, RequestError
 

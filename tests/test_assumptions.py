@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.params import validate
 from stages.core.release import card
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from stages import compose
-from stages.compose import check_params, compose_params
+from stages.core.config.compose import check_params, compose_params
 from stages.core.config.errors import PipelineError
 
 TEMPERATURE = "models.gemma3.generate.sampling.temperature=0.7"

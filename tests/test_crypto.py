@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.params import ParamsError, validate
 from stages.core.storage import crypto
 from stages.core.storage.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import ParamsError, validate
 from stages.core.runtime.deepl_translate import batches

@@ -447,7 +447,7 @@ def test_token_without_access_explains_the_license(workspace, monkeypatch, gated
 
 
 def test_release_config_refuses_a_branch_revision():
-    from stages.compose import compose_params
+    from stages.core.config.compose import compose_params
 
     with pytest.raises(
         ValueError, match=r"fetch\.source\.revision='main': a release config must pin a 40-hex commit"

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.params import GenerateParams, LLMSpec, Sampling, validate
 from stages.core.engines import ChatRequest, Reply
 from stages.core.rows.responses import SKIPPED_REDACTED, generate_table

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.compose import HEADER, check_params, compose_params
+from stages.core.config.compose import HEADER, check_params, compose_params
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import ParamsError, load_params, validate
 

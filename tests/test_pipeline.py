@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.storage.crypto import KeySpec, decrypt_file, derive_key
 from stages.core.storage.io import read_jsonl_gz
 from tests.s3 import CREDENTIALS, moto_server

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import release_notes
 from stages.core.config.errors import PipelineError
+from stages.core.release import notes as release_notes
 from stages.core.release import plots
 from stages.core.rows.responses import ANNOTATION, MESSAGE
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.compose import compose_params
+from stages.core.config.compose import compose_params
 from stages.core.config.errors import PipelineError, SourceError
 from stages.core.config.params import ParamsError, SftOption, load_params, validate
 from stages.core.rows import sft

@@ -508,8 +508,10 @@ def test_a_failed_package_leaves_the_previous_release_whole(upstream, monkeypatc
     if where == "records":
         _full_disk_half_way(monkeypatch, upstream)
     else:  # the previous ciphertext is found (from the workspace) and copied
-        monkeypatch.setattr("stages.package.previous_ciphertext", lambda *a: out / ENCRYPTED_UNSAFE)
-        monkeypatch.setattr("stages.package.shutil.copyfile", _full_disk_while_copying)
+        monkeypatch.setattr(
+            "stages.core.release.files.previous_ciphertext", lambda *a: out / ENCRYPTED_UNSAFE
+        )
+        monkeypatch.setattr("stages.core.release.files.shutil.copyfile", _full_disk_while_copying)
     with pytest.raises(OSError, match="No space left on device"):
         run_stage(monkeypatch, "package", "gemma3")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -28,7 +28,7 @@ from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.utils.counter import Counter  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
-from stages.compose import compose_params  # noqa: E402
+from stages.core.config.compose import compose_params  # noqa: E402
 from stages.core.config.errors import PipelineError  # noqa: E402
 from stages.core.config.params import EngineParams, LLMSpec, Sampling, validate  # noqa: E402
 from stages.core.engines import FAILED, OK, ChatRequest, Completion, EngineDown  # noqa: E402
