@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core.config.cli import run, start_subsets, timed
-from stages.core.storage.crypto import decrypt_file, derive_key, instruction_rows
+from stages.core.rows.records import instruction_rows
+from stages.core.storage.crypto import decrypt_file, derive_key
 from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, private_tempdir
 
 LOG = logging.getLogger("stages.decrypt")

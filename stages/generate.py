@@ -14,6 +14,7 @@ from pathlib import Path
 from stages.core.config.cli import run, start, timed
 from stages.core.config.params import Params
 from stages.core.release import published
+from stages.core.rows import fields
 from stages.core.rows.responses import GENERATED, generate_table
 from stages.core.runtime.executors import engine_pool
 from stages.core.runtime.shards import shard_count
@@ -24,8 +25,8 @@ LOG = logging.getLogger("stages.generate")
 COLUMNS = [  # the columns of the translated table that generate reads (and its resume key covers)
     "instruction",
     "instruction_ja",
-    "empty_user_instruction_ja",
-    "duplicate_user_instruction_ja",
+    fields.EMPTY,
+    fields.DUPLICATE,
     "translation_failed",
     "redacted",  # generate.skip_redacted
 ]

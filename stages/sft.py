@@ -20,7 +20,7 @@ from stages.core.config.cli import LOG_FORMAT, run, timed
 from stages.core.config.errors import PipelineError, SourceError
 from stages.core.config.params import Params, load_params
 from stages.core.rows import sft
-from stages.core.storage.crypto import instruction_rows
+from stages.core.rows.records import instruction_rows
 from stages.core.storage.io import staged_dir, write_json
 
 LOG = logging.getLogger("stages.sft")

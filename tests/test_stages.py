@@ -270,7 +270,7 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
 
 
 def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
-    from stages.core.storage.crypto import instruction_rows
+    from stages.core.rows.records import instruction_rows
     from stages.core.storage.io import write_jsonl_gz
 
     record = {"conversation_id": "c1", "translated_conversation": [{"role": "user", "content": "こんにちは"}]}

@@ -12,6 +12,7 @@ import yaml
 
 from stages.core.config.params import Params
 from stages.core.config.project import distribution_version
+from stages.core.rows import fields
 from stages.core.storage.resume import digest, recipe
 
 # The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,
@@ -37,15 +38,14 @@ LOCKS = ["requirements/test.lock", "requirements/demo.lock"]  # the dependency l
 SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 FIELDS = {
     "conversation_id": "LMSYS-Chat-1M's conversation id: the join key with the encrypted instructions",
-    "duplicate_user_instruction_ja": "the conversation_id of an earlier row with the same Japanese "
-    "instruction, or null",
-    "empty_user_instruction_ja": "true when the Japanese instruction is empty (no responses then)",
-    "is_template_instruction": "the template category of the instruction (conf/translate), or null",
-    "synthesized_assistant_responses": "responses to the Japanese instruction ({role, content}); up to n",
-    "synthesized_response_scoring_annotations": "per response, in the same order: response_token_length, "
+    fields.DUPLICATE: "the conversation_id of an earlier row with the same Japanese instruction, or null",
+    fields.EMPTY: "true when the Japanese instruction is empty (no responses then)",
+    fields.TEMPLATE: "the template category of the instruction (conf/translate), or null",
+    fields.RESPONSES: "responses to the Japanese instruction ({role, content}); up to n",
+    fields.NOTES: "per response, in the same order: response_token_length, "
     "judgement (the judge's text), repetition_flag, preference_score (0-10; -1 when no rating was found)",
-    "synthesized_assistant_responses_en": "responses to the original English instruction",
-    "synthesized_multiturn_conversation": "a list of one conversation from the best response: "
+    fields.RESPONSES_EN: "responses to the original English instruction",
+    fields.MULTITURN: "a list of one conversation from the best response: "
     "[[assistant, user, assistant]] (the best response, a synthesized follow-up and its answer) for a "
     "share of the instructions (models.<variant>.second_turn.share), else single-turn [[assistant]]; "
     "null without a best response or when the second turn failed. Prepend translated_conversation "

@@ -21,14 +21,15 @@ import pyarrow.compute as pc
 from stages.core.config.errors import SourceError
 from stages.core.release.plots import TOKEN_BINS
 from stages.core.release.published import EN, ID, JA, NOTES, RECORD
+from stages.core.rows import fields
 from stages.core.rows.responses import MESSAGE
 from stages.core.rows.scores import SCORE_FAILED
 from stages.core.storage.spill import DUCKDB, repeated_ids
 
 SIDES = ("ours", "published")
-FLAGS = ("empty_user_instruction_ja", "duplicate_user_instruction_ja", "is_template_instruction")
+FLAGS = (fields.EMPTY, fields.DUPLICATE, fields.TEMPLATE)
 COLUMNS = [ID, *FLAGS, JA, NOTES]  # what compare reads of a record
-MULTITURN = "synthesized_multiturn_conversation"
+MULTITURN = fields.MULTITURN
 OPTIONAL = [EN, MULTITURN]  # read where a file has them (Gemma-3 has neither)
 # the multi-turn field's two shapes: the old flat list of messages, and the published one (a list
 # holding one conversation, single- or two-turn)
@@ -37,9 +38,9 @@ PEEK = 10_000  # lines of a jsonl.gz file read to find the multi-turn field's sh
 SUMMARY = pa.schema(
     [
         (ID, pa.string()),
-        ("empty_user_instruction_ja", pa.bool_()),
-        ("duplicate_user_instruction_ja", pa.string()),
-        ("is_template_instruction", pa.string()),
+        (fields.EMPTY, pa.bool_()),
+        (fields.DUPLICATE, pa.string()),
+        (fields.TEMPLATE, pa.string()),
         ("responses", pa.int64()),
         ("responses_en", pa.int64()),  # null: no English responses field or value
         ("turns", pa.int64()),  # assistant turns of the multi-turn entry; null: none
@@ -99,8 +100,8 @@ def _add(totals: Counter, batch: pa.RecordBatch) -> pa.Array:
     per_row = pc.fill_null(pc.list_value_length(batch.column(JA)), 0)
     notes = pc.list_flatten(batch.column(NOTES))
     scores, lengths = (
-        pc.struct_field(notes, "preference_score"),
-        pc.struct_field(notes, "response_token_length"),
+        pc.struct_field(notes, fields.SCORE),
+        pc.struct_field(notes, fields.TOKENS),
     )
     parsed = pc.filter(scores, pc.not_equal(scores, SCORE_FAILED))
     totals.update(
@@ -110,7 +111,7 @@ def _add(totals: Counter, batch: pa.RecordBatch) -> pa.Array:
         judgements_failed=len(scores) - len(parsed),
         score_sum=pc.sum(parsed).as_py() or 0,
         token_sum=pc.sum(lengths).as_py() or 0,
-        repetition_flags=pc.sum(pc.struct_field(notes, "repetition_flag")).as_py() or 0,
+        repetition_flags=pc.sum(pc.struct_field(notes, fields.REPETITION)).as_py() or 0,
     )
     for item in pc.value_counts(pc.floor(parsed)).to_pylist():
         totals[f"score:{int(item['values'])}"] += item["counts"]
@@ -173,17 +174,17 @@ JOINED = f"""FROM ours o FULL OUTER JOIN published p ON o.{ID} = p.{ID}"""
 BOTH = f"o.{ID} IS NOT NULL AND p.{ID} IS NOT NULL"
 # per flag (and responses per row): the SQL of "the two sides differ" on a shared row
 DIFFER = {
-    "empty_user_instruction_ja": "coalesce(o.empty, false) <> coalesce(p.empty, false)",
-    "duplicate_user_instruction_ja": "o.duplicate IS DISTINCT FROM p.duplicate",
-    "is_template_instruction": "o.template IS DISTINCT FROM p.template",
+    fields.EMPTY: "coalesce(o.empty, false) <> coalesce(p.empty, false)",
+    fields.DUPLICATE: "o.duplicate IS DISTINCT FROM p.duplicate",
+    fields.TEMPLATE: "o.template IS DISTINCT FROM p.template",
     "responses_per_row": "o.n IS DISTINCT FROM p.n",
     "responses_en_present": "(coalesce(o.en, 0) > 0) <> (coalesce(p.en, 0) > 0)",
     "two_turn": "(coalesce(o.turns, 0) >= 2) <> (coalesce(p.turns, 0) >= 2)",
 }
 SET = {  # per flag: the SQL of "set" on a side (x: o or p)
-    "empty_user_instruction_ja": "coalesce({x}.empty, false)",
-    "duplicate_user_instruction_ja": "{x}.duplicate IS NOT NULL",
-    "is_template_instruction": "{x}.template IS NOT NULL",
+    fields.EMPTY: "coalesce({x}.empty, false)",
+    fields.DUPLICATE: "{x}.duplicate IS NOT NULL",
+    fields.TEMPLATE: "{x}.template IS NOT NULL",
 }
 
 
@@ -342,7 +343,7 @@ def _bins(totals: Counter) -> dict[str, list[tuple[str, int]]]:
 
 
 PLOTS = {  # plot table -> (its bin field, its count field)
-    "scores": ("preference_score", "responses"),
+    "scores": (fields.SCORE, "responses"),
     "response_tokens": ("tokens", "responses"),
     "responses_per_row": ("responses", "rows"),
     "response_en_chars": ("characters", "responses_en"),
@@ -350,8 +351,8 @@ PLOTS = {  # plot table -> (its bin field, its count field)
 
 
 TITLES = {
-    "scores": "preference_score",
-    "response_tokens": "response_token_length",
+    "scores": fields.SCORE,
+    "response_tokens": fields.TOKENS,
     "responses_per_row": "responses",
     "response_en_chars": "English response length (characters)",
 }

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from stages.core.config.params import Params, ReleaseParams
 from stages.core.release import plots
+from stages.core.rows import fields
 from stages.core.rows import records as release
 from stages.core.storage.crypto import derive_key, encrypt_file
 from stages.core.storage.io import (
@@ -29,9 +30,9 @@ from stages.core.storage.previous import previous_ciphertext
 LOG = logging.getLogger("stages.package")
 FLAGS = [
     "instruction_ja",
-    "empty_user_instruction_ja",
-    "duplicate_user_instruction_ja",
-    "is_template_instruction",
+    fields.EMPTY,
+    fields.DUPLICATE,
+    fields.TEMPLATE,
     "translation_failed",
 ]
 ROW_GROUP = 2048  # rows per row group of the public Parquet file, whatever release.batch_rows is

@@ -23,12 +23,13 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from stages.core.config.errors import SourceError
+from stages.core.rows import fields
 from stages.core.rows.records import public_schema
 from stages.core.storage.io import PARQUET_OPTIONS, jsonl_gz_table_writer, private_tempdir
 from stages.core.storage.spill import DUCKDB, Spill, in_order, read_batches, rechunk
 
 ID = "conversation_id"
-EN, MULTITURN = "synthesized_assistant_responses_en", "synthesized_multiturn_conversation"
+EN, MULTITURN = fields.RESPONSES_EN, fields.MULTITURN
 # LMSYS-Chat-1M's columns, in its own order, after translated_conversation (the order: an inference)
 LMSYS = ["model", "conversation", "turn", "language", "openai_moderation", "redacted"]
 RANGE_ROWS = 4096  # release rows joined and written at a time (one spill part): the stage's memory
@@ -46,7 +47,7 @@ PLACES = (
 UNTRANSLATED = f"""SELECT r.{ID} FROM read_parquet($ids, file_row_number = true) r
     LEFT JOIN read_parquet($translated) t USING ({ID})
     WHERE t.instruction_ja IS NULL ORDER BY r.file_row_number"""
-TRANSLATED = f"""SELECT [{{'role': 'user', 'content': t.instruction_ja}}] AS translated_conversation
+TRANSLATED = f"""SELECT [{{'role': 'user', 'content': t.instruction_ja}}] AS {fields.INSTRUCTION}
     FROM read_parquet($ids, file_row_number = true) r JOIN read_parquet($translated) t USING ({ID})
     ORDER BY r.file_row_number"""
 
@@ -59,8 +60,8 @@ def _first_record(path: Path) -> dict | None:
 
 def release_schema(path: Path) -> pa.Schema:
     """The public schema of a release file, from the fields of its first record."""
-    fields = _first_record(path) or {}
-    return public_schema(EN in fields, MULTITURN in fields)
+    first = _first_record(path) or {}
+    return public_schema(EN in first, MULTITURN in first)
 
 
 def read_release(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -109,8 +110,8 @@ def _spill_lmsys(
     db: duckdb.DuckDBPyConnection, lmsys: list[str], scratch: Path, rows: int, parts: int
 ) -> Spill:
     """The LMSYS columns of the picked rows, each with its release row, spilled by row range."""
-    fields = pq.read_schema(lmsys[0])
-    schema = pa.schema([("row", pa.int64()), *(fields.field(c) for c in LMSYS)])
+    found = pq.read_schema(lmsys[0])
+    schema = pa.schema([("row", pa.int64()), *(found.field(c) for c in LMSYS)])
     spill = Spill(scratch / "by-row", schema, parts)
     for path in lmsys:
         at, row = db.sql(PLACES, params={"file": path}).to_arrow_table().columns

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.core.rows import fields
 from stages.core.rows.scores import SCORE_FAILED
 from stages.core.storage.io import write_json
 
@@ -42,22 +43,22 @@ def new_totals() -> dict[str, Counter]:
 
 def add(totals: dict[str, Counter], batch: pa.RecordBatch | pa.Table) -> None:
     """Count one batch of public records into `totals` (see new_totals)."""
-    annotations = pc.list_flatten(batch.column("synthesized_response_scoring_annotations"))
-    scores = pc.struct_field(annotations, "preference_score")
+    annotations = pc.list_flatten(batch.column(fields.NOTES))
+    scores = pc.struct_field(annotations, fields.SCORE)
     failed = pc.equal(scores, SCORE_FAILED)
     totals["scores"]["failed"] += pc.sum(failed).as_py() or 0
     # a parsed score s counts in bin floor(s): 7.5 (logprob-weighted) is in "7"
     parsed = pc.floor(pc.filter(scores, pc.invert(failed)))
     for item in pc.value_counts(parsed).to_pylist():
         totals["scores"][str(int(item["values"]))] += item["counts"]
-    lengths = pc.struct_field(annotations, "response_token_length")
+    lengths = pc.struct_field(annotations, fields.TOKENS)
     highs = [*TOKEN_BINS[1:], None]
     for low, high in zip(TOKEN_BINS, highs, strict=True):
         inside = pc.greater_equal(lengths, low)
         if high is not None:
             inside = pc.and_(inside, pc.less(lengths, high))
         totals["response_tokens"][_token_label(low, high)] += pc.sum(inside).as_py() or 0
-    per_row = pc.fill_null(pc.list_value_length(batch.column("synthesized_assistant_responses")), 0)
+    per_row = pc.fill_null(pc.list_value_length(batch.column(fields.RESPONSES)), 0)
     for item in pc.value_counts(per_row).to_pylist():
         totals["responses_per_instruction"][str(item["values"])] += item["counts"]
 
@@ -68,7 +69,7 @@ def plot_tables(totals: dict[str, Counter], metrics: dict) -> dict[str, list[dic
     tokens = [_token_label(lo, hi) for lo, hi in zip(TOKEN_BINS, [*TOKEN_BINS[1:], None], strict=True)]
     most = max((int(k) for k in totals["responses_per_instruction"]), default=0)
     return {
-        "scores": [{"preference_score": k, "responses": totals["scores"][k]} for k in scores],
+        "scores": [{fields.SCORE: k, "responses": totals["scores"][k]} for k in scores],
         "response_tokens": [{"tokens": k, "responses": totals["response_tokens"][k]} for k in tokens],
         "responses_per_instruction": [
             {"responses": str(k), "instructions": totals["responses_per_instruction"][str(k)]}

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from stages.core.config.errors import SourceError
 from stages.core.config.params import COMMIT, PublishedParams
+from stages.core.rows import fields
 from stages.core.rows.responses import ANNOTATION, GENERATED, MESSAGE, SCORED
 from stages.core.rows.scores import best_index
 from stages.core.storage.io import ENGINE_METADATA, PARQUET_OPTIONS, atomic_path, sha256_file, write_json
@@ -36,16 +37,16 @@ from stages.core.storage.spill import DUCKDB, Spill, in_order, read_batches, rec
 
 LOG = logging.getLogger(__name__)
 ID = "conversation_id"
-JA, EN = "synthesized_assistant_responses", "synthesized_assistant_responses_en"
-NOTES = "synthesized_response_scoring_annotations"
-MULTITURN = "synthesized_multiturn_conversation"  # read in the file's shape (comparison.record_schema)
+JA, EN = fields.RESPONSES, fields.RESPONSES_EN
+NOTES = fields.NOTES
+MULTITURN = fields.MULTITURN  # read in the file's shape (comparison.record_schema)
 # the fields read from a public record; any other field is ignored, a missing one is null
 RECORD = pa.schema(
     [
         (ID, pa.string()),
-        ("duplicate_user_instruction_ja", pa.string()),
-        ("empty_user_instruction_ja", pa.bool_()),
-        ("is_template_instruction", pa.string()),
+        (fields.DUPLICATE, pa.string()),
+        (fields.EMPTY, pa.bool_()),
+        (fields.TEMPLATE, pa.string()),
         (JA, pa.list_(MESSAGE)),
         (NOTES, pa.list_(ANNOTATION)),
         (EN, pa.list_(MESSAGE)),
@@ -141,7 +142,7 @@ def responses(cid: str, messages: list[dict] | None, notes: list[dict] | None, s
         return None
     if scored:
         _aligned(cid, messages, notes)
-    tokens = [n["response_token_length"] for n in notes] if scored else [None] * len(messages)
+    tokens = [n[fields.TOKENS] for n in notes] if scored else [None] * len(messages)
     return [
         {"content": m["content"], "finish_reason": None, "prompt_tokens": None, "completion_tokens": t}
         for m, t in zip(messages, tokens, strict=True)
@@ -181,7 +182,7 @@ def scored_row(record: dict, multiturn: bool) -> dict:
     row = dict.fromkeys(SCORED.names) | {ID: cid}
     if messages is None:
         return row
-    at = best_index([n["preference_score"] for n in notes])
+    at = best_index([n[fields.SCORE] for n in notes])
     if multiturn and (stored := conversation(record.get(MULTITURN))) is not None:
         contents = [m["content"] for m in messages]
         if len(stored) != 1 or not stored[0] or stored[0][0]["content"] not in contents:

@@ -16,12 +16,13 @@ import pyarrow.compute as pc
 
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import TemplateRule
+from stages.core.rows import fields
 
 FLAGS = pa.schema(
     [
-        ("empty_user_instruction_ja", pa.bool_()),  # empty or blank; a failed translation is not empty
-        ("duplicate_user_instruction_ja", pa.string()),  # conversation_id of the first identical one
-        ("is_template_instruction", pa.string()),  # template category of the original instruction
+        (fields.EMPTY, pa.bool_()),  # empty or blank; a failed translation is not empty
+        (fields.DUPLICATE, pa.string()),  # conversation_id of the first identical one
+        (fields.TEMPLATE, pa.string()),  # template category of the original instruction
         ("translation_failed", pa.bool_()),  # no Japanese instruction: the translator failed
     ]
 )

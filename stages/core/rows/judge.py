@@ -21,6 +21,7 @@ import unicodedata
 import pyarrow as pa
 
 from stages.core.config.params import ScoreParams
+from stages.core.rows import fields
 from stages.core.rows.prompts import user_turn
 from stages.core.rows.requests import MODE_IGNORED, OK, Chat, ChatRequest, Completion, Reply
 from stages.core.rows.responses import SCORED, request_seed
@@ -252,10 +253,10 @@ def annotations(
         judged = reply.completions[0] if reply.completions else None
         notes.append(
             {
-                "response_token_length": response["completion_tokens"],
+                fields.TOKENS: response["completion_tokens"],
                 "judgement": judged.text if judged else None,
-                "repetition_flag": response["completion_tokens"] > repetition_threshold,
-                "preference_score": score_of(judged, mode),
+                fields.REPETITION: response["completion_tokens"] > repetition_threshold,
+                fields.SCORE: score_of(judged, mode),
             }
         )
     return notes
@@ -290,6 +291,6 @@ def judge_rows(engine: Chat, rows: list[dict], spec: ScoreParams, seed: int) -> 
 def judge_table(engine: Chat, part: pa.Table, spec: ScoreParams, seed: int) -> pa.Table:
     """One shard of score's out: annotations, best response and judge statuses of each row."""
     notes, statuses = judge_rows(engine, part.to_pylist(), spec, seed)
-    best = [None if n is None else best_index([x["preference_score"] for x in n]) for n in notes]
+    best = [None if n is None else best_index([x[fields.SCORE] for x in n]) for n in notes]
     nulls = [None] * part.num_rows  # the second pass, where the variant has one, fills these
     return pa.table([part["conversation_id"], notes, best, statuses, nulls, nulls], schema=SCORED)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.core.config.errors import SourceError
 from stages.core.config.project import PROJECT, distribution_version
+from stages.core.rows import fields
 from stages.core.rows.requests import FAILED as FAILED_REQUEST
 from stages.core.rows.requests import MODE_IGNORED, PARTIAL, TOO_LONG
 from stages.core.rows.responses import ANNOTATION, MESSAGE, SKIPPED_REDACTED
 from stages.core.rows.scores import SCORE_FAILED
+from stages.core.storage.io import read_jsonl_gz
 
 
 def messages(turns: pa.ChunkedArray, role: str, field: str = "content") -> pa.ChunkedArray:
@@ -33,9 +38,9 @@ def public_table(part: pa.Table, with_en: bool, with_second_turn: bool) -> pa.Ta
     names, no Japanese instruction text, the types of public_schema."""
     columns = [
         part["conversation_id"],
-        part["duplicate_user_instruction_ja"],
-        part["empty_user_instruction_ja"],
-        part["is_template_instruction"],
+        part[fields.DUPLICATE],
+        part[fields.EMPTY],
+        part[fields.TEMPLATE],
         messages(part["responses_ja"], "assistant"),
         part["annotations"],
     ]
@@ -59,25 +64,25 @@ def instruction_table(part: pa.Table) -> pa.Table:
 def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
     """Arrow schema of the public records: the one schema of the jsonl.gz and the Parquet file."""
     assistant_turns = pa.list_(MESSAGE)
-    fields = [
+    columns = [
         ("conversation_id", pa.string()),
-        ("duplicate_user_instruction_ja", pa.string()),
-        ("empty_user_instruction_ja", pa.bool_()),
-        ("is_template_instruction", pa.string()),
-        ("synthesized_assistant_responses", assistant_turns),
-        ("synthesized_response_scoring_annotations", pa.list_(ANNOTATION)),
+        (fields.DUPLICATE, pa.string()),
+        (fields.EMPTY, pa.bool_()),
+        (fields.TEMPLATE, pa.string()),
+        (fields.RESPONSES, assistant_turns),
+        (fields.NOTES, pa.list_(ANNOTATION)),
     ]
     if with_en:
-        fields.append(("synthesized_assistant_responses_en", assistant_turns))
+        columns.append((fields.RESPONSES_EN, assistant_turns))
     if with_second_turn:
-        fields.append(("synthesized_multiturn_conversation", CONVERSATIONS))
-    return pa.schema(fields)
+        columns.append((fields.MULTITURN, CONVERSATIONS))
+    return pa.schema(columns)
 
 
 # synthesized_multiturn_conversation: a list of one conversation (as published), starting at the best
 # response: [[assistant, user, assistant]] (two-turn) or [[assistant]] (single-turn)
 CONVERSATIONS = pa.list_(pa.list_(MESSAGE))
-INSTRUCTIONS = pa.schema([("conversation_id", pa.string()), ("translated_conversation", pa.list_(MESSAGE))])
+INSTRUCTIONS = pa.schema([("conversation_id", pa.string()), (fields.INSTRUCTION, pa.list_(MESSAGE))])
 # Arrow types -> `datasets` dtypes (https://huggingface.co/docs/datasets/about_dataset_features)
 DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}
 
@@ -108,7 +113,7 @@ def released(part: pa.Table) -> tuple[pa.Table, int]:
 
 def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
     """Add a batch of released rows, and the count of failed translations, to the release counts."""
-    scores = pc.struct_field(pc.list_flatten(rows["annotations"]), "preference_score")
+    scores = pc.struct_field(pc.list_flatten(rows["annotations"]), fields.SCORE)
     invalid = pc.equal(scores, SCORE_FAILED)
     totals.update(
         instructions=rows.num_rows,
@@ -120,9 +125,9 @@ def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
         single_turn_conversations=_count(pc.equal(_turns(rows["multiturn"]), 1)),
         judgements=len(scores),
         judgements_failed=_count(invalid),
-        template_instructions=_count(pc.is_valid(rows["is_template_instruction"])),
-        empty_instructions=_count(rows["empty_user_instruction_ja"]),
-        duplicate_instructions=_count(pc.is_valid(rows["duplicate_user_instruction_ja"])),
+        template_instructions=_count(pc.is_valid(rows[fields.TEMPLATE])),
+        empty_instructions=_count(rows[fields.EMPTY]),
+        duplicate_instructions=_count(pc.is_valid(rows[fields.DUPLICATE])),
     )
     statuses = {
         "generate": pa.chunked_array([*rows["status_ja"].chunks, *rows["status_en"].chunks], pa.string()),
@@ -180,3 +185,21 @@ def producers(engines: dict[str, dict]) -> dict:
             "libraries": engine["libraries"],
         }
     return {"project": {"name": PROJECT, "version": distribution_version(PROJECT)}, "models": models}
+
+
+def instruction_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """conversation_id and instruction_ja of each record of a decrypted instructions file (the
+    plaintext of lmsys-chat-1m-first-turn-user-instructions-<subset>.jsonl.gz.gpg), in its order. A
+    record without its id or first user turn, or one that repeats an id, is an error naming it."""
+    seen = set()  # conversation_ids so far: ~0.5 M of them in the published release
+    for i, record in enumerate(read_jsonl_gz(path), 1):
+        turns = record.get(fields.INSTRUCTION) or []
+        if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
+            raise SourceError(
+                f"{path}: record {i} lacks conversation_id or a first user turn in {fields.INSTRUCTION} "
+                "(pass the decrypted instructions file: .jsonl.gz, not the .gpg)"
+            )
+        if record["conversation_id"] in seen:
+            raise SourceError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
+        seen.add(record["conversation_id"])
+        yield {"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]}

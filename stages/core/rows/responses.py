@@ -7,6 +7,7 @@ import hashlib
 import pyarrow as pa
 
 from stages.core.config.params import GenerateParams
+from stages.core.rows import fields
 from stages.core.rows.prompts import with_system
 from stages.core.rows.requests import Chat, ChatRequest, Completion, Reply
 
@@ -21,10 +22,10 @@ RESPONSE = pa.struct(
 RESPONSES = pa.list_(RESPONSE)
 ANNOTATION = pa.struct(
     [
-        ("response_token_length", pa.int64()),
+        (fields.TOKENS, pa.int64()),
         ("judgement", pa.string()),
-        ("repetition_flag", pa.bool_()),
-        ("preference_score", pa.float64()),
+        (fields.REPETITION, pa.bool_()),
+        (fields.SCORE, pa.float64()),
     ]
 )
 FIELDS = {"ja": "instruction_ja", "en": "instruction"}  # the instruction each language answers
@@ -79,11 +80,7 @@ SKIPPED_REDACTED = "skipped_redacted"  # generate.skip_redacted: a conversation 
 
 def eligible(row: dict) -> bool:
     """Empty, duplicate and untranslated instructions get no responses."""
-    return (
-        not row["empty_user_instruction_ja"]
-        and row["duplicate_user_instruction_ja"] is None
-        and not row["translation_failed"]
-    )
+    return not row[fields.EMPTY] and row[fields.DUPLICATE] is None and not row["translation_failed"]
 
 
 def skipped_redacted(row: dict, spec: GenerateParams) -> bool:

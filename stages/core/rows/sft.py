@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from stages.core.config.errors import PipelineError, SourceError
 from stages.core.config.params import FetchParams, Params, SftOption
+from stages.core.rows import fields
 from stages.core.rows.first_turn import iter_first_turns
 from stages.core.rows.scores import best_index
 from stages.core.storage.io import jsonl_gz_writer, read_jsonl_gz
@@ -28,8 +29,8 @@ REASONS = (
     "below_min_score",  # the best response scores below min_score
     "no_second_turn",  # turns=2 and synthesized_multiturn_conversation is null (its second turn failed)
 )
-RESPONSES = {"ja": "synthesized_assistant_responses", "en": "synthesized_assistant_responses_en"}
-NOTES, MULTITURN = "synthesized_response_scoring_annotations", "synthesized_multiturn_conversation"
+RESPONSES = {"ja": fields.RESPONSES, "en": fields.RESPONSES_EN}
+NOTES, MULTITURN = fields.NOTES, fields.MULTITURN
 USER = {"ja": "instruction_ja", "en": "instruction"}  # the user turn of each language (its source row)
 
 
@@ -48,7 +49,7 @@ def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict
     """(the SFT conversation, None), or (None, the first REASONS rule that leaves the record out).
 
     `user`: the record's instruction_ja, instruction (the LMSYS first turn) and redacted flag."""
-    if option.exclude_template and record["is_template_instruction"] is not None:
+    if option.exclude_template and record[fields.TEMPLATE] is not None:
         return None, "template"
     if option.exclude_redacted and user["redacted"]:
         return None, "redacted"
@@ -58,7 +59,7 @@ def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict
     first = {"role": "user", "content": user[USER[option.language]]}
     if option.language == "en":  # one English response, not scored
         return [first, {"role": "assistant", "content": responses[0]["content"]}], None
-    scores = [note["preference_score"] for note in record[NOTES]]
+    scores = [note[fields.SCORE] for note in record[NOTES]]
     best = best_index(scores)  # the response score chose
     if best is None:
         return None, "no_scored_response"
@@ -91,7 +92,7 @@ def release_records(path: Path, rows: int) -> Iterator[dict]:
         yield from read_jsonl_gz(path)
         return
     parquet = pq.ParquetFile(path)
-    wanted = ["conversation_id", "is_template_instruction", *RESPONSES.values(), NOTES, MULTITURN]
+    wanted = ["conversation_id", fields.TEMPLATE, *RESPONSES.values(), NOTES, MULTITURN]
     columns = [c for c in wanted if c in parquet.schema_arrow.names]
     for batch in parquet.iter_batches(batch_size=rows, columns=columns):
         yield from batch.to_pylist()

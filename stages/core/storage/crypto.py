@@ -29,16 +29,15 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import gnupg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.config.errors import PipelineError, SourceError
+from stages.core.config.errors import PipelineError
 from stages.core.config.params import KeySpec, load_params
-from stages.core.storage.io import CHUNK, atomic_path, read_jsonl_gz
+from stages.core.storage.io import CHUNK, atomic_path
 
 LOG = logging.getLogger(__name__)
 CIPHER = "AES256"
@@ -328,21 +327,3 @@ def decrypt_file(src: str | os.PathLike, dst: str | os.PathLike, passphrase: str
     """Decrypt `src` to `dst`; on any failure `dst` is not created and CryptoError is raised."""
     _run_gpg("decrypt", Path(src), Path(dst), passphrase)
     LOG.info("decrypted %s -> %s", src, dst)
-
-
-def instruction_rows(path: str | os.PathLike) -> Iterator[dict]:
-    """conversation_id and instruction_ja of each record of a decrypted instructions file (the
-    plaintext of lmsys-chat-1m-first-turn-user-instructions-<subset>.jsonl.gz.gpg), in its order. A
-    record without its id or first user turn, or one that repeats an id, is an error naming it."""
-    seen = set()  # conversation_ids so far: ~0.5 M of them in the published release
-    for i, record in enumerate(read_jsonl_gz(path), 1):
-        turns = record.get("translated_conversation") or []
-        if "conversation_id" not in record or not turns or turns[0].get("role") != "user":
-            raise SourceError(
-                f"{path}: record {i} lacks conversation_id or a first user turn in translated_conversation "
-                "(pass the decrypted instructions file: .jsonl.gz, not the .gpg)"
-            )
-        if record["conversation_id"] in seen:
-            raise SourceError(f"{path}: record {i} repeats conversation_id {record['conversation_id']}")
-        seen.add(record["conversation_id"])
-        yield {"conversation_id": record["conversation_id"], "instruction_ja": turns[0]["content"]}
