@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.fetch_filter import child  # noqa: E402
 
 SHARDS = 6
+NOOP_RUNS = 5
 VARIANT = "gemma3"
 # (input files, columns) a bare baseline reads for each stage; written back as one Parquet file
 BARE = {
@@ -143,7 +145,7 @@ def gzip_seconds(work: Path) -> tuple[float, int]:
 
 
 def noop_repro(work: Path) -> tuple[float, float]:
-    """Seconds of a no-op `dvc repro package@<variant>` here, and of a one-stage project's."""
+    """Median seconds of a no-op `dvc repro package@<variant>` here, and of a one-stage project's."""
     dvc = [str(Path(sys.executable).parent / "dvc")]
     for name in ("dvc.yaml", "conf", "stages", ".dvcignore"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, work / name)
@@ -166,7 +168,12 @@ def noop_repro(work: Path) -> tuple[float, float]:
     )
     for args in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "repro", "-q"]):
         subprocess.run(args, cwd=one, check=True, capture_output=True)
-    return child([*dvc, "repro", f"package@{VARIANT}"], work)[0], child([*dvc, "repro"], one)[0]
+    # interleaved, the median of NOOP_RUNS each: one run of under a second moves with the machine
+    ours, theirs = [], []
+    for _ in range(NOOP_RUNS):
+        ours.append(child([*dvc, "repro", f"package@{VARIANT}"], work)[0])
+        theirs.append(child([*dvc, "repro"], one)[0])
+    return statistics.median(ours), statistics.median(theirs)
 
 
 def measure(work: Path, rows: int, stages: list[str]) -> dict[str, tuple]:
@@ -222,7 +229,7 @@ def main() -> None:
                 print(f"no-op dvc repro: not measured ({' '.join(err.cmd[1:3])} failed: {why[-1:]})")
             else:
                 worst = max(worst, ours / one)
-                print(f"no-op dvc repro: {ours:.1f} s  one-stage project {one:.1f} s  ratio {ours / one:.2f}")
+                print(f"no-op dvc repro: {ours:.2f} s  one-stage project {one:.2f} s (medians of {NOOP_RUNS})  ratio {ours / one:.2f}")
         print(f"worst ratio {worst:.2f} peak_rss_mb {peak:.0f}")
 
 
