@@ -229,7 +229,10 @@ def main() -> None:
                 print(f"no-op dvc repro: not measured ({' '.join(err.cmd[1:3])} failed: {why[-1:]})")
             else:
                 worst = max(worst, ours / one)
-                print(f"no-op dvc repro: {ours:.2f} s  one-stage project {one:.2f} s (medians of {NOOP_RUNS})  ratio {ours / one:.2f}")
+                print(
+                    f"no-op dvc repro: {ours:.2f} s  one-stage project {one:.2f} s "
+                    f"(medians of {NOOP_RUNS})  ratio {ours / one:.2f}"
+                )
         print(f"worst ratio {worst:.2f} peak_rss_mb {peak:.0f}")
 
 
