@@ -18,7 +18,7 @@ from stages.core.rows import fields
 from stages.core.rows.responses import GENERATED, generate_table
 from stages.core.runtime.executors import engine_pool
 from stages.core.runtime.shards import shard_count
-from stages.core.storage.io import iter_aligned, value_counts
+from stages.core.storage.io import iter_aligned, value_counts, write_json
 from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger("stages.generate")
@@ -46,6 +46,13 @@ def take_published(params: Params, name: str, out: Path) -> None:
             producer=published.producer(record),
         )
         counts.update(value_counts(out, ["status_ja", "status_en"]))
+    figures = {"rows": counts["rows"], "requests": 0, "source": "published"}
+    write_json({"generate": figures}, metrics_of(params, name))
+
+
+def metrics_of(params: Params, name: str) -> Path:
+    """data/metrics/generate-<variant>.json: what generate asked of its engines (request_metrics)."""
+    return Path(params.paths.metrics) / f"generate-{name}.json"
 
 
 def main() -> None:
@@ -70,6 +77,7 @@ def main() -> None:
             stage=f"generate@{name}",
             role="generate",
             key=key,
+            metrics=metrics_of(params, name),
             statuses=("status_ja", "status_en"),
             ceiling=(f"models.{name}.generate.max_failure_rate", spec.max_failure_rate),
             total=shard_count(translated, spec.shard_size),

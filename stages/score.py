@@ -21,9 +21,10 @@ from stages.core.runtime.scoring import (
     files_of,
     from_published,
     judge_pass,
+    metrics_of,
     second_turn_pass,
 )
-from stages.core.storage.io import value_counts
+from stages.core.storage.io import value_counts, write_json
 from stages.core.storage.resume import recipe
 
 
@@ -44,6 +45,8 @@ def take_published(params: Params, name: str) -> None:
             producer=published.producer(record),
         )
         counts.update(value_counts(scored, ["multiturn_status"]))
+    figures = {"rows": counts["rows"], "requests": 0, "source": "published"}
+    write_json({"judge": figures}, metrics_of(params, name))
 
 
 def main() -> None:

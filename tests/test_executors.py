@@ -4,6 +4,7 @@ shards, checkpoints live on S3 as well as on disk, and score loads each distinct
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -67,7 +68,7 @@ def _generate(
             role="generate",
         )
         if counts is not None:
-            counts.update(pool.cache_counts())
+            counts.update(pool.request_counts())
     return pq.read_table(out)
 
 
@@ -190,13 +191,19 @@ def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
                     key="k",
                     role="generate",
                 )
-        keys = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="ckpt")["Contents"]
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        keys = s3.list_objects_v2(Bucket="ckpt")["Contents"]
+        record = s3.get_object(Bucket="ckpt", Key="checkpoints/generate@t/progress.json")["Body"].read()
+        record = json.loads(record)
     assert calls == ["c000", "c004"]  # the second run read both shards back from S3
     assert sorted(k["Key"] for k in keys) == [
         "checkpoints/generate@t/k/00000.parquet",
         "checkpoints/generate@t/k/00001.parquet",
         "checkpoints/generate@t/k/_complete",  # the mark `python -m stages.core.runtime.shards prune` reads
+        "checkpoints/generate@t/progress.json",  # the last run's progress (python -m stages.status)
     ]
+    assert (record["state"], record["shards_done"], record["shards_reused"]) == ("done", 2, 2)
+    assert (record["requests"]["requests"], record["requests"]["sent"]) == (0, 0)  # nothing asked again
 
 
 def test_gemma2_score_loads_its_one_model_once(workspace, monkeypatch, fake_engine):

@@ -230,6 +230,40 @@ def test_second_repro_runs_nothing(built: Path):
     assert "Data and pipelines are up to date." in output
 
 
+def _status(repo: Path) -> list[dict]:
+    command = [sys.executable, "-m", "stages.status", "--json"]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_status_and_metrics_show_what_each_request_sending_stage_did(built: Path):
+    states = {s["name"]: s for s in _status(built)}
+    assert {s["state"] for s in states.values()} == {"done"} and len(states) == 24
+    (judge, second) = states["score@gemma2"]["passes"]
+    assert (judge["stage"], second["stage"]) == ("score@gemma2", "second-turn@gemma2")
+    generate = states["generate@gemma3"]["passes"][0]
+    assert generate["state"] == "done" and generate["shards_left"] == 0 and generate["requests_done"] > 0
+    # what each stage asked of its engines, for `dvc metrics diff vA vB`
+    metrics = json.loads(dvc(built, "metrics", "show", "--json"))
+    figures = next(iter(metrics.values()))["data"]
+    ours = figures["data/metrics/generate-gemma3.json"]["data"]["generate"]
+    assert ours["requests"] == ours["from_cache"] + ours["cache_misses"] > 0
+    assert ours["statuses"]["ok"] > 0 and ours["completion_tokens"] > 0 and ours["engine_seconds"] >= 0
+    scored = figures["data/metrics/score-gemma2.json"]["data"]
+    assert set(scored) == {"judge", "second_turn"}
+    assert scored["judge"]["rows"] == scored["second_turn"]["rows"]
+    # a changed param makes the stages that read it stale, and says which
+    params = built / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    try:
+        params.write_text(text.replace("seed: ", "seed: 1", 1), encoding="utf-8")
+        states = {s["name"]: s for s in _status(built)}
+    finally:
+        params.write_text(text, encoding="utf-8")
+    assert states["generate@gemma3"]["state"] == "stale" and "params.yaml" in states["generate@gemma3"]["why"]
+    assert states["fetch"]["state"] == "done"
+
+
 def _ciphertexts(repo: Path) -> dict[str, bytes]:
     return {
         v: (repo / "data/release" / v / ENCRYPTED.format(subset=SUBSET[v])).read_bytes() for v in VARIANTS

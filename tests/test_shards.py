@@ -139,7 +139,7 @@ def test_a_new_key_ignores_stale_shards_and_keeps_them_for_the_run_that_owns_the
     zeros = lambda p, i: pa.table([p["conversation_id"], [0] * p.num_rows], schema=SCHEMA)  # noqa: E731
     _run(table, zeros, tmp_path, key="new")
     assert pq.read_table(tmp_path / "out.parquet")["x"].to_pylist() == [0, 0, 0]
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["new", "old"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["new", "old", "progress.json"]
     calls: list[int] = []
     assert _run(table, _double(calls), tmp_path, key="old") == 3  # the other run resumes: nothing asked
     assert calls == []
@@ -160,7 +160,7 @@ def test_prune_keeps_each_stage_latest_completed_key_and_recent_runs(tmp_path, c
     main(["prune", str(tmp_path), "--older-than", "0", "--dry-run"])
     assert (tmp_path / "t" / "a").is_dir() and "would remove" in capsys.readouterr().out
     main(["prune", str(tmp_path), "--older-than", "0"])
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["b", "progress.json"]
 
 
 STATUS = pa.schema([("conversation_id", pa.string()), ("status", pa.string()), ("x", pa.int64())])

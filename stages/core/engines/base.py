@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from stages.core.storage.resume import code_meaning, recipe
 
 LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
+REQUEST_COUNTS = ("requests", "from_cache", "sent", "prompt_tokens", "completion_tokens", "engine_seconds")
 LOGPROB_SPAN = 2  # tokens that keep their alternatives after each `logprobs_after` text ("1", "0" of a 10)
 
 
@@ -76,6 +78,8 @@ class Engine(abc.ABC):
     _failing: int = field(default=0, init=False, repr=False)
     _health_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     cache: ResponseCache | None = field(default=None, init=False, repr=False)  # set by the executor
+    # what this engine did so far (request_counts), guarded by _health_lock
+    counters: Counter = field(default_factory=Counter, init=False, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -126,6 +130,7 @@ class Engine(abc.ABC):
                 if key in hits:
                     replies[i] = cached_reply(hits[key])
         todo = [i for i, reply in enumerate(replies) if reply is None]
+        self._count(requests=len(requests), from_cache=len(requests) - len(todo))
         if not todo:
             return replies  # every answer was cached: the model is never loaded
         with self._load_lock:
@@ -134,7 +139,15 @@ class Engine(abc.ABC):
                 self.load()
                 self._loaded = True
         with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
+            began = time.perf_counter()
             sent = self._chat_loaded([requests[i] for i in todo], sampling)
+            seconds = time.perf_counter() - began
+        self._count(
+            sent=sum(r.status != TOO_LONG for r in sent),
+            prompt_tokens=sum(c.prompt_tokens for r in sent for c in r.completions[:1]),
+            completion_tokens=sum(c.completion_tokens for r in sent for c in r.completions),
+            engine_seconds=seconds,
+        )
         self._watch(sent)
         for i, reply in zip(todo, sent, strict=True):
             replies[i] = reply
@@ -143,6 +156,19 @@ class Engine(abc.ABC):
                 (keys[i], cache_value(replies[i])) for i in todo if cacheable(replies[i], requests[i])
             )
         return replies
+
+    def _count(self, **counts: float) -> None:
+        with self._health_lock:
+            self.counters.update(counts)
+
+    def request_counts(self) -> dict[str, float]:
+        """What the engine did so far: requests asked, answered from the cache, sent (not too long),
+        prompt tokens (once per request) and completion tokens of the answers sent, and the seconds
+        spent in the backend; with the response cache's own counts."""
+        with self._health_lock:
+            counts = {name: self.counters[name] for name in REQUEST_COUNTS}
+        counts["engine_seconds"] = round(counts["engine_seconds"], 3)
+        return counts | (self.cache.counts() if self.cache else {})
 
     def _watch(self, replies: list[Reply]) -> None:
         """Count failures by error text; raise EngineDown once `engine.max_consecutive_failures`

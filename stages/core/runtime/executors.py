@@ -29,7 +29,7 @@ from stages.core.engines.base import missing_extra
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.shards import run_checkpointed
 from stages.core.storage.cache import ResponseCache
-from stages.core.storage.io import ENGINE_METADATA, engines_of
+from stages.core.storage.io import ENGINE_METADATA, engines_of, merge_json
 
 LOG = logging.getLogger(__name__)
 Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
@@ -43,8 +43,8 @@ class Executor(abc.ABC):
         self.llm, self.options, self.cache = llm, options, cache
         self.capacity = options.shards_in_flight
 
-    def cache_counts(self) -> dict[str, int]:
-        """Requests answered from the response cache, and those sent, so far."""
+    def request_counts(self) -> dict[str, float]:
+        """What the engines did so far (Engine.request_counts, summed over replicas)."""
         return {}
 
     def failure_details(self) -> Counter:
@@ -71,16 +71,18 @@ class Executor(abc.ABC):
         carry: str | Path | None = None,
         statuses: tuple[str, ...] = (),
         ceiling: tuple[str, float] | None = None,
+        metrics: str | Path | None = None,
         **kwargs: Any,
     ) -> int:
         """`shards.run_checkpointed` with `work` on this executor's engines. `out` records this engine's
         identity as `role` (and the roles recorded in the Parquet file `carry`, an input). `statuses`
         names the out's request-status columns: unfinished requests of reused shards are asked again,
         and with `ceiling` (its params key, its rate) the stage fails when more than that share of
-        the out's requests did not finish."""
+        the out's requests did not finish. The JSON file `metrics`, where given, gets `role`'s
+        figures of this run (request_metrics) beside what it holds."""
         metadata = engines_of(carry) if carry else {}
         metadata[f"{ENGINE_METADATA}{role}".encode()] = json.dumps(self.identity(), sort_keys=True).encode()
-        tally, stage = Counter(), kwargs.get("stage", role)
+        tally, stage, before = Counter(), kwargs.get("stage", role), self.request_counts()
         rows = run_checkpointed(
             shards,
             lambda shard, index: self.submit(work, shard, index),
@@ -88,15 +90,33 @@ class Executor(abc.ABC):
             metadata=metadata,
             statuses=statuses,
             tally=tally,
+            counters=lambda: since(self.request_counts(), before),
             **kwargs,
         )
-        if counts := self.cache_counts():
-            LOG.info("%s: response cache: %s", stage, counts)
+        counts = since(self.request_counts(), before)
+        LOG.info("%s: %s", stage, ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "no requests")
         if statuses:
             LOG.info("%s: request statuses: %s", stage, dict(tally))
+        if metrics is not None:
+            merge_json({role: request_metrics(rows, tally, counts)}, metrics)
         if ceiling:
             check_ceiling(stage, tally, *ceiling, self.failure_details())
         return rows
+
+
+def since(now: dict, before: dict) -> dict:
+    """Counters of `now` less those of `before` (an executor's engines count from their start)."""
+    return {
+        k: round(v - before.get(k, 0), 3) if isinstance(v, float) else v - before.get(k, 0)
+        for k, v in now.items()
+    }
+
+
+def request_metrics(rows: int, tally: Counter, counts: dict) -> dict:
+    """One role's figures for `data/metrics`: rows, the requests' final statuses (failed, partial,
+    ... by kind), what the engines were asked, answered from the response cache and sent, tokens
+    in and out of the answers sent, and the seconds the engines took."""
+    return {"rows": rows, "statuses": dict(sorted(tally.items())), **counts}
 
 
 def check_ceiling(stage: str, tally: Counter, key: str, rate: float, details: Counter) -> None:
@@ -133,8 +153,8 @@ class LocalExecutor(Executor):
     def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
         return self._threads.submit(work, self.engine, shard)
 
-    def cache_counts(self) -> dict[str, int]:
-        return self.engine.cache.counts() if self.engine.cache else {}
+    def request_counts(self) -> dict[str, float]:
+        return self.engine.request_counts()
 
     def failure_details(self) -> Counter:
         return Counter(self.engine.failures)
@@ -161,8 +181,8 @@ class Replica:
         """The engine's identity where it runs: the library versions of this replica's host."""
         return self.engine.identity()
 
-    def cache_counts(self) -> dict[str, int]:
-        return self.engine.cache.counts() if self.engine.cache else {}
+    def request_counts(self) -> dict[str, float]:
+        return self.engine.request_counts()
 
     def failure_details(self) -> Counter:
         return Counter(self.engine.failures)
@@ -258,9 +278,9 @@ class RayExecutor(Executor):
             totals.update(details)
         return totals
 
-    def cache_counts(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for counts in self._ray.get([a.cache_counts.remote() for a in self._actors]):
+    def request_counts(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for counts in self._ray.get([a.request_counts.remote() for a in self._actors]):
             for name, value in counts.items():
                 totals[name] = totals.get(name, 0) + value
         return totals

@@ -38,6 +38,11 @@ def from_published(params: Params, name: str) -> bool:
     return variant.generate.source == "published" and not variant.score.rejudge
 
 
+def metrics_of(params: Params, name: str) -> Path:
+    """data/metrics/score-<variant>.json: what the judge and the second turn asked of their engines."""
+    return Path(params.paths.metrics) / f"score-{name}.json"
+
+
 def check_mode(params: Params, name: str) -> None:
     """Refuse, before any work, a judge mode that the engine backend cannot serve (where a judge runs)."""
     mode, backend = params.models[name].score.mode, params.engine.backend
@@ -82,6 +87,7 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
             stage=f"score@{name}",
             role="judge",
             key=key,
+            metrics=metrics_of(params, name),
             statuses=("judge_status",),
             ceiling=(f"models.{name}.score.max_failure_rate", variant.score.max_failure_rate),
             total=shard_count(generated, size),
@@ -120,6 +126,7 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
             role="second_turn",
             carry=judged,
             key=key,
+            metrics=metrics_of(params, name),
             statuses=("multiturn_status",),
             ceiling=(f"models.{name}.second_turn.max_failure_rate", variant.second_turn.max_failure_rate),
             total=shard_count(generated, size),

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from stages.core.config.errors import PipelineError
 from stages.core.rows.requests import unfinished
+from stages.core.runtime.progress import RECORD, ProgressRecord
 from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, write_table
 from stages.core.storage.resume import input_digest
 
@@ -79,6 +80,15 @@ class CheckpointStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **PARQUET_OPTIONS)
         self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write `data` to `<root>/<name>` whole: through a renamed temporary file on a local disk."""
+        path = f"{self.root}/{name}"
+        if self.local:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        else:
+            self.fs.pipe_file(path, data)
 
     def complete(self, stage: str, key: str) -> None:
         """Mark `key`'s checkpoints as those of a run that assembled its out."""
@@ -169,6 +179,7 @@ def run_checkpointed(
     metadata: dict[bytes, bytes] | None = None,
     statuses: tuple[str, ...] = (),
     tally: Counter | None = None,
+    counters: Callable[[], dict] | None = None,
 ) -> int:
     """Apply `fn(shard, index)` to each input shard and stream the results into `out`; return its rows.
 
@@ -181,11 +192,19 @@ def run_checkpointed(
     shard's rows holding an unfinished status are given to `fn` again (those rows only) and merged
     back; `tally` counts every status of `out`. `out` (with `metadata` in its schema) takes its
     place only when every shard is done; other keys' checkpoints are never removed here.
+    The run's progress (`counters`: the engines' counters so far) is recorded in
+    `<checkpoints>/<stage>/progress.json` (stages/core/runtime/progress.py).
     """
     store, rows, count = CheckpointStore(checkpoints), 0, 0
+    tally = Counter() if tally is None else tally
     slots: deque[_Slot] = deque()
     out_schema = schema.with_metadata(metadata) if metadata else schema
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, out_schema, **PARQUET_OPTIONS) as writer:
+    record = ProgressRecord(stage, key, total, lambda data: store.put(f"{stage}/{RECORD}", data), counters)
+    with (
+        record,
+        atomic_path(out) as tmp,
+        pq.ParquetWriter(tmp, out_schema, **PARQUET_OPTIONS) as writer,
+    ):
 
         def finish(slot: _Slot) -> None:
             nonlocal rows, count
@@ -193,13 +212,17 @@ def run_checkpointed(
             if slot.result is not None:
                 store.write(_sealed(table, slot.want), slot.path)
             writer.write_table(table.replace_schema_metadata(metadata))
-            if tally is not None:
-                tally.update(s for row in statuses_of(table, statuses) for s in row)
+            tally.update(s for row in statuses_of(table, statuses) for s in row)
             rows, count = rows + table.num_rows, count + 1
+            record.shard_done(
+                table.num_rows, slot.reused is not None and not slot.redo, bool(slot.redo), tally
+            )
 
         try:
             for i, shard in enumerate(tqdm(shards, desc=stage, unit="shard", total=total)):
                 slot = _slot(store, stage, key, i, shard, schema, statuses)
+                if slot.reused is None or slot.redo:
+                    record.computing()
                 if slot.reused is None:
                     slot.result = fn(shard, i)
                 elif slot.redo:

@@ -17,7 +17,7 @@ from stages.core.rows import annotate
 from stages.core.rows.translation import ID, TranslationJoin, llm_rows
 from stages.core.runtime.deepl_translate import translate_with_deepl
 from stages.core.runtime.translator import EMPTY_SOURCE, translate_missing
-from stages.core.storage.io import engines_of, write_json, write_lines
+from stages.core.storage.io import engines_of, merge_json, write_lines
 
 LOG = logging.getLogger("stages.translate")
 BACKENDS = {"llm": "LLM", "deepl": "DeepL"}  # translate.missing -> how messages name it
@@ -108,4 +108,4 @@ def translate_subset(params: Params, subset: str) -> None:
         source = "deepl" if how == "deepl" else "llm"  # instruction_source of the rows it answered
         written = join.write(llm, templates, source, metadata=translator if llm.num_rows else {})
         counts.update(rows_in=join.rows_in, rows_out=written)
-    write_json(translate_metrics(counts, llm.num_rows, how), Path(paths.metrics) / f"translate-{subset}.json")
+    merge_json(translate_metrics(counts, llm.num_rows, how), Path(paths.metrics) / f"translate-{subset}.json")

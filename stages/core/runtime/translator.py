@@ -103,6 +103,7 @@ def translate_missing(
             stage=stage,
             role="translate",
             key=key,
+            metrics=Path(params.paths.metrics) / f"{stage.replace('@', '-')}.json",
             statuses=("translation_status",),  # translate's own ceiling: translate.max_failure_rate
         )
     LOG.info(

@@ -377,6 +377,13 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def merge_json(data: dict, path: str | os.PathLike) -> None:
+    """`data`'s keys written into the JSON object at `path` (created if missing), atomically."""
+    path = Path(path)
+    held = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    write_json(held | data, path)
+
+
 def write_lines(lines: list[str], path: str | os.PathLike) -> None:
     """`lines`, one per line, atomically (an empty list: an empty file)."""
     with atomic_path(path) as tmp, writing(path):
