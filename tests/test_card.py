@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,46 @@ def test_code_provenance_does_not_move_with_unrelated_history_and_names_uncommit
     dirty = code_provenance(tmp_path)
     assert dirty["uncommitted"] == ["stages/a.py"] and dirty["git_commit"] == first["git_commit"]
     assert dirty["code_sha256"] != first["code_sha256"]
+
+
+def test_a_licensee_following_the_card_gets_the_instructions_of_every_record(released: Path, tmp_path):
+    """The card's steps, run as written: its key command, its gpg command, its join snippet."""
+    import re
+    import shutil
+    import subprocess
+
+    text = (released / "README.md").read_text(encoding="utf-8")
+    workspace = released.parents[2]
+    key_command = re.search(r"`(bash [^`]+)`", text)[1]
+    gpg_command = re.search(r"`(gpg [^`]+)`", text)[1]
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)[1]
+    script = re.search(r"published key script `([^`]+)`", text)[1]
+    (tmp_path / "lmsys-chat-1m").symlink_to(workspace / "data/sample/lmsys-chat-1m")
+    shutil.copy(workspace / "data/sample/lmsys-chat-1m-synth" / script, tmp_path)
+    for name in released.iterdir():
+        shutil.copy(name, tmp_path)
+    passphrase = subprocess.run(
+        key_command, shell=True, cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    subprocess.run(
+        gpg_command, shell=True, cwd=tmp_path, input=passphrase.stdout.strip(), text=True, check=True
+    )
+    found: dict = {}
+    cwd = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        exec(snippet, found)  # the card's own code, as a reader runs it
+    finally:
+        os.chdir(cwd)
+    rows, records = found["rows"], found["records"]
+    assert len(rows) == len(records) > 0  # every released record has its instruction
+    turns = [(t[0]["role"], bool(t[0]["content"].strip())) for t in rows["translated_conversation"]]
+    assert turns == [("user", not empty) for empty in rows["empty_user_instruction_ja"]]
+    assert (
+        "python -m stages.sft gemma2 --release-dir DIR" in text
+        and "`ja-multiturn-wo-template-wo-pii`" in text
+    )
+    by_file = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|$", text.split("By file")[1], re.M))
+    assert by_file["lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"].startswith("LMSYS-Chat-1M")
+    assert by_file["manifest.json"].startswith("Apache-2.0")
+    assert set(by_file) == {p.name for p in released.iterdir()}  # every file of the release

@@ -196,6 +196,88 @@ def scoring(mode: str, metrics: dict) -> str:
     )
 
 
+def key_step(params: Params) -> str:
+    """How a licensee derives the passphrase of the encrypted file, from the params that made it."""
+    key = params.decrypt.key
+    if key.method == "script":
+        args = " ".join(a.replace("{source}", key.layout) for a in key.args)
+        return (
+            f"Run the published key script `{key.script}` (from `{params.fetch.released.uri}`; sha256 "
+            f"`{key.sha256}`) with bash in a directory where your LMSYS-Chat-1M copy is named "
+            f"`{key.layout}`: `bash {key.script.rsplit('/', 1)[-1]} {args}`. It prints the passphrase."
+        )
+    what = (
+        f"the values of its column `{key.column}` (each as UTF-8 text and a newline)" if key.column else None
+    )
+    return (
+        f"The passphrase is the {key.encoding} {key.hash} of {what or 'the bytes'} of the LMSYS-Chat-1M "
+        f"files matching `{key.file}`, in sorted path order."
+    )
+
+
+def instructions_howto(params: Params, name: str, files: list[str]) -> str:
+    """The card's steps from this release to its instructions, and to the SFT files."""
+    encrypted = next((f for f in files if f.endswith(".gpg")), "the .gpg file")
+    plain = encrypted.removesuffix(".gpg")
+    stem = params.release.file.format(name=params.models[name].release_name)
+    sets = [n for n, o in params.sft.items() if o.variants is None or name in o.variants]
+    steps = [
+        "1. Accept the LMSYS-Chat-1M Dataset License Agreement at "
+        "https://huggingface.co/datasets/lmsys/lmsys-chat-1m and download it: `huggingface-cli download "
+        "lmsys/lmsys-chat-1m --repo-type dataset --local-dir lmsys-chat-1m`.",
+        f"2. {key_step(params)}",
+        f"3. Decrypt, with the passphrase on stdin: "
+        f"`gpg --batch --pinentry-mode loopback --passphrase-fd 0 -d {encrypted} > {plain}`.",
+        f"4. Join on `conversation_id`: each line of `{plain}` is "
+        f"`{{conversation_id, {fields.INSTRUCTION}: [{{role: user, content}}]}}`.",
+    ]
+    join = [
+        "```python",
+        "import pandas as pd",
+        f'records = pd.read_json("{stem}.jsonl.gz", lines=True)',
+        f'instructions = pd.read_json("{plain}", lines=True)',
+        'rows = records.merge(instructions, on="conversation_id")',
+        "```",
+    ]
+    option_sets = f" (option sets: {', '.join(f'`{n}`' for n in sets)}; `conf/sft`)" if sets else ""
+    return "\n\n".join(
+        [
+            "## Getting the instructions",
+            "The Japanese instructions derive from LMSYS-Chat-1M: they are only in the encrypted file, whose "
+            "passphrase comes from LMSYS-Chat-1M itself, so only its licensees can read them.",
+            "\n".join(steps),
+            "\n".join(join),
+            "With this project at the release's tag, `python -m stages.fetch` and `python -m stages.decrypt` "
+            "do steps 1 to 3 (the key procedure and its checksums are in `params.yaml`).",
+            "## SFT files",
+            "The files to train on (one `{conversation: [user, assistant, ...]}` per line, for TRL's "
+            "`SFTTrainer`) hold the instructions, so they are not published. A licensee rebuilds them, byte "
+            "for byte, from this release and the decrypted file, with this project at the release's tag: "
+            f"`python -m stages.sft {name} --release-dir DIR --instructions {plain} --lmsys lmsys-chat-1m`"
+            f"{option_sets}.",
+        ]
+    )
+
+
+def file_licences(files: list[str], producers: dict) -> list[tuple[str, str]]:
+    """Which terms apply to each file of the release (our reading of the licences above)."""
+    models = [(m.get("model") or "").lower() for m in producers.get("models", {}).values()]
+    families = [text.split(" (")[0] for family, text in FAMILIES.items() if any(family in m for m in models)]
+    outputs = " and ".join(families) or "the producing models' terms"
+    found = []
+    for f in files:
+        if f.endswith(".gpg"):
+            terms = "LMSYS-Chat-1M Dataset License Agreement"
+        elif f.endswith((".jsonl.gz", ".parquet")):
+            terms = f"{outputs} (model outputs); the ids and flags of LMSYS-Chat-1M conversations"
+        else:
+            terms = "Apache-2.0 (written by this project)"
+        found.append((f"`{f}`", terms))
+    return found + [
+        (f"`{f}`", "Apache-2.0 (written by this project)") for f in ("README.md", "manifest.json")
+    ]
+
+
 def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]) -> str:
     """README.md of a release directory, from its manifest (files, metrics, producers, provenance)."""
     variant, metrics = params.models[name], manifest["metrics"]
@@ -250,7 +332,11 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
         + "\n\nThe release is tagged on the commit whose `dvc.lock` records these files.",
         "## Fields\n\n"
         + _table(("field", "meaning"), [(f"`{f['name']}`", FIELDS.get(f["name"], "")) for f in features]),
-        "## Licences\n\n" + "\n".join(f"- {text}" for text in licences(manifest["producers"])),
+        instructions_howto(params, name, files),
+        "## Licences\n\n"
+        + "\n".join(f"- {text}" for text in licences(manifest["producers"]))
+        + "\n\nBy file (our reading, not legal advice):\n\n"
+        + _table(("file", "terms"), file_licences(files, manifest["producers"])),
     ]
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=10**6)
     return f"---\n{header}---\n\n" + "\n\n".join(sections) + "\n"
