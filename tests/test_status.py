@@ -35,21 +35,26 @@ def _record(tmp_path: Path, stage: str = "generate@v") -> dict:
     return json.loads((tmp_path / "ckpt" / stage / "progress.json").read_text(encoding="utf-8"))
 
 
-def test_a_finished_run_leaves_a_done_record_with_its_shards_statuses_and_counters(tmp_path):
-    counters = {"requests": 12, "from_cache": 3, "sent": 9, "completion_tokens": 900}
+def _run(tmp_path: Path, fn, rows: int = 6, stage: str = "generate@v", **kwargs) -> dict:
+    """run_checkpointed over `rows` rows in shards of 2; the progress record it leaves."""
     run_checkpointed(
-        slices(_table(6), 2),
-        _answer(["ok", "failed", "ok"]),
-        out=tmp_path / "out.parquet",
+        slices(_table(rows), 2),
+        fn,
+        out=tmp_path / f"{stage}.parquet",
         schema=SCHEMA,
         checkpoints=tmp_path / "ckpt",
-        stage="generate@v",
+        stage=stage,
         key="k",
-        total=3,
-        statuses=("status",),
-        counters=lambda: counters,
+        **kwargs,
     )
-    record = _record(tmp_path)
+    return _record(tmp_path, stage)
+
+
+def test_a_finished_run_leaves_a_done_record_with_its_shards_statuses_and_counters(tmp_path):
+    counters = {"requests": 12, "from_cache": 3, "sent": 9, "completion_tokens": 900}
+    record = _run(
+        tmp_path, _answer(["ok", "failed", "ok"]), total=3, statuses=("status",), counters=lambda: counters
+    )
     assert (record["state"], record["shards_total"], record["shards_done"], record["rows_done"]) == (
         "done",
         3,
@@ -59,18 +64,7 @@ def test_a_finished_run_leaves_a_done_record_with_its_shards_statuses_and_counte
     assert record["statuses"] == {"ok": 4, "failed": 2}
     assert record["requests"] == counters and record["pid"] == os.getpid()
     # a second run reuses two shards and asks the failed rows again: the record says so
-    run_checkpointed(
-        slices(_table(6), 2),
-        _answer(["ok", "ok", "ok"]),
-        out=tmp_path / "out.parquet",
-        schema=SCHEMA,
-        checkpoints=tmp_path / "ckpt",
-        stage="generate@v",
-        key="k",
-        total=3,
-        statuses=("status",),
-    )
-    record = _record(tmp_path)
+    record = _run(tmp_path, _answer(["ok", "ok", "ok"]), total=3, statuses=("status",))
     assert (record["shards_reused"], record["shards_redone"], record["statuses"]) == (2, 1, {"ok": 6})
 
 
@@ -81,16 +75,7 @@ def test_a_run_that_fails_or_is_interrupted_says_so_with_its_error(tmp_path):
         return _answer(["ok"] * 3)(shard, index)
 
     with pytest.raises(RuntimeError):
-        run_checkpointed(
-            slices(_table(6), 2),
-            boom,
-            out=tmp_path / "out.parquet",
-            schema=SCHEMA,
-            checkpoints=tmp_path / "ckpt",
-            stage="generate@v",
-            key="k",
-            total=3,
-        )
+        _run(tmp_path, boom, total=3)
     record = _record(tmp_path)
     assert (record["state"], record["shards_done"]) == ("failed", 1)
     assert record["error"] == "RuntimeError: the server went away"
@@ -99,15 +84,7 @@ def test_a_run_that_fails_or_is_interrupted_says_so_with_its_error(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_checkpointed(
-            slices(_table(2), 2),
-            interrupted,
-            out=tmp_path / "out2.parquet",
-            schema=SCHEMA,
-            checkpoints=tmp_path / "ckpt",
-            stage="score@v",
-            key="k",
-        )
+        _run(tmp_path, interrupted, rows=2, stage="score@v")
     assert _record(tmp_path, "score@v")["state"] == "interrupted"
 
 
