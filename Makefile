@@ -50,7 +50,9 @@ demo: export OMP_NUM_THREADS := 1
 demo: $(VENV)/.demo-installed  ## run the whole DAG for all three variants on the sample
 	python -m stages.compose profile=sample
 	dvc repro
-	@echo "Release files: data/release/<variant>/. params.yaml now holds the sample composition;"
+	python -m stages.plots_page  # .dvc/plots/page.html: `dvc plots show/diff` pages that draw offline
+	@echo "Release files: data/release/<variant>/; their charts: dvc plots show --open (offline)."
+	@echo "params.yaml now holds the sample composition;"
 	@echo "'make params' (or 'git checkout params.yaml') restores the production one."
 
 # the lock check first: a lock that no longer matches pyproject.toml fails in seconds, naming the

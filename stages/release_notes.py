@@ -1,6 +1,7 @@
 """Release notes between two git revisions (tags) of this repository, in Markdown: the parameters that
 changed (`dvc params diff`), the figures that changed (`dvc metrics diff`) and the outputs that changed
-(`dvc diff`); with --plots DIR also `dvc plots diff` as an HTML page.
+(`dvc diff`); with --plots DIR also `dvc plots diff` as an HTML page that draws offline (its scripts
+inlined: stages/core/release/page.py).
 
     python -m stages.release_notes v0.1 v0.2 [--out NOTES.md] [--plots DIR]
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from stages.core.config.cli import LOG_FORMAT, run
 from stages.core.config.errors import PipelineError
 from stages.core.release.notes import DVC, LOG, release_notes
+from stages.core.release.page import ensure_page
 
 
 def main() -> None:
@@ -28,7 +30,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     notes = release_notes(args.old, args.new)
     if args.plots:
+        page = ensure_page()  # written on first use
         command = ["dvc", "plots", "diff", args.old, args.new, "-o", str(args.plots)]
+        command += ["--html-template", str(page)]
         done = subprocess.run([*DVC, *command[1:]], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise PipelineError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")

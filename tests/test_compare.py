@@ -89,8 +89,8 @@ def test_compare_plot_tables_and_report(compared):
     scores = json.loads((plots / "compare_scores.json").read_text())
     assert {r["source"] for r in scores} == {"ours", "published"}
     published_scores = {r["preference_score"]: r["responses"] for r in scores if r["source"] == "published"}
-    expected = {str(k): sum(int(s) == k for s in _scores(theirs) if s != -1) for k in range(11)}
-    assert published_scores == {"failed": sum(s == -1 for s in _scores(theirs)), **expected}
+    expected = {k: sum(int(s) == k for s in _scores(theirs) if s != -1) for k in range(11)}
+    assert published_scores == {-1: sum(s == -1 for s in _scores(theirs)), **expected}
     tokens = json.loads((plots / "compare_response_tokens.json").read_text())
     lengths = [
         n["response_token_length"]
@@ -101,7 +101,8 @@ def test_compare_plot_tables_and_report(compared):
         n > 2047 for n in lengths
     )
     per_row = json.loads((plots / "compare_responses_per_row.json").read_text())
-    assert {r["bar"]: r["rows"] for r in per_row}["10 published"] == sum(_count(r) == 10 for r in theirs)
+    counts = {(r["responses"], r["source"]): r["rows"] for r in per_row}
+    assert counts[10, "published"] == sum(_count(r) == 10 for r in theirs)
     report = (compared / "data/metrics/compare-gemma3.md").read_text()
     metrics = json.loads((compared / "data/metrics/compare-gemma3.json").read_text())
     assert "# compare@gemma3" in report

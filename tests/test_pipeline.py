@@ -28,6 +28,7 @@ COPY = [
     "scripts",
     "data/sample",
     ".dvc/config",
+    ".dvc/plots",  # the charts' templates (dvc.yaml plots: template)
     ".dvcignore",
     "dvc.yaml",
     "pyproject.toml",

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.config.errors import SourceError
-from stages.core.release.plots import TOKEN_BINS
+from stages.core.release.plots import LOW, TOKEN_BINS, ranges
 from stages.core.release.published import EN, ID, JA, NOTES, RECORD
 from stages.core.rows import fields
 from stages.core.rows.responses import MESSAGE
@@ -52,14 +52,8 @@ CHAR_BINS = (0, 256, 512, 1024, 2048, 4096, 8192)
 CARD = ("instructions", "responses", "instructions_en", "responses_en", "multiturn")
 
 
-def _labels(bins: tuple[int, ...]) -> list[str]:
-    return [
-        f"{low}+" if high is None else f"{low}-{high - 1}"
-        for low, high in zip(bins, [*bins[1:], None], strict=True)
-    ]
-
-
-TOKEN_LABELS, CHAR_LABELS = _labels(TOKEN_BINS), _labels(CHAR_BINS)
+TOKEN_RANGES, CHAR_RANGES = ranges(TOKEN_BINS), ranges(CHAR_BINS)  # (lower bound, label) per bin
+TOKEN_LABELS, CHAR_LABELS = [label for _, label in TOKEN_RANGES], [label for _, label in CHAR_RANGES]
 
 
 def multiturn_type(path: str | Path) -> pa.DataType | None:
@@ -330,14 +324,14 @@ def metrics(totals: dict[str, Counter], joined: dict, card: dict[str, int | None
     return found
 
 
-def _bins(totals: Counter) -> dict[str, list[tuple[str, int]]]:
+def _bins(totals: Counter) -> dict[str, list[tuple[str | int, int]]]:
     """(label, count) per bin of the three distributions of one side."""
     most = max((int(k.split(":")[1]) for k in totals if k.startswith("per_row:")), default=0)
     return {
-        "scores": [("failed", totals["judgements_failed"])]
-        + [(str(k), totals[f"score:{k}"]) for k in range(11)],
+        "scores": [(int(SCORE_FAILED), totals["judgements_failed"])]
+        + [(k, totals[f"score:{k}"]) for k in range(11)],
         "response_tokens": [(label, totals[f"tokens:{label}"]) for label in TOKEN_LABELS],
-        "responses_per_row": [(str(k), totals[f"per_row:{k}"]) for k in range(most + 1)],
+        "responses_per_row": [(k, totals[f"per_row:{k}"]) for k in range(most + 1)],
         "response_en_chars": [(label, totals[f"chars_en:{label}"]) for label in CHAR_LABELS],
     }
 
@@ -358,18 +352,26 @@ TITLES = {
 }
 
 
+RANGES = {  # plot table of ranges -> each range's label -> its lower bound
+    "response_tokens": {label: low for low, label in TOKEN_RANGES},
+    "response_en_chars": {label: low for low, label in CHAR_RANGES},
+}
+
+
 def plot_tables(totals: dict[str, Counter]) -> dict[str, list[dict]]:
-    """Per distribution, a row per bin and side (`source`: ours or published); `bar` ("7 ours") is
-    the bar's label, so that DVC draws the two sides of a bin next to each other."""
+    """Per distribution, a row per bin and side (`source`: ours or published, which the charts colour
+    by). A bin that is a number is written as one (preference_score -1: failed judgements); a range
+    is its label and its lower bound (`low`), which the charts sort by."""
     bins = {side: _bins(totals[side]) for side in SIDES}
     tables = {}
     for name, (field, count) in PLOTS.items():
         labels = max((bins[side][name] for side in SIDES), key=len)  # responses per row: the longer
+        lows = RANGES.get(name, {})
         tables[name] = [
             {
                 "source": side,
                 field: label,
-                "bar": f"{label} {side}",
+                **({LOW: lows[label]} if lows else {}),
                 count: dict(bins[side][name]).get(label, 0),
             }
             for label, _ in labels

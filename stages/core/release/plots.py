@@ -3,7 +3,10 @@ instruction and failure counts. Small JSON tables under paths.metrics, committed
 `dvc plots diff vA vB` draws two releases side by side without pulling any data.
 
 Counts are taken from the public records as they are released (package hands each batch to `add`),
-with Arrow compute (no Python rows): what is plotted is what was released."""
+with Arrow compute (no Python rows): what is plotted is what was released. A bin that is a number is
+written as one (preference_score -1, the failed judgements, to 10; responses 0, 1, ...), so the charts
+sort it as a number; a range of lengths is its label ("64-127") and its lower bound (`low`), which the
+charts sort by (dvc.yaml's templates, .dvc/plots/)."""
 
 from __future__ import annotations
 
@@ -31,10 +34,16 @@ FAILURES = (  # release metrics that count requests or rows without a usable ans
     "second_turn_failed_requests",
 )
 FILES = ("scores", "response_tokens", "responses_per_instruction", "failures")
+SCORE_BINS = (int(SCORE_FAILED), *range(11))  # a parsed score s counts in bin floor(s)
+LOW = "low"  # a range's lower bound, in the plot tables of ranges
 
 
-def _token_label(low: int, high: int | None) -> str:
-    return f"{low}+" if high is None else f"{low}-{high - 1}"
+def ranges(bins: tuple[int, ...]) -> list[tuple[int, str]]:
+    """(lower bound, label) of each range [low, next low); the last is open: 2048 -> "2048+"."""
+    return [
+        (low, f"{low}+" if high is None else f"{low}-{high - 1}")
+        for low, high in zip(bins, [*bins[1:], None], strict=True)
+    ]
 
 
 def new_totals() -> dict[str, Counter]:
@@ -46,34 +55,33 @@ def add(totals: dict[str, Counter], batch: pa.RecordBatch | pa.Table) -> None:
     annotations = pc.list_flatten(batch.column(fields.NOTES))
     scores = pc.struct_field(annotations, fields.SCORE)
     failed = pc.equal(scores, SCORE_FAILED)
-    totals["scores"]["failed"] += pc.sum(failed).as_py() or 0
-    # a parsed score s counts in bin floor(s): 7.5 (logprob-weighted) is in "7"
+    totals["scores"][int(SCORE_FAILED)] += pc.sum(failed).as_py() or 0
+    # a parsed score s counts in bin floor(s): 7.5 (logprob-weighted) is in 7
     parsed = pc.floor(pc.filter(scores, pc.invert(failed)))
     for item in pc.value_counts(parsed).to_pylist():
-        totals["scores"][str(int(item["values"]))] += item["counts"]
+        totals["scores"][int(item["values"])] += item["counts"]
     lengths = pc.struct_field(annotations, fields.TOKENS)
-    highs = [*TOKEN_BINS[1:], None]
-    for low, high in zip(TOKEN_BINS, highs, strict=True):
+    for (low, label), high in zip(ranges(TOKEN_BINS), [*TOKEN_BINS[1:], None], strict=True):
         inside = pc.greater_equal(lengths, low)
         if high is not None:
             inside = pc.and_(inside, pc.less(lengths, high))
-        totals["response_tokens"][_token_label(low, high)] += pc.sum(inside).as_py() or 0
+        totals["response_tokens"][label] += pc.sum(inside).as_py() or 0
     per_row = pc.fill_null(pc.list_value_length(batch.column(fields.RESPONSES)), 0)
     for item in pc.value_counts(per_row).to_pylist():
-        totals["responses_per_instruction"][str(item["values"])] += item["counts"]
+        totals["responses_per_instruction"][item["values"]] += item["counts"]
 
 
 def plot_tables(totals: dict[str, Counter], metrics: dict) -> dict[str, list[dict]]:
     """The rows of each plot table from the counts and the release metrics (every bin, zeros too)."""
-    scores = ["failed", *(str(k) for k in range(11))]
-    tokens = [_token_label(lo, hi) for lo, hi in zip(TOKEN_BINS, [*TOKEN_BINS[1:], None], strict=True)]
-    most = max((int(k) for k in totals["responses_per_instruction"]), default=0)
+    most = max(totals["responses_per_instruction"], default=0)
     return {
-        "scores": [{fields.SCORE: k, "responses": totals["scores"][k]} for k in scores],
-        "response_tokens": [{"tokens": k, "responses": totals["response_tokens"][k]} for k in tokens],
+        "scores": [{fields.SCORE: k, "responses": totals["scores"][k]} for k in SCORE_BINS],
+        "response_tokens": [
+            {"tokens": label, LOW: low, "responses": totals["response_tokens"][label]}
+            for low, label in ranges(TOKEN_BINS)
+        ],
         "responses_per_instruction": [
-            {"responses": str(k), "instructions": totals["responses_per_instruction"][str(k)]}
-            for k in range(most + 1)
+            {"responses": k, "instructions": totals["responses_per_instruction"][k]} for k in range(most + 1)
         ],
         "failures": [{"failure": k, "count": int(metrics.get(k, 0))} for k in FAILURES],
     }
