@@ -244,6 +244,7 @@ def test_status_and_metrics_show_what_each_request_sending_stage_did(built: Path
     assert (judge["stage"], second["stage"]) == ("score@gemma2", "second-turn@gemma2")
     generate = states["generate@gemma3"]["passes"][0]
     assert generate["state"] == "done" and generate["shards_left"] == 0 and generate["requests_done"] > 0
+    assert states["translate@ja"]["passes"][0]["shards_left"] == 0  # the sample's LLM translator
     # what each stage asked of its engines, for `dvc metrics diff vA vB`
     metrics = json.loads(dvc(built, "metrics", "show", "--json"))
     figures = next(iter(metrics.values()))["data"]

@@ -203,6 +203,7 @@ def translate_with_deepl(
             key=digest("translate", BACKEND, client.settings, code_digest(__name__)),
             statuses=("translation_status",),  # an empty answer (FAILED) is asked again next run
             metadata={f"{ENGINE_METADATA}translate".encode(): orjson.dumps(client.identity())},
+            total=-(-table.num_rows // params.translate.shard_size),
         )
     finally:
         counts.update(client.counts)

@@ -105,6 +105,7 @@ def translate_missing(
             key=key,
             metrics=Path(params.paths.metrics) / f"{stage.replace('@', '-')}.json",
             statuses=("translation_status",),  # translate's own ceiling: translate.max_failure_rate
+            total=-(-table.num_rows // spec.shard_size),
         )
     LOG.info(
         "translator LLM on %d first turns: %s",
