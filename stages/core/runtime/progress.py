@@ -58,6 +58,9 @@ class ProgressRecord:
             "samples": [],
         }
         self._lock, self._stop = threading.Lock(), threading.Event()
+        # one save at a time (the heartbeat and the shards both save): the file never goes back to
+        # an older snapshot than one already written
+        self._saving = threading.Lock()
         self._first_computed: float | None = None
         self._failed_write = False
         self._thread = threading.Thread(target=self._beat, name=f"progress {stage}", daemon=True)
@@ -101,6 +104,10 @@ class ProgressRecord:
         self.save()
 
     def save(self) -> None:
+        with self._saving:
+            self._save()
+
+    def _save(self) -> None:
         counters = self._read_counters()
         with self._lock:
             now = time.time()
