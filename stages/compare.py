@@ -79,7 +79,7 @@ def main() -> None:
         found, tables = comparison.metrics(totals, joined, card), comparison.plot_tables(totals)
         for table, rows in tables.items():
             write_json(rows, Path(paths.metrics) / "plots" / name / f"compare_{table}.json")
-        write_json(found, Path(paths.metrics) / f"compare-{name}.json")
+        write_json(found, paths.metrics_of(f"compare@{name}"))
         text = comparison.report(
             name, {"path": str(ours), "sha256": sha256_file(ours)}, record, found, joined, tables
         )

@@ -38,7 +38,7 @@ def main() -> None:
         paths.manifest,
     )
     longest = rows.pop(MAX_CHARS, 0)
-    write_json({"rows": dict(sorted(rows.items())), MAX_CHARS: longest}, Path(paths.metrics) / "fetch.json")
+    write_json({"rows": dict(sorted(rows.items())), MAX_CHARS: longest}, paths.metrics_of("fetch"))
 
 
 if __name__ == "__main__":

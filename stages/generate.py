@@ -52,7 +52,7 @@ def take_published(params: Params, name: str, out: Path) -> None:
 
 def metrics_of(params: Params, name: str) -> Path:
     """data/metrics/generate-<variant>.json: what generate asked of its engines (request_metrics)."""
-    return Path(params.paths.metrics) / f"generate-{name}.json"
+    return Path(params.paths.metrics_of(f"generate@{name}"))
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def main() -> None:
             metrics["rows_without_lmsys"],
             paths.source,
         )
-    write_json(metrics, Path(paths.metrics) / f"merge-{name}.json")
+    write_json(metrics, paths.metrics_of(f"merge@{name}"))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main() -> None:
         schema = release.public_schema(variant.generate.n_en > 0, variant.second_turn is not None)
         card.write_card(params, name, manifest, release.features(schema), out)
         write_json(manifest, out / "manifest.json")
-        write_json(metrics, Path(paths.metrics) / f"package-{name}.json")
+        write_json(metrics, paths.metrics_of(f"package@{name}"))
         plots.write_plots(drawn, metrics, Path(paths.metrics) / "plots" / name)
         counts.update(rows_in=totals["instructions"], rows_out=totals["instructions"])
 

@@ -83,7 +83,7 @@ def main() -> None:
     for key, found in metrics["sets"].items():
         LOG.info("%s: %d written, left out %s", key, found["written"], found["skipped"])
     if args.instructions is None:
-        write_json(metrics, Path(params.paths.metrics) / f"sft-{name}.json")
+        write_json(metrics, params.paths.metrics_of(f"sft@{name}"))
 
 
 if __name__ == "__main__":

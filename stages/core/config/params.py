@@ -102,6 +102,10 @@ class Paths(Strict):
         """translate@<subset>'s list of the conversation_ids its filter keeps that the release lacks."""
         return f"{self.translated}-{subset}.not-released.txt"
 
+    def metrics_of(self, stage: str) -> str:
+        """A stage instance's metrics file (`fetch`, `generate@gemma3`, ...): <metrics>/<stage>-<key>.json."""
+        return f"{self.metrics}/{stage.replace('@', '-')}.json"
+
     def stage_out(self, stage: str) -> str:
         """The intermediate out of a stage's sharded pass (e.g. translate@ja's translator answers)."""
         return f"{self.checkpoints}/{stage}.parquet"

@@ -40,7 +40,7 @@ def from_published(params: Params, name: str) -> bool:
 
 def metrics_of(params: Params, name: str) -> Path:
     """data/metrics/score-<variant>.json: what the judge and the second turn asked of their engines."""
-    return Path(params.paths.metrics) / f"score-{name}.json"
+    return Path(params.paths.metrics_of(f"score@{name}"))
 
 
 def check_mode(params: Params, name: str) -> None:

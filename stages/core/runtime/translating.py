@@ -108,4 +108,4 @@ def translate_subset(params: Params, subset: str) -> None:
         source = "deepl" if how == "deepl" else "llm"  # instruction_source of the rows it answered
         written = join.write(llm, templates, source, metadata=translator if llm.num_rows else {})
         counts.update(rows_in=join.rows_in, rows_out=written)
-    merge_json(translate_metrics(counts, llm.num_rows, how), Path(paths.metrics) / f"translate-{subset}.json")
+    merge_json(translate_metrics(counts, llm.num_rows, how), paths.metrics_of(f"translate@{subset}"))

@@ -103,7 +103,7 @@ def translate_missing(
             stage=stage,
             role="translate",
             key=key,
-            metrics=Path(params.paths.metrics) / f"{stage.replace('@', '-')}.json",
+            metrics=params.paths.metrics_of(stage),
             statuses=("translation_status",),  # translate's own ceiling: translate.max_failure_rate
             total=-(-table.num_rows // spec.shard_size),
         )
