@@ -118,3 +118,20 @@ def test_every_local_link_in_the_register_resolves():
     assert local, "the register links no local file"
     broken = [t for t in local if not (REGISTER.parent / t).exists()]
     assert not broken, f"docs/assumptions.md links missing files: {broken}"
+
+
+def test_the_readme_table_says_faithful_with_a_v_or_links_the_register_for_each_default():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Which defaults are faithful and which are assumptions", 1)[1].split(
+        "\n## ", 1
+    )[0]
+    rows = [
+        line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| default")
+    ]
+    assert len(rows) >= 10
+    for row in rows:
+        verdict = row.rstrip(" |").rsplit(" | ", 1)[1]
+        if "assumed" in verdict or "ours" in verdict or "extension" in verdict:
+            assert "](docs/assumptions.md#" in verdict, row
+        if "faithful" in verdict:
+            assert "[V" in verdict, row
