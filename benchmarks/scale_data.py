@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from stages.core.rows.responses import ANNOTATION, GENERATED, RESPONSE, SCORED
-from stages.core.storage.io import PARQUET_OPTIONS
+from stages.core.storage.io import PARQUET_OPTIONS, write_json
 
 PIECE = 2000  # rows per written row group (as the sharded stages write them)
 N_RESPONSES = 10
@@ -122,6 +122,12 @@ def responses(work: Path, paths: dict, variant: str) -> None:
             gen.write_table(generated)
             scored.write_table(_scored(rng, generated, start))
             start += batch.num_rows
+    # the metrics files generate and score also write (DVC outs of theirs: `dvc commit` wants them)
+    metrics = Path(work / paths["metrics"])
+    metrics.mkdir(parents=True, exist_ok=True)
+    requests = {"requests": start, "from_cache": 0, "sent": start}
+    write_json({"generate": requests}, metrics / f"generate-{variant}.json")
+    write_json({"judge": requests}, metrics / f"score-{variant}.json")
 
 
 def main() -> None:
