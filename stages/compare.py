@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core.config.cli import run, start, timed
-from stages.core.config.errors import SourceError
 from stages.core.config.params import Params
 from stages.core.release import comparison, published
+from stages.core.release.files import public_file
 from stages.core.release.published import ID
 from stages.core.storage.io import atomic_path, sha256_file, write_json
 
@@ -30,16 +30,12 @@ BATCH_ROWS = 4096  # rows of our release read at a time
 
 def our_release(params: Params, name: str) -> tuple[Path, Iterator[pa.RecordBatch]]:
     """The variant's released public file (Parquet if package wrote it, else jsonl.gz) and its records."""
-    stem = params.release.file.format(name=params.models[name].release_name)
-    directory = Path(params.paths.release_of(name))
-    parquet, jsonl = directory / f"{stem}.parquet", directory / f"{stem}.jsonl.gz"
-    if parquet.is_file():
-        found = pq.ParquetFile(parquet)
-        columns = comparison.COLUMNS + [c for c in comparison.OPTIONAL if c in found.schema_arrow.names]
-        return parquet, found.iter_batches(BATCH_ROWS, columns=columns)
-    if jsonl.is_file():
-        return jsonl, records(jsonl)
-    raise SourceError(f"{directory} holds neither {parquet.name} nor {jsonl.name}: run package@{name}")
+    path = public_file(params, name, hint=f"run package@{name}")
+    if path.suffix != ".parquet":
+        return path, records(path)
+    found = pq.ParquetFile(path)
+    columns = comparison.COLUMNS + [c for c in comparison.OPTIONAL if c in found.schema_arrow.names]
+    return path, found.iter_batches(BATCH_ROWS, columns=columns)
 
 
 def records(path: Path) -> Iterator[pa.RecordBatch]:
@@ -56,11 +52,10 @@ def redacted_ids(params: Params, name: str) -> pa.Array:
 
 def not_compared(params: Params, name: str) -> None:
     """models.<name>.compare is false: metrics and report say so; the plot tables are empty."""
-    metrics = Path(params.paths.metrics)
     for table in comparison.PLOTS:
-        write_json([], metrics / "plots" / name / f"compare_{table}.json")
-    write_json({"compared": False}, metrics / f"compare-{name}.json")
-    with atomic_path(metrics / f"compare-{name}.md") as tmp:
+        write_json([], Path(params.paths.plots_of(name)) / f"compare_{table}.json")
+    write_json({"compared": False}, params.paths.metrics_of(f"compare@{name}"))
+    with atomic_path(params.paths.report_of(f"compare@{name}")) as tmp:
         tmp.write_text(f"# compare@{name}: not compared (models.{name}.compare is false)\n", encoding="utf-8")
 
 
@@ -78,12 +73,12 @@ def main() -> None:
         card = params.published.figures(variant.release_name)
         found, tables = comparison.metrics(totals, joined, card), comparison.plot_tables(totals)
         for table, rows in tables.items():
-            write_json(rows, Path(paths.metrics) / "plots" / name / f"compare_{table}.json")
+            write_json(rows, Path(paths.plots_of(name)) / f"compare_{table}.json")
         write_json(found, paths.metrics_of(f"compare@{name}"))
         text = comparison.report(
             name, {"path": str(ours), "sha256": sha256_file(ours)}, record, found, joined, tables
         )
-        with atomic_path(Path(paths.metrics) / f"compare-{name}.md") as tmp:
+        with atomic_path(paths.report_of(f"compare@{name}")) as tmp:
             tmp.write_text(text, encoding="utf-8")
         counts.update({f"rows_{k}": v for k, v in found["rows"].items()})
 

@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 from stages.core.config.cli import run, start, timed
-from stages.core.config.errors import SourceError
 from stages.core.config.params import Params
 from stages.core.release import merged
+from stages.core.release.files import public_file
 from stages.core.storage.io import write_json
 
 LOG = logging.getLogger("stages.merge")
@@ -21,14 +21,8 @@ LOG = logging.getLogger("stages.merge")
 
 def release_file(params: Params, name: str) -> Path:
     """The release's jsonl.gz that merge reads; SourceError when release.formats leaves it out."""
-    stem = params.release.file.format(name=params.models[name].release_name)
-    release = Path(params.paths.release_of(name)) / f"{stem}.jsonl.gz"
-    if not release.is_file():
-        raise SourceError(
-            f"{release} does not exist: merge reads the release's jsonl.gz (release.formats must list "
-            f"it): run `dvc repro package@{name}`"
-        )
-    return release
+    hint = f"merge reads the jsonl.gz (release.formats must list it): run `dvc repro package@{name}`"
+    return public_file(params, name, formats=("jsonl.gz",), hint=hint)
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def main() -> None:
         card.write_card(params, name, manifest, release.features(schema), out)
         write_json(manifest, out / "manifest.json")
         write_json(metrics, paths.metrics_of(f"package@{name}"))
-        plots.write_plots(drawn, metrics, Path(paths.metrics) / "plots" / name)
+        plots.write_plots(drawn, metrics, Path(paths.plots_of(name)))
         counts.update(rows_in=totals["instructions"], rows_out=totals["instructions"])
 
 

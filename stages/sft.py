@@ -17,8 +17,9 @@ import logging
 from pathlib import Path
 
 from stages.core.config.cli import LOG_FORMAT, run, timed
-from stages.core.config.errors import PipelineError, SourceError
+from stages.core.config.errors import PipelineError
 from stages.core.config.params import Params, load_params
+from stages.core.release.files import public_file
 from stages.core.rows import sft
 from stages.core.rows.records import instruction_rows
 from stages.core.storage.io import staged_dir, write_json
@@ -37,15 +38,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", dest="sets", action="append", help="only this option set (repeatable)")
     parser.add_argument("--out", type=Path, help="where the files go (default: <paths.sft>/<variant>)")
     return parser.parse_args()
-
-
-def release_file(params: Params, name: str, directory: Path) -> Path:
-    """The variant's public records in `directory`: the Parquet file, else the jsonl.gz one."""
-    stem = params.release.file.format(name=params.models[name].release_name)
-    for path in (directory / f"{stem}.parquet", directory / f"{stem}.jsonl.gz"):
-        if path.is_file():
-            return path
-    raise SourceError(f"{directory} holds neither {stem}.parquet nor {stem}.jsonl.gz: pass --release-dir")
 
 
 def sources(params: Params, args: argparse.Namespace, options: dict) -> list[tuple[str, object]]:
@@ -73,9 +65,8 @@ def main() -> None:
     params, name = load_params(), args.variant
     params.variant(name)
     options = sft.options_for(params, name, args.sets)
-    records = sft.release_records(
-        release_file(params, name, args.release_dir or Path(params.paths.release_of(name))), BATCH_ROWS
-    )
+    release = public_file(params, name, args.release_dir, hint="pass --release-dir")
+    records = sft.release_records(release, BATCH_ROWS)
     pairs = sft.merged(records, sources(params, args, options))
     with timed(LOG, f"sft@{name}") as counts, staged_dir(args.out or Path(params.paths.sft) / name) as out:
         metrics = sft.write_sft(pairs, options, out)

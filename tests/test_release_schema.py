@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -15,6 +16,9 @@ import pytest
 import yaml
 from datasets.info import DatasetInfosDict
 
+from stages.core.config.errors import SourceError
+from stages.core.config.params import load_params
+from stages.core.release.files import public_file
 from stages.core.rows import records as release
 from stages.core.rows.responses import SCORED
 from tests.conftest import run_stage
@@ -225,3 +229,25 @@ def test_release_metrics_hold_no_null_that_dvc_cannot_diff():
     metrics = release.release_metrics(totals)
     assert metrics["judgements_scored"] == 0 and "mean_preference_score" not in metrics
     assert None not in metrics.values()
+
+
+def test_readers_take_the_parquet_file_first_and_name_every_file_they_looked_for(workspace):
+    """compare and sft read the public Parquet file, else the jsonl.gz one; merge reads only the
+    jsonl.gz; a missing file is an error naming the directory, each file looked for and what to do."""
+    params = load_params()
+    stem = params.release_stem("gemma3")
+    directory = Path(params.paths.release_of("gemma3"))
+    with pytest.raises(SourceError) as err:
+        public_file(params, "gemma3", hint="run package@gemma3")
+    assert str(err.value) == (
+        f"{directory} holds neither {stem}.parquet nor {stem}.jsonl.gz: run package@gemma3"
+    )
+    directory.mkdir(parents=True)
+    (directory / f"{stem}.jsonl.gz").write_bytes(b"")
+    assert public_file(params, "gemma3") == directory / f"{stem}.jsonl.gz"
+    (directory / f"{stem}.parquet").write_bytes(b"")
+    assert public_file(params, "gemma3") == directory / f"{stem}.parquet"
+    other = workspace / "elsewhere"
+    with pytest.raises(SourceError) as err:
+        public_file(params, "gemma3", other, formats=("jsonl.gz",), hint="pass it")
+    assert str(err.value) == f"{other / stem}.jsonl.gz does not exist: pass it"

@@ -106,6 +106,14 @@ class Paths(Strict):
         """A stage instance's metrics file (`fetch`, `generate@gemma3`, ...): <metrics>/<stage>-<key>.json."""
         return f"{self.metrics}/{stage.replace('@', '-')}.json"
 
+    def plots_of(self, variant: str) -> str:
+        """The plot tables of package@<variant> and compare@<variant> (`dvc plots diff`)."""
+        return f"{self.metrics}/plots/{variant}"
+
+    def report_of(self, stage: str) -> str:
+        """A stage instance's Markdown report (compare@<variant>): <metrics>/<stage>-<key>.md."""
+        return f"{self.metrics}/{stage.replace('@', '-')}.md"
+
     def stage_out(self, stage: str) -> str:
         """The intermediate out of a stage's sharded pass (e.g. translate@ja's translator answers)."""
         return f"{self.checkpoints}/{stage}.parquet"
@@ -601,6 +609,10 @@ class Params(Strict):
         if name not in self.models:
             raise ParamsError(f"unknown variant {name!r}; params.yaml models: {', '.join(self.models)}")
         return self.models[name]
+
+    def release_stem(self, name: str) -> str:
+        """The stem of a variant's public release files: release.file with its release_name."""
+        return self.release.file.format(name=self.variant(name).release_name)
 
 
 def _describe(err: ValidationError, source: Path) -> str:

@@ -144,7 +144,7 @@ def size_category(rows: int) -> str:
 
 def front_matter(params: Params, name: str, files: list[str], features: list[dict], rows: int) -> dict:
     """The Hub's dataset-card metadata: configs over the public files, with their features."""
-    stem = params.release.file.format(name=params.models[name].release_name)
+    stem = params.release_stem(name)
     # one config: `datasets` picks one builder for a directory, so a second (Parquet) config would be
     # read as JSON; the same rows in Parquet load with load_dataset("parquet", data_files=...)
     public = next((f"{stem}.{s}" for s in ("jsonl.gz", "parquet") if f"{stem}.{s}" in files), None)
@@ -219,7 +219,7 @@ def instructions_howto(params: Params, name: str, files: list[str]) -> str:
     """The card's steps from this release to its instructions, and to the SFT files."""
     encrypted = next((f for f in files if f.endswith(".gpg")), "the .gpg file")
     plain = encrypted.removesuffix(".gpg")
-    stem = params.release.file.format(name=params.models[name].release_name)
+    stem = params.release_stem(name)
     sets = [n for n, o in params.sft.items() if o.variants is None or name in o.variants]
     steps = [
         "1. Accept the LMSYS-Chat-1M Dataset License Agreement at "

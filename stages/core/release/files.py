@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from stages.core.config.errors import SourceError
 from stages.core.config.params import Params, ReleaseParams
 from stages.core.release import plots
 from stages.core.rows import fields
@@ -28,6 +29,7 @@ from stages.core.storage.io import (
 from stages.core.storage.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")
+PUBLIC_FORMATS = ("parquet", "jsonl.gz")  # a reader's preference among the public files
 FLAGS = [
     "instruction_ja",
     fields.EMPTY,
@@ -45,7 +47,7 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Co
     (metrics) and the plot counts."""
     variant, spec = params.models[name], params.release
     with_en, with_second_turn = variant.generate.n_en > 0, variant.second_turn is not None
-    stem, totals, drawn = spec.file.format(name=variant.release_name), Counter(), plots.new_totals()
+    stem, totals, drawn = params.release_stem(name), Counter(), plots.new_totals()
     with contextlib.ExitStack() as stack:
         # each file is written in a thread of its own (JSON text, Parquet encoding and gzip all
         # release the GIL), fed the same batches in the same order: the bytes do not change
@@ -103,3 +105,18 @@ def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, sc
     else:
         encrypt_file(plain, target, key)
     return plain_sha256
+
+
+def public_file(
+    params: Params, name: str, directory: str | Path | None = None, formats=PUBLIC_FORMATS, hint: str = ""
+) -> Path:
+    """The variant's public release file in `directory` (default: package@<name>'s out), the first
+    of `formats` there; SourceError naming each file looked for, and `hint`, when none is."""
+    directory = Path(directory or params.paths.release_of(name))
+    paths = [directory / f"{params.release_stem(name)}.{suffix}" for suffix in formats]
+    found = next((path for path in paths if path.is_file()), None)
+    if found is None and len(paths) == 1:
+        raise SourceError(f"{paths[0]} does not exist: {hint}")
+    if found is None:
+        raise SourceError(f"{directory} holds neither {' nor '.join(path.name for path in paths)}: {hint}")
+    return found
