@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import multiprocessing
 import shutil
 import signal
 import sqlite3
@@ -44,6 +45,33 @@ RELEASE = "data/release/gemma3/gemma3-lmsys-chat-1m-synth-ja+en"
 def _ask(engine: FakeEngine, *texts: str, n: int = 2) -> list:
     requests = [ChatRequest([{"role": "user", "content": t}], n=n, seed=len(t)) for t in texts]
     return engine.chat(requests, SAMPLING)
+
+
+def _open_and_store(path: Path, start: float, index: int) -> str | None:
+    """In a process of its own: open the cache when `start` comes, store one entry; the error if any."""
+    while time.time() < start:
+        pass
+    try:
+        cache = ResponseCache(path)
+        value = [{"text": f"t{index}", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}]
+        cache.put_many([(f"k{index}".encode(), value)])
+        cache.close()
+    except Exception as err:  # the test reports what each process met
+        return repr(err)
+    return None
+
+
+def test_processes_opening_one_new_cache_at_once_all_get_it(tmp_path):
+    """Ray replicas on one host open the same new cache file together: SQLite answers "database is
+    locked" at once to one that sets up WAL while another does. Every opener must wait and succeed."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(8) as pool:
+        for round_ in range(30):
+            path, start = tmp_path / f"{round_}" / "c.sqlite", time.time() + 0.1
+            errors = pool.starmap(_open_and_store, [(path, start, i) for i in range(8)])
+            assert [e for e in errors if e] == [], f"round {round_}"
+            found = ResponseCache(path, "read").get_many([f"k{i}".encode() for i in range(8)])
+            assert sorted(v[0]["text"] for v in found.values()) == [f"t{i}" for i in range(8)]
 
 
 def test_a_cached_request_is_answered_without_the_model(tmp_path):

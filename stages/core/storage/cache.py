@@ -56,6 +56,7 @@ WHERE NOT entry_ok(responses.value, responses.digest)
 """
 LOOKUP_BATCH = 500  # keys per SELECT (SQLite's variable limit is 32,766)
 MERGE_BATCH = 10_000  # entries read at a time from the file merged in
+OPEN_SECONDS = 300  # how long opening waits for other processes setting up the same file
 # the fields of a stored completion (engines.Completion) and their types; `logprobs` may be absent
 COMPLETION_FIELDS = {"text": str, "finish_reason": str, "prompt_tokens": int, "completion_tokens": int}
 OPTIONAL_FIELDS = {"logprobs"}
@@ -235,8 +236,24 @@ class ResponseCache:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    """A connection to the cache file `path` (created if missing); its header and schema are read."""
-    db = sqlite3.connect(path, timeout=300, isolation_level=None, check_same_thread=False)
+    """A connection to the cache file `path` (created if missing); its header and schema are read.
+    Replicas that open one new file at once (Ray actors on one host) wait for each other: SQLite
+    answers "database is locked" at once, without its busy handler, to a connection that sets up WAL
+    while another one does, so the setup is tried again until OPEN_SECONDS have passed."""
+    deadline, pause = time.monotonic() + OPEN_SECONDS, 0.01
+    while True:
+        try:
+            return _setup(path)
+        except sqlite3.OperationalError as err:
+            busy = err.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+
+
+def _setup(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=OPEN_SECONDS, isolation_level=None, check_same_thread=False)
     try:
         db.create_function("entry_ok", 2, lambda value, digest: decoded(value, digest) is not None)
         db.execute("PRAGMA journal_mode=WAL")
