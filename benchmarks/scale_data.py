@@ -123,7 +123,7 @@ def responses(work: Path, paths: dict, variant: str) -> None:
             scored.write_table(_scored(rng, generated, start))
             start += batch.num_rows
     # the metrics files generate and score also write (DVC outs of theirs: `dvc commit` wants them)
-    metrics = Path(work / paths["metrics"])
+    metrics = work / paths["metrics"]
     metrics.mkdir(parents=True, exist_ok=True)
     requests = {"requests": start, "from_cache": 0, "sent": start}
     write_json({"generate": requests}, metrics / f"generate-{variant}.json")

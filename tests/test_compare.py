@@ -381,3 +381,13 @@ def test_a_variant_with_compare_off_builds_without_a_published_file(upstream, mo
     for table in comparison.PLOTS:
         assert json.loads((metrics / f"plots/gemma3/compare_{table}.json").read_text()) == []
     assert not (upstream / "data/.cache/published").exists()
+
+
+def test_a_rerun_writes_the_same_report_metrics_and_plot_tables(compared, monkeypatch):
+    """compare re-runs whenever stages/core changes (its DVC code dep): the committed files must not."""
+    metrics = compared / "data/metrics"
+    files = [metrics / "compare-gemma3.json", metrics / "compare-gemma3.md"]
+    files += sorted((metrics / "plots/gemma3").glob("compare_*.json"))
+    first = {path: path.read_bytes() for path in files}
+    run_stage(monkeypatch, "compare", "gemma3")
+    assert {path: path.read_bytes() for path in files} == first

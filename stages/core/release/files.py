@@ -108,7 +108,11 @@ def encrypted_instructions(params: Params, name: str, plain: Path, out: Path, sc
 
 
 def public_file(
-    params: Params, name: str, directory: str | Path | None = None, formats=PUBLIC_FORMATS, hint: str = ""
+    params: Params,
+    name: str,
+    directory: str | Path | None = None,
+    formats: tuple[str, ...] = PUBLIC_FORMATS,
+    hint: str = "",
 ) -> Path:
     """The variant's public release file in `directory` (default: package@<name>'s out), the first
     of `formats` there; SourceError naming each file looked for, and `hint`, when none is."""
