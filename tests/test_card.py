@@ -150,8 +150,12 @@ def test_the_card_says_which_judge_mode_produced_the_scores():
         "Scores: judge mode `structured` (`score.mode`), for every judgement."
     )
     assert scoring("logprob", {"judge_mode_ignored": 1234}) == (
-        "Scores: judge mode `logprob` (`score.mode`), except 1,234 judgements that the server answered "
-        "without it (status `mode_ignored`): those are scored by parsing their text."
+        "Scores: judge mode `logprob` (`score.mode`), except judgements scored by parsing their text: "
+        "1,234 that the server answered without it (status `mode_ignored`)."
+    )
+    assert scoring("logprob", {"judge_parsed_from_text": 5, "judge_truncated": 2}) == (
+        "Scores: judge mode `logprob` (`score.mode`), except judgements scored by parsing their text: "
+        "5 with no rating in it (status `parsed_from_text`); 2 cut at max_tokens (status `truncated`)."
     )
 
 

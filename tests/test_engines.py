@@ -22,6 +22,7 @@ from stages.core.engines import (
     FAILED,
     OK,
     PARTIAL,
+    REFUSED,
     TOO_LONG,
     ChatRequest,
     EngineDown,
@@ -29,6 +30,7 @@ from stages.core.engines import (
     make_engine,
 )
 from stages.core.engines.transformers import FrequencyPenalty, SeededSampler, logits_steps
+from stages.core.storage.cache import ResponseCache
 from stages.core.storage.resume import code_meaning
 from tests.conftest import FakeEngine
 
@@ -248,6 +250,8 @@ class _ChatServer(BaseHTTPRequestHandler):
             self._choice(i, last, body.get("logprobs") and "NOLOGPROBS" not in last)
             for i in range(1 if "ONE" in last else body.get("n", 1))
         ]
+        if "FILTERED" in last:  # a hosted content filter withholds every choice
+            choices = [c | {"finish_reason": "content_filter"} for c in choices]
         tokens = sum(5 + i for i in range(len(choices)))
         usage = {"prompt_tokens": 11, "completion_tokens": tokens, "total_tokens": 11 + tokens}
         self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -345,12 +349,34 @@ def test_openai_engine_isolates_each_failing_request(monkeypatch):
         make_engine(LLMSpec(model="m"), options) as engine,
     ):
         replies = engine.chat(requests, Sampling(temperature=0.6, max_tokens=32))
-    assert [r.status for r in replies] == [OK, FAILED, FAILED, FAILED, FAILED, FAILED, OK]
+    assert [r.status for r in replies] == [OK, REFUSED, FAILED, FAILED, FAILED, FAILED, OK]
     assert [len(r.completions) for r in replies] == [3, 0, 0, 0, 0, 0, 3]
     assert "BadRequestError" in replies[1].detail and "InternalServerError" in replies[2].detail
     assert "Timeout" in replies[3].detail and "malformed" in replies[5].detail
     tries = [s["messages"][-1]["content"] for s in _ChatServer.seen]
     assert tries.count("FLAKY") == 2 and tries.count("REFUSE") == 1  # 5xx retried once, 400 never
+
+
+def test_a_refused_or_filtered_request_is_final_and_never_asked_again(monkeypatch, tmp_path):
+    """A 400 (the request itself is at fault) and a reply whose every choice a content filter withheld
+    are REFUSED, never "ok"; the response cache keeps the refusal, so a re-run sends neither again."""
+    pytest.importorskip("openai")
+    words = ["REFUSE this", "FILTERED this", "fine"]
+    requests = [ChatRequest([{"role": "user", "content": w}], n=2, seed=i) for i, w in enumerate(words)]
+    sampling = Sampling(temperature=0.6, max_tokens=32)
+    for run in range(2):
+        with _server(monkeypatch, max_retries=1) as options:
+            engine = make_engine(LLMSpec(model="m"), options)
+            engine.cache = ResponseCache(tmp_path / "cache.sqlite")
+            with engine:
+                replies = engine.chat(requests, sampling)
+            engine.cache.close()
+            sent = [
+                s["messages"][-1]["content"] for s in _ChatServer.seen if s["path"].endswith("/completions")
+            ]
+        assert [r.status for r in replies] == [REFUSED, REFUSED, OK]
+        assert replies[1].completions == [] and "content_filter" in replies[1].detail
+        assert sent == (words if run == 0 else []), f"run {run} sent {sent}"
 
 
 def test_openai_engine_without_logprobs_asks_one_choice_at_a_time(monkeypatch):

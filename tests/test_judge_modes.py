@@ -20,10 +20,12 @@ from stages.core.config.params import EngineParams, LLMSpec, ParamsError, Sampli
 from stages.core.engines import FAILED as FAILED_REQUEST
 from stages.core.engines import MODE_IGNORED, OK, ChatRequest, Completion, Reply, make_engine
 from stages.core.engines import vllm as vllm_engine
-from stages.core.engines.base import token_logprobs
+from stages.core.engines.base import cacheable, token_logprobs
 from stages.core.rows.judge import (
     FAILED,
     JUDGEMENT_SCHEMA,
+    PARSED,
+    TRUNCATED,
     effective_mode,
     expected_rating,
     judge_request,
@@ -314,7 +316,7 @@ def test_only_an_ok_reply_becomes_mode_ignored():
     assert [n["preference_score"] == FAILED for n in found[0]] == [False, True, False]
     assert found[1] is None
     cut = Reply([Completion('{"explanation": "Rating: [[6]]", "rati', "length", 9, 64)])
-    assert judge_status(cut, "structured") == MODE_IGNORED  # cut at max_tokens: no JSON
+    assert judge_status(cut, "structured") == TRUNCATED  # cut at max_tokens: final, its own status
     assert score_of(cut.completions[0], "structured") == 6.0  # the text's own rating
     assert judge_status(replace(cut, status="partial"), "structured") == "partial"  # already not final
     assert judge_status(Reply([], "skipped_too_long"), "logprob") == "skipped_too_long"
@@ -325,44 +327,118 @@ RATED_TOKENS = [["Rating: ", {}], ["[[", {}], ["7", {"7": LOG(0.5), "8": LOG(0.5
 NO_RATING_TOKENS = [["Rating: ", {}], ["[[", {}], ["**", {"**": LOG(0.9)}], ["]]", {}]]
 
 
+TINY_TOKENS = [  # the tiny model writes "Rating: [[k]]" as one token
+    ["Good. ", {}],
+    ["Rating: [[7]]", {"Rating: [[7]]": LOG(0.5), "Rating: [[9]]": LOG(0.25), "Rating: [[1]]": LOG(0.25)}],
+]
+
+
 @pytest.mark.parametrize(
-    ("completion", "mode", "honoured", "score"),
+    ("completion", "mode", "honoured", "score", "status"),
     [
-        (Completion('{"explanation": "ok", "rating": 7}', "stop", 1, 1), "structured", "structured", 7.0),
-        (Completion('{"explanation": "ok", "rating": 7.5}', "stop", 1, 1), "structured", "structured", 7.5),
+        (Completion('{"explanation": "ok", "rating": 7}', "stop", 1, 1), "structured", "structured", 7.0, OK),
+        (
+            Completion('{"explanation": "ok", "rating": 7.5}', "stop", 1, 1),
+            "structured",
+            "structured",
+            7.5,
+            OK,
+        ),
         (
             Completion('{"explanation": "Rating: [[2]]", "rating": 0}', "stop", 1, 1),
             "structured",
             "structured",
             0.0,
+            OK,
         ),
-        (Completion("Good. Rating: [[7]]", "stop", 1, 1), "structured", "parse", 7.0),
-        (Completion('{"explanation": "Rating: [[6]]", "rati', "length", 1, 1), "structured", "parse", 6.0),
-        (Completion('{"explanation": "x", "rating": 11}', "stop", 1, 1), "structured", "parse", FAILED),
+        # plain text for a schema: the server ignored the mode (asked again, never cached)
+        (Completion("Good. Rating: [[7]]", "stop", 1, 1), "structured", "parse", 7.0, MODE_IGNORED),
+        # JSON cut at max_tokens: the schema was honoured, the tokens ran out (final, its own status)
+        (
+            Completion('{"explanation": "Rating: [[6]]", "rati', "length", 1, 1),
+            "structured",
+            "parse",
+            6.0,
+            TRUNCATED,
+        ),
+        (
+            Completion('{"explanation": "x", "rating": 11}', "stop", 1, 1),
+            "structured",
+            "parse",
+            FAILED,
+            PARSED,
+        ),
         (  # a string is not the schema's rating, but the text's JSON_FIELD rating
             Completion('{"explanation": "x", "rating": "7"}', "stop", 1, 1),
             "structured",
             "parse",
             7.0,
+            PARSED,
         ),
-        (Completion('{"explanation": "x", "rating": true}', "stop", 1, 1), "structured", "parse", FAILED),
-        (Completion('{"explanation": "x", "rating": NaN}', "stop", 1, 1), "structured", "parse", FAILED),
-        (Completion("[7]", "stop", 1, 1), "structured", "parse", 7.0),
-        (judged(RATED_TOKENS), "logprob", "logprob", 7.5),
-        (judged(RATED_TOKENS, "Rating: [[9]]"), "logprob", "logprob", 7.5),  # the alternatives, not the text
-        (Completion("Rating: [[4]]", "stop", 1, 1), "logprob", "parse", 4.0),  # logprobs None
-        (judged([], "Rating: [[4]]"), "logprob", "parse", 4.0),  # logprobs []
-        (judged(NO_RATING_TOKENS, "Rating: [[6]]"), "logprob", "parse", 6.0),
-        (judged(NO_RATING_TOKENS), "logprob", "parse", FAILED),
-        (judged(RATED_TOKENS), "parse", "parse", 7.0),
-        (Completion('{"rating": 3}', "stop", 1, 1), "parse", "parse", 3.0),
+        (
+            Completion('{"explanation": "x", "rating": true}', "stop", 1, 1),
+            "structured",
+            "parse",
+            FAILED,
+            PARSED,
+        ),
+        (
+            Completion('{"explanation": "x", "rating": NaN}', "stop", 1, 1),
+            "structured",
+            "parse",
+            FAILED,
+            PARSED,
+        ),
+        (Completion("Rating [7", "stop", 1, 1), "structured", "parse", FAILED, MODE_IGNORED),
+        (judged(RATED_TOKENS), "logprob", "logprob", 7.5, OK),
+        (
+            judged(RATED_TOKENS, "Rating: [[9]]"),
+            "logprob",
+            "logprob",
+            7.5,
+            OK,
+        ),  # the alternatives, not the text
+        (judged(TINY_TOKENS), "logprob", "logprob", 0.5 * 7 + 0.25 * 9 + 0.25 * 1, OK),
+        (Completion("Rating: [[4]]", "stop", 1, 1), "logprob", "parse", 4.0, MODE_IGNORED),  # logprobs None
+        (judged([], "Rating: [[4]]"), "logprob", "parse", 4.0, PARSED),  # logprobs [], honoured
+        (judged(NO_RATING_TOKENS, "Rating: [[6]]"), "logprob", "parse", 6.0, PARSED),
+        (judged(NO_RATING_TOKENS), "logprob", "parse", FAILED, PARSED),
+        (
+            replace(judged(NO_RATING_TOKENS), finish_reason="length"),
+            "logprob",
+            "parse",
+            FAILED,
+            TRUNCATED,
+        ),
+        (judged(RATED_TOKENS), "parse", "parse", 7.0, OK),
+        (Completion('{"rating": 3}', "stop", 1, 1), "parse", "parse", 3.0, OK),
+        (Completion("No rating here", "stop", 1, 1), "parse", "parse", FAILED, OK),
+        (Completion("The answer is cut", "length", 1, 1), "parse", "parse", FAILED, TRUNCATED),
     ],
 )
-def test_the_score_follows_the_mode_the_judgement_honours(completion, mode, honoured, score):
+def test_the_score_and_status_follow_the_mode_the_judgement_honours(
+    completion, mode, honoured, score, status
+):
     assert effective_mode(completion, mode) == honoured
-    assert score_of(completion, mode) == score
-    status = judge_status(Reply([completion]), mode)
-    assert status == (OK if honoured == mode else MODE_IGNORED)
+    assert score_of(completion, mode) == pytest.approx(score)
+    assert judge_status(Reply([completion]), mode) == status
+
+
+def test_a_judgement_is_cached_exactly_when_it_is_not_mode_ignored():
+    """One rule (requests.honours) decides for the response cache and the judge: a reply the cache
+    keeps is never MODE_IGNORED (which would loop: answered from the cache, asked again, forever)."""
+    cases = [
+        (Completion("Good. Rating: [[7]]", "stop", 1, 1), "structured"),
+        (Completion('{"explanation": "x", "rati', "length", 1, 1), "structured"),
+        (Completion('{"explanation": "x", "rating": 4}', "stop", 1, 1), "structured"),
+        (Completion("Rating: [[4]]", "stop", 1, 1), "logprob"),
+        (judged(NO_RATING_TOKENS), "logprob"),
+        (judged(TINY_TOKENS), "logprob"),
+    ]
+    for completion, mode in cases:
+        request = judge_request(spec(mode), "q", "a", seed=1)
+        status = judge_status(Reply([completion]), mode)
+        assert cacheable(Reply([completion]), request) == (status != MODE_IGNORED), (completion, mode)
 
 
 # --- the openai engine against the local fake vLLM server ----------------------------------------

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import EngineParams, LLMSpec
-from stages.core.engines.base import Engine, EngineDown, RequestError, apply_chat_rules
+from stages.core.engines.base import Engine, EngineDown, Interrupted, RequestError, apply_chat_rules
 from stages.core.rows.requests import (
     FAILED,
     MODE_IGNORED,
     OK,
     PARTIAL,
+    REFUSED,
     TOO_LONG,
     ChatRequest,
     Completion,
@@ -22,12 +23,14 @@ __all__ = [
     "MODE_IGNORED",
     "OK",
     "PARTIAL",
+    "REFUSED",
     "STRUCTURED_OUTPUT",
     "TOO_LONG",
     "ChatRequest",
     "Completion",
     "Engine",
     "EngineDown",
+    "Interrupted",
     "Reply",
     "RequestError",
     "apply_chat_rules",

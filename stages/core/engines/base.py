@@ -8,7 +8,6 @@ import bisect
 import contextlib
 import inspect
 import itertools
-import json
 import logging
 import math
 import os
@@ -25,12 +24,15 @@ from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.config.project import distribution_version
 from stages.core.rows.requests import (
     FAILED,
+    FINAL_WITHOUT_ANSWER,
     OK,
     PARTIAL,
+    REFUSED,
     TOO_LONG,
     ChatRequest,
     Completion,
     Reply,
+    honours,
 )
 from stages.core.storage.cache import ResponseCache, engine_identity, request_key
 from stages.core.storage.resume import code_meaning, recipe
@@ -38,6 +40,7 @@ from stages.core.storage.resume import code_meaning, recipe
 LOG = logging.getLogger(__name__)
 PIP_EXTRA = "pip install 'lmsys-chat-1m-synth[{extra}]'"
 REQUEST_COUNTS = ("requests", "from_cache", "sent", "prompt_tokens", "completion_tokens", "engine_seconds")
+FLUSH_ANSWERS, FLUSH_SECONDS = 256, 2.0  # answers arrive into the response cache in batches of either
 LOGPROB_SPAN = 2  # tokens that keep their alternatives after each `logprobs_after` text ("1", "0" of a 10)
 
 
@@ -48,7 +51,17 @@ class EngineDown(PipelineError):
 
 class RequestError(RuntimeError):
     """The backend refused or could not answer the requests of one call; `chat` then isolates the
-    request at fault by splitting the call."""
+    request at fault by splitting the call. `final`: the backend refuses the request itself (a
+    validation error), which a re-run cannot change: its status is REFUSED, not FAILED."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
+
+
+class Interrupted(PipelineError):
+    """SIGINT or SIGTERM stopped the stage: requests in flight were aborted, answers that came back
+    and finished shards are kept; the next run sends only what was not answered."""
 
 
 @dataclass
@@ -80,16 +93,28 @@ class Engine(abc.ABC):
     cache: ResponseCache | None = field(default=None, init=False, repr=False)  # set by the executor
     # what this engine did so far (request_counts), guarded by _health_lock
     counters: Counter = field(default_factory=Counter, init=False, repr=False)
+    _identity: dict = field(default_factory=dict, init=False, repr=False)
+    _identity_for: tuple | None = field(default=None, init=False, repr=False)  # (llm, options) it is of
+    _identity_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _arrivals: Arrivals | None = field(default=None, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def model_name(self) -> str:
         return self.llm.model
 
     def identity(self) -> dict:
-        """What of the engine determines its output: backend, library and version, engine code, model."""
-        code = code_meaning(Path(inspect.getfile(type(self))))  # a comment edit keeps every key
-        versions = {name: distribution_version(name) for name in self.LIBRARIES}
-        return {"backend": self.options.backend, "libraries": versions, "code": code, "llm": recipe(self.llm)}
+        """What of the engine determines its output: backend, library and version, engine code, model.
+        Computed once per engine and params (under a lock), never again from request threads."""
+        with self._identity_lock:
+            made_for = self._identity_for
+            if made_for is None or made_for[0] is not self.llm or made_for[1] is not self.options:
+                code = code_meaning(Path(inspect.getfile(type(self))))  # a comment edit keeps every key
+                versions = {name: distribution_version(name) for name in self.LIBRARIES}
+                backend, llm = self.options.backend, recipe(self.llm)
+                self._identity = {"backend": backend, "libraries": versions, "code": code, "llm": llm}
+                self._identity_for = (self.llm, self.options)
+            return dict(self._identity)
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -110,21 +135,14 @@ class Engine(abc.ABC):
     def chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         """One Reply per request, in order. A request the response cache holds is answered from it;
         the others are sent: a prompt that cannot fit `context_length - max_tokens` is not
-        (TOO_LONG), and a request the backend fails loses only its own completions. Complete answers
-        (n completions) go into the cache."""
+        (TOO_LONG), and a request the backend fails loses only its own completions. Each answer the
+        cache keeps (`cacheable`) is stored as it arrives, so an interrupt or a dead server loses none
+        that came back. After `stop()` a call ends within seconds, raising Interrupted."""
         if not requests:
             return []
         replies: list[Reply | None] = [None] * len(requests)
-        keys: list[bytes] = []
-        if self.cache is not None and self.cache.enabled:
-            identity = self.cache_identity()
-            settings = recipe(sampling)
-            keys = [
-                request_key(
-                    identity, apply_chat_rules(r.messages, self.llm), settings | r.options(), r.n, r.seed
-                )
-                for r in requests
-            ]
+        keys = self._keys(requests, sampling)
+        if keys:
             hits = self.cache.get_many(keys)
             for i, key in enumerate(keys):
                 if key in hits:
@@ -133,29 +151,66 @@ class Engine(abc.ABC):
         self._count(requests=len(requests), from_cache=len(requests) - len(todo))
         if not todo:
             return replies  # every answer was cached: the model is never loaded
+        self._stop_check()
         with self._load_lock:
             if not self._loaded:
                 LOG.info("loading %s (%s) in process %d", self.model_name, self.options.backend, os.getpid())
                 self.load()
                 self._loaded = True
-        with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
-            began = time.perf_counter()
-            sent = self._chat_loaded([requests[i] for i in todo], sampling)
-            seconds = time.perf_counter() - began
+        asked = [requests[i] for i in todo]
+        self.arrivals.expect((r, keys[i]) for r, i in zip(asked, todo, strict=True)) if keys else None
+        try:
+            with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
+                self._stop_check()
+                began = time.perf_counter()
+                sent = self._chat_loaded(asked, sampling)
+                seconds = time.perf_counter() - began
+            for request, reply in zip(asked, sent, strict=True):  # those no engine handed over yet
+                self.arrivals.arrived(request, reply)
+        finally:
+            self.arrivals.settle(asked)  # what came back is stored, an interrupted call's too
         self._count(
             sent=sum(r.status != TOO_LONG for r in sent),
             prompt_tokens=sum(c.prompt_tokens for r in sent for c in r.completions[:1]),
             completion_tokens=sum(c.completion_tokens for r in sent for c in r.completions),
             engine_seconds=seconds,
         )
-        self._watch(sent)
         for i, reply in zip(todo, sent, strict=True):
             replies[i] = reply
-        if keys:
-            self.cache.put_many(
-                (keys[i], cache_value(replies[i])) for i in todo if cacheable(replies[i], requests[i])
-            )
+        self._watch(sent)
         return replies
+
+    def _keys(self, requests: list[ChatRequest], sampling: Sampling) -> list[bytes]:
+        """Each request's response-cache key ([] without a cache)."""
+        if self.cache is None or not self.cache.enabled:
+            return []
+        identity, settings = self.cache_identity(), recipe(sampling)
+        return [
+            request_key(identity, apply_chat_rules(r.messages, self.llm), settings | r.options(), r.n, r.seed)
+            for r in requests
+        ]
+
+    @property
+    def arrivals(self) -> Arrivals:
+        """Where answers go as they arrive (the response cache, in batches)."""
+        with self._health_lock:
+            if self._arrivals is None:
+                self._arrivals = Arrivals(self.cache)
+            return self._arrivals
+
+    def arrived(self, request: ChatRequest, reply: Reply) -> None:
+        """An engine hands each answer over as soon as it has it (a request of the current call; any
+        other, such as a single-choice request completing one, is ignored)."""
+        self.arrivals.arrived(request, self._checked(reply, request))
+
+    def stop(self) -> None:
+        """Interrupt: calls in flight abort their requests (each engine as its backend allows) and
+        raise Interrupted; what came back before is stored. Safe from any thread, and more than once."""
+        self._stopping.set()
+
+    def _stop_check(self) -> None:
+        if self._stopping.is_set():
+            raise Interrupted(f"{self.model_name}: interrupted; finished shards and answers are kept")
 
     def _count(self, **counts: float) -> None:
         with self._health_lock:
@@ -179,7 +234,7 @@ class Engine(abc.ABC):
                 if reply.status == FAILED:
                     self.failures[(reply.detail or "no detail")[:300]] += 1
                     self._failing += 1
-                elif reply.status in (OK, PARTIAL):
+                elif reply.status in (OK, PARTIAL, REFUSED):  # the engine answers
                     self._failing = 0
             failing, limit = self._failing, self.options.max_consecutive_failures
         if failing >= limit:
@@ -194,6 +249,9 @@ class Engine(abc.ABC):
         """The part of a cache key that names the engine: `identity()` without the engine's source."""
         ours = self.identity()
         return engine_identity(ours["backend"], ours["libraries"], ours["llm"], self.VERSION)
+
+    def __post_init__(self) -> None:
+        self.identity()  # in the thread that builds the engine, before any shard thread calls chat
 
     def _chat_loaded(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
@@ -219,8 +277,9 @@ class Engine(abc.ABC):
             replies = self._chat(requests, sampling)
         except RequestError as err:
             if len(requests) == 1:
-                LOG.warning("%s: a request failed: %s", self.model_name, err)
-                return [Reply([], FAILED, str(err))]
+                what = "refused" if err.final else "failed"
+                LOG.warning("%s: a request %s: %s", self.model_name, what, err)
+                return [Reply([], REFUSED if err.final else FAILED, str(err))]
             half = len(requests) // 2
             return self._isolated(requests[:half], sampling) + self._isolated(requests[half:], sampling)
         if len(replies) != len(requests):
@@ -251,32 +310,59 @@ class Engine(abc.ABC):
 
 
 def cacheable(reply: Reply, request: ChatRequest) -> bool:
-    """Whether the response cache keeps `reply`: a complete answer (n completions, in the form the
-    request asked: JSON for a schema, logprobs where asked), or a prompt too long for the context.
-    The length check is decided by what the key holds (messages, max_tokens, the model's revision and
-    context, the library versions), so a re-run that finds it in the cache loads no model to learn it
-    again; a failed or partial answer, or one that ignored the form asked, is asked again next time."""
-    if reply.status == TOO_LONG:
+    """Whether the response cache keeps `reply`: a complete answer (n completions, each in the form the
+    request asked: `honours`), or a final status without one (a prompt too long for the context, a
+    refusal). Those are decided by what the key holds (messages, max_tokens, the model's revision and
+    context, the library versions), so a re-run that finds them loads no model to learn them again; a
+    failed or partial answer, or one that ignored the form asked, is asked again next time."""
+    if reply.status in FINAL_WITHOUT_ANSWER:
         return True
     return (
         reply.status == OK
         and len(reply.completions) == request.n
-        and all(honoured(c, request) for c in reply.completions)
+        and all(honours(c, request) for c in reply.completions)
     )
 
 
-def honoured(completion: Completion, request: ChatRequest) -> bool:
-    """Whether a completion came back in the form its request asked: JSON where a schema was sent,
-    logprobs where top_logprobs were asked (a server may ignore either and still answer 200)."""
-    if request.top_logprobs and not completion.logprobs:
-        return False
-    if request.json_schema is None:
-        return True
-    try:
-        json.loads(completion.text)
-    except ValueError:
-        return False
-    return True
+class Arrivals:
+    """Answers on their way into the response cache: an engine hands each one over as it arrives
+    (`Engine.arrived`); the `cacheable` ones are written in batches of FLUSH_ANSWERS, or after
+    FLUSH_SECONDS, and the rest of a call when it ends (`settle`), interrupted or not. A `kill -9`
+    loses at most the last FLUSH_SECONDS of answers; each batch is one SQLite transaction."""
+
+    def __init__(self, cache: ResponseCache | None) -> None:
+        self.cache = cache if cache is not None and cache.enabled else None
+        self._lock = threading.Lock()
+        self._expected: dict[int, tuple[ChatRequest, bytes]] = {}  # id(request) -> (request, key)
+        self._ready: list[tuple[bytes, list | dict]] = []
+        self._flushed = time.monotonic()
+
+    def expect(self, asked: Iterable[tuple[ChatRequest, bytes]]) -> None:
+        with self._lock:
+            self._expected.update((id(request), (request, key)) for request, key in asked)
+
+    def arrived(self, request: ChatRequest, reply: Reply) -> None:
+        with self._lock:
+            found = self._expected.pop(id(request), None)
+            if found is None or found[0] is not request or not cacheable(reply, request):
+                return
+            self._ready.append((found[1], cache_value(reply)))
+            due = len(self._ready) >= FLUSH_ANSWERS or time.monotonic() - self._flushed > FLUSH_SECONDS
+        if due:
+            self.flush()
+
+    def settle(self, asked: list[ChatRequest]) -> None:
+        """The end of a call: its requests are no longer expected; what arrived is written."""
+        with self._lock:
+            for request in asked:
+                self._expected.pop(id(request), None)
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            ready, self._ready, self._flushed = self._ready, [], time.monotonic()
+        if ready and self.cache is not None:
+            self.cache.put_many(ready)
 
 
 def cache_value(reply: Reply) -> list | dict:

@@ -3,8 +3,12 @@ client on one event loop, at most `engine.max_concurrency` requests in flight, e
 of the servers `engine.base_url` lists.
 
 `load()` checks that every server answers and serves `llm.model`. A request that cannot reach its server
-after the client's retries stops the stage (EngineDown); any other error (HTTP 4xx/5xx, a timeout, a
-malformed body) fails only that request. A server may ignore `n`, logprobs and `response_format` with
+after the client's retries stops the stage (EngineDown); a request the server refuses for what it is
+(400, 422, or every choice withheld by a content filter) is REFUSED, final; any other error (other
+HTTP statuses, a timeout, a malformed body) fails only that request. Each answer is handed to the
+response cache as it arrives; `stop()` cancels the calls in flight (their HTTP requests close).
+
+A server may ignore `n`, logprobs and `response_format` with
 HTTP 200 (`transformers serve` does): a reply with k < n choices is completed with one single-choice
 request per missing choice j (seed + j), and what still cannot be had stays missing (PARTIAL). Per-choice
 token counts come from the returned logprobs (one entry per generated token); a server that returns
@@ -14,6 +18,7 @@ is sent as `response_format` (type json_schema, strict) and its top_logprobs as 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -32,23 +37,33 @@ from stages.core.engines.base import (
     missing_extra,
     token_logprobs,
 )
-from stages.core.rows.requests import FAILED, PARTIAL, ChatRequest, Completion, Reply
+from stages.core.rows.requests import FAILED, PARTIAL, REFUSED, ChatRequest, Completion, Reply
 
 LOG = logging.getLogger(__name__)
 CHECK_TIMEOUT = 5.0  # seconds per attempt (two in all) of load()'s look at a server's model list
 PROBE = [{"role": "user", "content": "ping"}]  # one-token request for a model the server does not list
 
 
+def refusals(openai: Any) -> tuple[type[BaseException], ...]:
+    """The errors of a request the server refuses for what it is (400 validation, context length, a
+    hosted content filter; 422 unprocessable): a re-run asks the same and is refused again."""
+    return (openai.BadRequestError, openai.UnprocessableEntityError)
+
+
 @dataclass
 class OpenAIEngine(Engine):
     LIBRARIES: ClassVar[tuple[str, ...]] = ()  # the server generates: its model id and revision key results
-    VERSION: ClassVar[int] = 2  # 2: a reply with fewer choices than n is completed by single-choice requests
+    # 2: a reply with fewer choices than n is completed by single-choice requests; 3: refusals (400, 422,
+    # content_filter) are final (REFUSED), a filtered choice is never a completion
+    VERSION: ClassVar[int] = 3
     CONCURRENT: ClassVar[bool] = True  # every shard in flight shares the servers and the concurrency bound
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _servers: list[_Server] = field(default_factory=list, init=False, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _openai: Any = field(default=None, init=False, repr=False)  # the library, for its error classes
+    _calls: set = field(default_factory=set, init=False, repr=False)  # calls in flight, for stop()
+    _calls_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def load(self) -> None:
         try:
@@ -137,8 +152,32 @@ class OpenAIEngine(Engine):
         self._servers = []
 
     def _chat(self, requests: list[ChatRequest], sampling: Sampling) -> list[Reply]:
-        every = _gathered(self._one(r, sampling) for r in requests)
-        return asyncio.run_coroutine_threadsafe(every, self._loop).result()
+        every = _gathered(self._answered(r, sampling) for r in requests)
+        call = asyncio.run_coroutine_threadsafe(every, self._loop)
+        with self._calls_lock:
+            self._calls.add(call)
+        try:
+            return call.result()
+        except concurrent.futures.CancelledError:
+            self._stop_check()  # stop() cancelled the call: Interrupted
+            raise
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def stop(self) -> None:
+        """Cancel every call in flight: the client closes its HTTP requests (the server aborts them);
+        answers that came back were handed over as they arrived."""
+        super().stop()
+        with self._calls_lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    async def _answered(self, request: ChatRequest, sampling: Sampling) -> Reply:
+        reply = await self._one(request, sampling)
+        self.arrived(request, reply)
+        return reply
 
     async def _one(self, request: ChatRequest, sampling: Sampling) -> Reply:
         response = await self._send(request, sampling)
@@ -148,6 +187,10 @@ class OpenAIEngine(Engine):
         usage = getattr(response, "usage", None)
         if not choices or usage is None or any(c.message is None for c in choices):
             return Reply([], FAILED, "malformed response: no choices, message or usage")
+        if filtered := [c for c in choices if c.finish_reason == "content_filter"]:
+            choices = [c for c in choices if c.finish_reason != "content_filter"]
+            if not choices:  # a filtered reply is never a response; asking again is filtered again
+                return Reply([], REFUSED, f"content_filter: the server withheld {len(filtered)} choices")
         counted = [
             len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
             for c in choices
@@ -192,6 +235,9 @@ class OpenAIEngine(Engine):
                     raise EngineDown(
                         f"the server at {where} cannot be reached after {retries} retries: {err}"
                     ) from err
+                if isinstance(err, refusals(openai)):  # the request itself is at fault: final
+                    LOG.warning("%s: the server refused a request: %s", self.model_name, err)
+                    return Reply([], REFUSED, f"{type(err).__name__}: {err}")
                 LOG.warning("%s: a request failed after %d retries: %s", self.model_name, retries, err)
                 return Reply([], FAILED, f"{type(err).__name__}: {err}")
             finally:

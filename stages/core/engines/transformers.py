@@ -117,6 +117,13 @@ class TransformersEngine(Engine):
     def unload(self) -> None:
         self._model = self._tokenizer = None
 
+    def _stopping_criterion(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        """A transformers StoppingCriteria: every row is done once `stop()` was called."""
+        import torch
+
+        stopped = self._stopping.is_set()
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
     def context_length(self) -> int | None:
         return self.llm.max_model_len or getattr(self._model.config, "max_position_embeddings", None)
 
@@ -136,7 +143,11 @@ class TransformersEngine(Engine):
             group = list(group)
             step = max(1, self.options.batch_size // n)
             for start in range(0, len(group), step):
-                results.extend(self._generate(group[start : start + step], n, sampling))
+                batch = group[start : start + step]
+                self._stop_check()
+                for request, reply in zip(batch, self._generate(batch, n, sampling), strict=True):
+                    self.arrived(request, reply)
+                    results.append(reply)
         return results
 
     def _generate(self, batch: list[ChatRequest], n: int, sampling: Sampling) -> list[Reply]:
@@ -168,7 +179,9 @@ class TransformersEngine(Engine):
                 pad_token_id=self._tokenizer.pad_token_id,
                 return_dict_in_generate=True,
                 output_logits=any(r.top_logprobs for r in batch),  # raw, before temperature and top_p
+                stopping_criteria=[self._stopping_criterion],  # stop(): the batch ends at the next token
             )
+        self._stop_check()  # a batch cut short by stop() is not an answer
         new_tokens = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         with self._tokenizer_lock:  # decoding borrows the backend too

@@ -159,18 +159,34 @@ class VLLMEngine(Engine):
             ids = llm.enqueue_chat(chats, params, use_tqdm=False)
         except api.engine_dead as err:
             raise self._down(err) from err
-        except api.refused as err:  # nothing of this call is left in the engine
-            raise RequestError(f"{type(err).__name__}: {err}") from err
+        except api.refused as err:  # nothing of this call is left in the engine; the request is at fault
+            raise RequestError(f"{type(err).__name__}: {err}", final=True) from err
         try:
-            outputs = llm.wait_for_completion(use_tqdm=False)  # in request order
+            return self._drained(ids, requests)
         except api.engine_dead as err:
             raise self._down(err) from err
         except BaseException:
-            llm.llm_engine.abort_request(ids, internal=True)
+            llm.llm_engine.abort_request(list(ids), internal=True)
             raise
-        if len(outputs) != len(requests):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs to {len(requests)} requests")
-        return [_reply(out, r) for out, r in zip(outputs, requests, strict=True)]
+
+    def _drained(self, ids: list[str], requests: list[ChatRequest]) -> list[Reply]:
+        """Step the engine until the call's requests are finished (the loop of LLM.wait_for_completion,
+        with LLMEngine's public `step`): each finished request is handed over as it ends
+        (`Engine.arrived`: into the response cache), and `stop()` ends the loop at the next step."""
+        engine, index = self._llm.llm_engine, {str(rid): k for k, rid in enumerate(ids)}
+        replies: list[Reply | None] = [None] * len(requests)
+        left = len(requests)
+        while left and engine.has_unfinished_requests():
+            self._stop_check()
+            for out in engine.step():
+                k = index.get(str(out.request_id))
+                if k is None or not out.finished or replies[k] is not None:
+                    continue
+                replies[k], left = _reply(out, requests[k]), left - 1
+                self.arrived(requests[k], replies[k])
+        if left:
+            raise RuntimeError(f"vLLM finished {len(requests) - left} of {len(requests)} requests")
+        return replies
 
     def _down(self, err: BaseException) -> EngineDown:
         return EngineDown(

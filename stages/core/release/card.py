@@ -186,14 +186,16 @@ def code_rows(code: dict) -> list[tuple[str, str]]:
 
 def scoring(mode: str, metrics: dict) -> str:
     """Which judge mode produced the release's scores (a server may ignore the one asked)."""
-    ignored = metrics.get("judge_mode_ignored", 0)
     line = f"Scores: judge mode `{mode}` (`score.mode`)"
-    if not ignored:
+    parsed = {
+        "that the server answered without it (status `mode_ignored`)": metrics.get("judge_mode_ignored", 0),
+        "with no rating in it (status `parsed_from_text`)": metrics.get("judge_parsed_from_text", 0),
+        "cut at max_tokens (status `truncated`)": metrics.get("judge_truncated", 0),
+    }
+    if not any(parsed.values()):
         return line + ", for every judgement."
-    return (
-        line + f", except {ignored:,} judgements that the server answered without it (status "
-        "`mode_ignored`): those are scored by parsing their text."
-    )
+    which = "; ".join(f"{n:,} {why}" for why, n in parsed.items() if n)
+    return line + f", except judgements scored by parsing their text: {which}."
 
 
 def key_step(params: Params) -> str:

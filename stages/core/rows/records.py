@@ -13,7 +13,7 @@ from stages.core.config.errors import SourceError
 from stages.core.config.project import PROJECT, distribution_version
 from stages.core.rows import fields
 from stages.core.rows.requests import FAILED as FAILED_REQUEST
-from stages.core.rows.requests import MODE_IGNORED, PARTIAL, TOO_LONG
+from stages.core.rows.requests import MODE_IGNORED, PARSED, PARTIAL, REFUSED, TOO_LONG, TRUNCATED
 from stages.core.rows.responses import ANNOTATION, MESSAGE, SKIPPED_REDACTED
 from stages.core.rows.scores import SCORE_FAILED
 from stages.core.storage.io import read_jsonl_gz
@@ -138,8 +138,12 @@ def add_metrics(totals: Counter, rows: pa.Table, failed: int) -> None:
         totals[f"{stage}_skipped_too_long"] += _count(pc.ends_with(found, TOO_LONG))
         totals[f"{stage}_failed_requests"] += _count(pc.ends_with(found, FAILED_REQUEST))
         totals[f"{stage}_partial_requests"] += _count(pc.ends_with(found, PARTIAL))
-    # judgements the server answered without the judge mode asked: scored by parsing their text
+        totals[f"{stage}_refused_requests"] += _count(pc.ends_with(found, REFUSED))  # final refusals
+    # judgements scored by parsing their text: the server answered without the judge mode asked (asked
+    # again next run), or honoured it but wrote no rating in it, or was cut at max_tokens (both final)
     totals["judge_mode_ignored"] += _count(pc.equal(statuses["judge"], MODE_IGNORED))
+    totals["judge_parsed_from_text"] += _count(pc.equal(statuses["judge"], PARSED))
+    totals["judge_truncated"] += _count(pc.equal(statuses["judge"], TRUNCATED))
     totals["generate_skipped_redacted"] += _count(pc.equal(rows["status_ja"], SKIPPED_REDACTED))
     totals["score_sum"] += pc.sum(pc.filter(scores, pc.invert(invalid))).as_py() or 0.0
 

@@ -5,6 +5,7 @@ and read replies through it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,8 +16,16 @@ PARTIAL = "partial"  # Reply.status: fewer completions than the request's n came
 # a judgement status: the server answered but did not honour the judge mode asked (no logprobs, text
 # that is not the schema's JSON); the score is read from the text and the request counts as failed
 MODE_IGNORED = "mode_ignored"
+# judgement statuses, final: the server honoured the mode but the judgement has no rating in it
+# (PARSED), or it was cut at max_tokens without one (TRUNCATED); both are scored by parsing the text
+PARSED, TRUNCATED = "parsed_from_text", "truncated"
+# the engine refused the request for a reason a re-run cannot change (a validation error, a hosted
+# content filter): final after the first refusal, counted, never asked again and never "ok"
+REFUSED = "refused"
 # statuses that are not final: the next run of the stage asks such a request again
 RETRY = (FAILED, PARTIAL, MODE_IGNORED)
+# statuses the response cache keeps besides OK: decided by what the request key holds
+FINAL_WITHOUT_ANSWER = (TOO_LONG, REFUSED)
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,25 @@ class Reply:
     """What came of one request: its completions (up to n), or none and why."""
 
     completions: list[Completion]
-    status: str = OK  # OK, TOO_LONG (not sent) or FAILED (after the engine's retries)
+    status: str = OK  # OK, PARTIAL, TOO_LONG (not sent), REFUSED (final) or FAILED (after retries)
     detail: str | None = None  # the error or the token counts, for logs
+
+
+def honours(completion: Completion, request: ChatRequest) -> bool:
+    """The one rule of whether a completion came back in the form its request asked (the response
+    cache keeps only such answers, and the judge counts the others as MODE_IGNORED): logprobs where
+    top_logprobs were asked (a server may ignore them and still answer 200); JSON where a schema was
+    sent, unless the completion was cut at max_tokens (`finish_reason` "length": the server honoured the
+    schema and ran out of tokens; asking again with the same seed gives the same cut text)."""
+    if request.top_logprobs and completion.logprobs is None:
+        return False
+    if request.json_schema is None or completion.finish_reason == "length":
+        return True
+    try:
+        json.loads(completion.text)
+    except ValueError:
+        return False
+    return True
 
 
 def unfinished(status: str | None) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import threading
 from importlib import util
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from pydantic import BaseModel
 PACKAGE = "stages"
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the `stages` package on disk
 DIGEST_ROWS = 512  # rows turned into Python objects at a time by input_digest
+# CPython 3.11 can fail two threads parsing at once ("SystemError: AST constructor recursion depth
+# mismatch"): every parse and dump of this module holds this lock
+_AST_LOCK = threading.Lock()
 
 
 def digest(*parts: object) -> str:
@@ -75,7 +79,7 @@ def module_file(name: str, root: Path | None = None) -> Path | None:
 
 def _imports(path: Path, name: str, lazy: bool) -> set[str]:
     """Project modules that module `name` (at `path`) imports; with lazy, also inside functions."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _parsed(path)
     nodes = ast.walk(tree) if lazy else iter(tree.body)
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -112,10 +116,16 @@ def closure(entry: str, lazy: bool = False, root: Path | None = None) -> dict[st
     return seen
 
 
+def _parsed(path: Path) -> ast.Module:
+    source = path.read_text(encoding="utf-8")
+    with _AST_LOCK:
+        return ast.parse(source, filename=str(path))
+
+
 def code_meaning(path: Path) -> str:
     """sha256 of a module's code as Python sees it: its AST without docstrings. Comments, docstrings,
-    blank lines and formatting do not count; any change to what runs does."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    blank lines and formatting do not count; any change to what runs does. Safe from any thread."""
+    tree = _parsed(path)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
@@ -127,7 +137,9 @@ def code_meaning(path: Path) -> str:
             and isinstance(first.value.value, str)
         ):
             node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode("utf-8")).hexdigest()
+    with _AST_LOCK:
+        dumped = ast.dump(tree)
+    return hashlib.sha256(dumped.encode("utf-8")).hexdigest()
 
 
 def code_digest(entry: str, root: Path | None = None) -> str:
