@@ -34,15 +34,29 @@ READS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop): the stage stops as on Ctrl-C."""
+
+
 def run(main: Callable[[], None]) -> None:
     """Run an entry point; an expected failure (PipelineError) becomes a few lines and exit status 2.
 
-    Any other exception is a bug and keeps its traceback. SIGTERM (`kill`, a scheduler's stop) ends
-    the stage as Ctrl-C does, so every `finally` runs: temporary files and plaintext are removed.
+    Any other exception is a bug and keeps its traceback. SIGINT (Ctrl-C) and SIGTERM (`kill`, a
+    scheduler's stop) abort the engines' requests in flight, keep every finished shard and answer, run
+    every `finally` (temporary files and plaintext are removed) and end in one line, exit status
+    128 + the signal's number.
     """
     signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
+    except KeyboardInterrupt as stop:
+        signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        print(
+            f"stopped by {signum.name}: finished shards and every answer that came back are kept; "
+            "re-run to go on",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
     except PipelineError as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
@@ -52,7 +66,7 @@ def run(main: Callable[[], None]) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated
 
 
 def start(

@@ -236,11 +236,28 @@ def run_checkpointed(
             for slot in slots:
                 if isinstance(slot.result, Future):
                     slot.result.cancel()
+            _keep_finished(store, slots, schema, stage)
             raise
         if count == 0:
             raise PipelineError(f"{stage}: no input rows: re-run the stage that writes its input")
     store.complete(stage, key)
     return rows
+
+
+def _keep_finished(store: CheckpointStore, slots: Iterable[_Slot], schema: pa.Schema, stage: str) -> None:
+    """A stopping run's shards that finished but were not yet written (they wait for an earlier one):
+    each is checkpointed, so the next run reuses it. One that failed or was cancelled is not."""
+    for slot in slots:
+        done = isinstance(slot.result, Future) and slot.result.done() and not slot.result.cancelled()
+        if not done or slot.result.exception() is not None:
+            continue
+        label = f"{stage} shard {slot.index:05d}"
+        try:
+            store.write(_sealed(_result(slot, schema, label), slot.want), slot.path)
+        except PipelineError as err:  # a result that is no valid shard: recomputed next run
+            LOG.warning("%s: not checkpointed: %s", label, err)
+            continue
+        LOG.info("%s: shard %05d finished before the stop: checkpointed (%s)", stage, slot.index, slot.path)
 
 
 def _slot(
