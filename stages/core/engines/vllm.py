@@ -1,20 +1,19 @@
 """vLLM offline engine for GPU hosts (the `vllm` extra): chat requests in, Replies out via `vllm.LLM`.
 
-API: an engine call (one shard) is `LLM.enqueue_chat` then `LLM.wait_for_completion`, the two halves of
-`LLM.chat` (vLLM 0.33): vLLM's own chat renderer (the processor's template first, as Gemma-3 needs),
-the call's requests in one batch, and their ids back, so that a call that fails or is interrupted aborts
+API: an engine call (one shard) is `LLM.enqueue_chat`, then the loop of `LLM.wait_for_completion` over
+`LLMEngine.step` (its public methods, as LLM itself runs them): vLLM's own chat renderer (the processor's
+template first, as Gemma-3 needs), the call's requests in one batch, each finished request handed to the
+response cache as it ends, and `stop()` (SIGINT, SIGTERM) seen at the next step, where the call aborts
 its own requests (`llm_engine.abort_request`, as LLM itself does; LLM has no abort). Not chosen:
 `AsyncLLM` on a loop thread would batch across shards, but has no chat renderer (we would rebuild
-LLM.chat's from vLLM's renderer internals); the LLMEngine add_request/step loop is vLLM's legacy class.
-An LLM takes one call at a time: a shard's batch drains before the next. Only the calling thread can
-abort (vLLM's sync client is not thread-safe): a close waits for no request, but cannot stop a call
-that another thread is running.
+LLM.chat's from vLLM's renderer internals). An LLM takes one call at a time (its sync client is not
+thread-safe): a shard's batch drains before the next, and only the calling thread aborts.
 
 Failures: a request vLLM refuses before generating (a chat template's error, an invalid prompt or
-parameter: VLLMClientError, ValueError, TypeError; enqueue_chat drops what it had added) raises
-RequestError, and `Engine._isolated` splits the call down to it. A dead engine core (EngineDeadError)
-raises EngineDown: the stage stops. Any other error while generating (KeyboardInterrupt too) aborts the
-call's requests and propagates.
+parameter: VLLMClientError, ValueError, TypeError; enqueue_chat drops what it had added) raises a final
+RequestError, and `Engine._isolated` splits the call down to it: it is REFUSED, never asked again. A
+dead engine core (EngineDeadError) raises EngineDown: the stage stops. Any other error while generating
+(an interrupt too) aborts the call's requests and propagates.
 
 Prompts are counted with the chat template vLLM resolves (`resolve_chat_template`) and its tokenizer;
 Completion.prompt_tokens is what vLLM rendered. A JSON schema becomes `StructuredOutputsParams`,
