@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -237,3 +239,43 @@ def test_a_new_model_revision_regenerates(scored, monkeypatch, fake_engine):
 def test_a_new_engine_version_regenerates(scored, monkeypatch, fake_engine):
     monkeypatch.setattr(type(fake_engine), "LIBRARIES", ("pyarrow",))
     assert _rerun(monkeypatch, fake_engine, "generate")
+
+
+def _interpreters() -> list[str]:
+    """Every supported Python on this machine other than this one (pyenv's, or on PATH)."""
+    import glob
+
+    found = {}
+    for minor in ("3.11", "3.12", "3.13"):
+        candidates = [
+            shutil.which(f"python{minor}"),
+            *sorted(glob.glob(f"/root/.pyenv/versions/{minor}*/bin/python")),
+        ]
+        for path in filter(None, candidates):
+            probe = subprocess.run(
+                [path, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True
+            )
+            if probe.returncode == 0:
+                found[minor] = path
+                break
+    return sorted(found.values())
+
+
+def test_the_code_digest_is_the_same_under_every_supported_python():
+    """Checkpoints travel between hosts: the code digest of every stage entry (standard library only,
+    stages/core/storage/meaning.py) is computed under each of 3.11, 3.12 and 3.13 found here."""
+    script = (
+        "import json, sys; from stages.core.storage.meaning import code_digest; "
+        "print(json.dumps({m: code_digest(m) for m in sys.argv[1:]}))"
+    )
+    entries = [f"stages.{p.stem}" for p in sorted((ROOT / "stages").glob("*.py")) if p.stem != "__init__"]
+    digests = {}
+    for python in _interpreters():
+        out = subprocess.run([python, "-c", script, *entries], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        version = subprocess.run([python, "--version"], capture_output=True, text=True).stdout.strip()
+        digests[version] = json.loads(out.stdout)
+    if len(digests) < 2:
+        pytest.skip(f"one supported Python here: {sorted(digests)}")
+    first = next(iter(digests.values()))
+    assert all(found == first for found in digests.values()), sorted(digests)
