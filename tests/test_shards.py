@@ -3,13 +3,17 @@ in stale ones."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.core.config.errors import PipelineError
 from stages.core.runtime.shards import (
     INPUT_DIGEST,
     ROWS_DIGEST,
@@ -157,10 +161,61 @@ def test_prune_keeps_each_stage_latest_completed_key_and_recent_runs(tmp_path, c
     dirs["a"]["completed"] -= 10  # a completed before b
     assert [d["key"] for d in prunable(list(dirs.values()), 0, now=dirs["b"]["touched"] + 1)] == ["a", "c"]
     assert [d["key"] for d in prunable(list(dirs.values()), 30, now=dirs["b"]["touched"] + 1)] == []
+    main(["prune", str(tmp_path), "--dry-run"])  # the default age (7 days) keeps what was just written
+    assert capsys.readouterr().out == ""
     main(["prune", str(tmp_path), "--older-than", "0", "--dry-run"])
     assert (tmp_path / "t" / "a").is_dir() and "would remove" in capsys.readouterr().out
     main(["prune", str(tmp_path), "--older-than", "0"])
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["b", "progress.json"]
+
+
+def _store_with_old_keys(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    for key in ("a", "b"):
+        _run(_table([1, 2, 3]), lambda p, i: p, store, key=key)
+    return store
+
+
+@pytest.mark.parametrize("target", [".", "data", "repo"])
+def test_prune_refuses_a_path_that_is_not_a_checkpoint_store(tmp_path, monkeypatch, target, capsys):
+    """`prune .` in a repository (or `prune data`) deletes nothing: the store's marker is missing."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "data" / "x" / "y").mkdir(parents=True)
+    (repo / "data" / "x" / "y" / "00000.parquet").write_bytes(b"precious")
+    monkeypatch.chdir(repo)
+    path = {"repo": str(repo)}.get(target, target)
+    with pytest.raises(PipelineError, match="is not a checkpoint store"):
+        main(["prune", path, "--older-than", "0"])
+    assert (repo / ".git").is_dir() and (repo / "data" / "x" / "y" / "00000.parquet").exists()
+
+
+def test_prune_never_follows_a_symlink_out_of_the_store(tmp_path):
+    store = _store_with_old_keys(tmp_path)
+    outside = tmp_path / "outside" / "k"
+    outside.mkdir(parents=True)
+    (outside / "00000.parquet").write_bytes(b"not the store's")
+    (store / "linked").symlink_to(tmp_path / "outside")  # a stage directory that is a link
+    (store / "t" / "linkkey").symlink_to(outside)  # a key directory that is a link
+    main(["prune", str(store), "--older-than", "0"])
+    assert (outside / "00000.parquet").read_bytes() == b"not the store's"
+    with pytest.raises(PipelineError, match="symbolic link"):
+        (tmp_path / "store-link").symlink_to(store)
+        main(["prune", str(tmp_path / "store-link"), "--older-than", "0"])
+
+
+def test_prune_keeps_the_key_of_a_running_run_and_a_directory_with_foreign_files(tmp_path, monkeypatch):
+    store = _store_with_old_keys(tmp_path)
+    (store / "t" / "c").mkdir()
+    (store / "t" / "c" / "00000.parquet").write_bytes(b"x")
+    (store / "t" / "d").mkdir()
+    (store / "t" / "d" / "notes.txt").write_text("someone's file")
+    record = json.loads((store / "t" / "progress.json").read_text())
+    record.update(key="c", state="running", pid=os.getpid())  # this process: alive
+    (store / "t" / "progress.json").write_text(json.dumps(record))
+    main(["prune", str(store), "--older-than", "0"])
+    left = sorted(p.name for p in (store / "t").iterdir())
+    assert left == ["b", "c", "d", "progress.json"]  # a: old; c: running; d: not a run's
 
 
 STATUS = pa.schema([("conversation_id", pa.string()), ("status", pa.string()), ("x", pa.int64())])

@@ -9,7 +9,10 @@ another key's checkpoints (two runs with different keys may share one store)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -23,6 +26,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
+from stages.core.config.cli import run
 from stages.core.config.errors import PipelineError
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.progress import RECORD, ProgressRecord
@@ -33,6 +37,9 @@ LOG = logging.getLogger(__name__)
 INPUT_DIGEST = b"lmsys_synth.input_digest"  # Parquet metadata key of a checkpoint shard
 ROWS_DIGEST = b"lmsys_synth.rows_digest"  # ... and of the digest of its own rows, checked on reuse
 COMPLETE = "_complete"  # marker file of a key whose run assembled its out (for `prune`)
+# written at the root of every store a run writes to: `prune` deletes only under a root that holds it
+STORE_MARKER = ".lmsys-synth-checkpoints"
+PRUNE_DAYS = 7.0  # prune's default: keys written to or read within this many days are kept
 
 
 def slices(table: pa.Table, size: int) -> Iterable[pa.Table]:
@@ -64,6 +71,18 @@ class CheckpointStore:
     def __init__(self, root: str | Path) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(str(root))
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._marked = False
+
+    def mark(self) -> None:
+        """Say, at the root, that this is a checkpoint store (what `prune` looks for before it deletes)."""
+        if not self._marked:
+            marker = f"{self.root}/{STORE_MARKER}"
+            if not self.fs.exists(marker):
+                self.fs.makedirs(self.root, exist_ok=True)
+                self.fs.pipe_file(
+                    marker, b"checkpoints of lmsys-chat-1m-synth (stages/core/runtime/shards.py)\n"
+                )
+            self._marked = True
 
     def path(self, stage: str, key: str, index: int) -> str:
         return f"{self.root}/{stage}/{key}/{index:05d}.parquet"
@@ -74,6 +93,7 @@ class CheckpointStore:
         return pq.read_table(path, filesystem=None if self.local else self.fs)
 
     def write(self, table: pa.Table, path: str) -> None:
+        self.mark()
         if self.local:
             write_table(table, path)
             return
@@ -84,6 +104,7 @@ class CheckpointStore:
     def put(self, name: str, data: bytes) -> None:
         """Write `data` to `<root>/<name>` whole: through a renamed temporary file on a local disk."""
         path = f"{self.root}/{name}"
+        self.mark()
         if self.local:
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)
@@ -298,12 +319,12 @@ def _sealed(table: pa.Table, want: str) -> pa.Table:
 
 
 def key_dirs(store: CheckpointStore) -> list[dict]:
-    """Every stage/key directory of `store`: its shards, bytes, and when its run completed (or None)."""
+    """Every stage/key directory of `store`: its shards, bytes, when its run completed (or None), and
+    whether it holds only what a run writes (shards, their temporary files, the completion marker).
+    A symbolic link is never followed (nor listed)."""
     found = []
-    for stage_dir in sorted(store.fs.ls(store.root, detail=False)) if store.fs.exists(store.root) else []:
-        for key_dir in sorted(store.fs.ls(stage_dir, detail=False)):
-            if not store.fs.isdir(key_dir):
-                continue
+    for stage_dir in _dirs(store, store.root):
+        for key_dir in _dirs(store, stage_dir):
             files = store.fs.ls(key_dir, detail=True)
             marker = [f for f in files if f["name"].rstrip("/").endswith(f"/{COMPLETE}")]
             shards = [f for f in files if f["name"].endswith(".parquet")]
@@ -316,9 +337,51 @@ def key_dirs(store: CheckpointStore) -> list[dict]:
                     "bytes": sum(f.get("size") or 0 for f in shards),
                     "completed": int(store.fs.cat_file(marker[0]["name"])) if marker else None,
                     "touched": max((_mtime(f) for f in files), default=0.0),
+                    "ours": all(_written_by_a_run(f, store) for f in files),
                 }
             )
     return found
+
+
+def _dirs(store: CheckpointStore, under: str) -> list[str]:
+    """The directories right under `under`, symbolic links left out."""
+    if not store.fs.exists(under):
+        return []
+    entries = store.fs.ls(under, detail=True)
+    return sorted(e["name"] for e in entries if e["type"] == "directory" and not e.get("islink"))
+
+
+def _written_by_a_run(info: dict, store: CheckpointStore) -> bool:
+    name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+    plain = info["type"] == "file" and not info.get("islink")
+    temporary = name.startswith(".") and name.endswith(".tmp")  # atomic_path's, of a killed writer
+    return plain and (name.endswith(".parquet") or name == COMPLETE or temporary)
+
+
+def running_keys(store: CheckpointStore, dirs: list[dict]) -> set[tuple[str, str]]:
+    """(stage, key) of each run in progress on this host: its progress record says `running` with the
+    pid of a live process."""
+    held = set()
+    for stage in {d["stage"] for d in dirs}:
+        path = f"{store.root}/{stage}/{RECORD}"
+        try:
+            record = json.loads(store.fs.cat_file(path))
+            pid, host = int(record["pid"]), record["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if record.get("state") == "running" and host == socket.gethostname() and _alive(pid):
+            held.add((stage, str(record.get("key"))))
+    return held
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mtime(info: dict) -> float:
@@ -327,37 +390,71 @@ def _mtime(info: dict) -> float:
     return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
-def prunable(dirs: list[dict], older_than_days: float, now: float) -> list[dict]:
+def prunable(
+    dirs: list[dict], older_than_days: float, now: float, held: set[tuple[str, str]] = frozenset()
+) -> list[dict]:
     """The key directories `prune` removes: all but each stage's most recently completed key, and of
-    those only the ones not written to for longer than the age given (a run in progress is kept)."""
+    those only the ones not written to for longer than the age given, held by no running run (`held`)
+    and holding nothing a run does not write."""
     latest: dict[str, dict] = {}
     for d in dirs:
         if d["completed"] is not None and d["completed"] >= latest.get(d["stage"], {}).get("completed", -1):
             latest[d["stage"]] = d
     cutoff = now - older_than_days * 86400
-    return [d for d in dirs if d is not latest.get(d["stage"]) and d["touched"] <= cutoff]
+    return [
+        d
+        for d in dirs
+        if d is not latest.get(d["stage"])
+        and d["touched"] <= cutoff
+        and (d["stage"], d["key"]) not in held
+        and d.get("ours", True)
+    ]
+
+
+def checked_store(root: str) -> CheckpointStore:
+    """The store at `root`, which must be one: a directory holding STORE_MARKER (every run writes it),
+    not a symbolic link. Anything else is refused before anything is listed or deleted."""
+    store = CheckpointStore(root)
+    if store.local and Path(root).is_symlink():
+        raise PipelineError(f"{root} is a symbolic link: give the checkpoint store itself (paths.shards)")
+    if not store.fs.exists(f"{store.root}/{STORE_MARKER}"):
+        raise PipelineError(
+            f"{root} is not a checkpoint store: it holds no {STORE_MARKER}, which every run writes at "
+            "the store's root. Give paths.shards of params.yaml (data/.checkpoints by default); a store "
+            f"written before this marker existed gets it from the next run that uses it"
+        )
+    return store
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`list` the checkpoint directories of a store, or `prune` old keys (never a stage's latest)."""
+    """`list` the checkpoint directories of a store, or `prune` old keys (never a stage's latest, nor
+    a key a running run holds, nor one used within --older-than days)."""
     parser = argparse.ArgumentParser(prog="python -m stages.core.runtime.shards", description=main.__doc__)
     parser.add_argument("command", choices=["list", "prune"])
     parser.add_argument("store", help="the checkpoint store: paths.shards in params.yaml, or an fsspec URL")
-    parser.add_argument("--older-than", type=float, default=0.0, metavar="DAYS", help="prune: age in days")
-    parser.add_argument("--dry-run", action="store_true", help="prune: list what would be removed")
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        default=PRUNE_DAYS,
+        metavar="DAYS",
+        help=f"prune: age in days ({PRUNE_DAYS:g})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="prune: list what would be removed, remove nothing"
+    )
     args = parser.parse_args(argv)
-    store = CheckpointStore(args.store)
+    store = checked_store(args.store)
     dirs = key_dirs(store)
     if args.command == "list":
         for d in dirs:
             done = time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["completed"])) if d["completed"] else "-"
             print(f"{d['stage']}\t{d['key']}\t{d['shards']} shards\t{d['bytes']:,} bytes\tcompleted {done}")
         return
-    for d in prunable(dirs, args.older_than, time.time()):
+    for d in prunable(dirs, args.older_than, time.time(), running_keys(store, dirs)):
         print(f"{'would remove' if args.dry_run else 'removing'} {d['path']} ({d['shards']} shards)")
         if not args.dry_run:
             store.fs.rm(d["path"], recursive=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
