@@ -1,5 +1,6 @@
 """The README and docs/: every relative link resolves to a file and, with an #anchor, to one of its
-headings; the README stays one screen and links every page of docs/."""
+headings; the README stays one screen and links every page of docs/; an engine key's default that a
+page names is the one conf/ holds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -17,6 +19,10 @@ CODE_SPAN = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, mailto:, ...
+ENGINE_DEFAULT = re.compile(r"`engine\.(\w+)` \(([^()\s]+)\)")  # `engine.shards_in_flight` (2)
+# keys that one backend reads: the default a page names is its conf/engine file's (the other files
+# hold the schema's default, unused)
+BACKEND_OF = {"max_concurrency": "openai", "max_retries": "openai", "request_timeout": "openai"}
 
 
 def prose(text: str) -> str:
@@ -112,3 +118,27 @@ def test_readme_links_every_page_of_docs():
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(README) if not EXTERNAL.match(t)}
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
     assert not missing, f"README.md does not link docs/{missing}"
+
+
+def engine_defaults(path: Path) -> list[tuple[str, str]]:
+    """(key, value) of each `engine.<key>` (<value>) in the prose of `path`."""
+    return ENGINE_DEFAULT.findall(prose(path.read_text(encoding="utf-8")))
+
+
+def test_an_engine_default_is_found_in_prose():
+    page = "`engine.replicas` (null) is, `engine.ray_max_retries` (3) times, `engine.cache` (see below)"
+    assert ENGINE_DEFAULT.findall(page) == [("replicas", "null"), ("ray_max_retries", "3")]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=shown)
+def test_the_engine_defaults_a_page_names_are_conf_s(page: Path):
+    files = {
+        p.stem: yaml.safe_load(p.read_text(encoding="utf-8")) for p in (ROOT / "conf/engine").glob("*.yaml")
+    }
+    wrong = []
+    for key, value in engine_defaults(page):
+        backends = [BACKEND_OF[key]] if key in BACKEND_OF else sorted(files)
+        held = {backend: files[backend].get(key, "<missing>") for backend in backends}
+        if any(v != yaml.safe_load(value) for v in held.values()):
+            wrong.append(f"`engine.{key}` ({value}), but conf/engine holds {held}")
+    assert not wrong, f"{shown(page)} names defaults that conf/ does not hold:\n" + "\n".join(wrong)

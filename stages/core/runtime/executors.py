@@ -32,6 +32,7 @@ from stages.core.storage.cache import ResponseCache
 from stages.core.storage.io import ENGINE_METADATA, engines_of, merge_json
 
 LOG = logging.getLogger(__name__)
+CHILD_GRACE = 30  # seconds a stage's own process has to stop (abort, store answers) on a signal
 Work = Callable[[Engine, pa.Table], pa.Table]  # a module-level function or a functools.partial of one
 
 
@@ -61,6 +62,9 @@ class Executor(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to free by default
         """Free the engines (and their GPUs)."""
+
+    def interrupt(self) -> None:  # noqa: B027 - Ray's replicas end when `close` kills them
+        """The stage stops (a signal, a failed shard): engines abort the requests in flight."""
 
     def run_sharded(
         self,
@@ -159,6 +163,9 @@ class LocalExecutor(Executor):
     def failure_details(self) -> Counter:
         return Counter(self.engine.failures)
 
+    def interrupt(self) -> None:
+        self.engine.stop()
+
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
         self.engine.__exit__(None, None, None)
@@ -196,9 +203,13 @@ class Replica:
 class RayExecutor(Executor):
     """`replicas` Ray actors, each owning one engine and the GPUs it needs (tensor x pipeline
     parallel size; none for the openai and transformers backends). A shard goes to the least busy
-    replica. Ray restarts a replica whose process dies and retries its shards there. Each replica
-    opens the response cache file on its own host (SQLite: safe for several processes on one host,
-    not over a network filesystem; `python -m stages.core.storage.cache merge` joins the hosts' files)."""
+    replica. Ray restarts a replica whose process dies and retries its shards there; a replica that
+    dies past `engine.ray_max_retries` fails every shard in flight at once, naming its shard. Each
+    replica opens the response cache file on its own host (SQLite: safe for several processes on one
+    host, not over a network filesystem; `python -m stages.core.storage.cache merge` joins the hosts'
+    files)."""
+
+    CLOSE_TIMEOUT = 60  # seconds an idle replica may take to free its engine before it is killed
 
     def __init__(self, llm: LLMSpec, options: EngineParams, cache: str | Path | None = None) -> None:
         super().__init__(llm, options, cache)
@@ -230,7 +241,10 @@ class RayExecutor(Executor):
         )
         self._actors = [actor.remote(llm, options, str(cache) if cache else None) for _ in range(replicas)]
         self._busy = [0] * replicas
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _busy, _dead, _fatal, _waiting and every result handed on
+        self._dead: set[int] = set()  # replicas that died past their retries
+        self._fatal: PipelineError | None = None  # the first such death: it stops the stage
+        self._waiting: dict[Future, Any] = {}  # results not yet handed on, with their Ray task
         self.capacity = replicas * options.shards_in_flight
         LOG.info("%s: %d Ray replicas, %d GPUs each", llm.model, replicas, gpus)
 
@@ -244,33 +258,67 @@ class RayExecutor(Executor):
         return found[0]
 
     def submit(self, work: Work, shard: pa.Table, index: int = 0) -> Future:
+        """A cancelled result cancels its Ray task if it has not started (a running one ends when
+        `close` kills its replica)."""
+        result: Future = Future()
         with self._lock:
+            if self._fatal is not None:  # the stage is stopping: no shard goes to a pool that lost a replica
+                result.set_exception(self._fatal)
+                return result
             i = min(range(len(self._actors)), key=self._busy.__getitem__)
             self._busy[i] += 1
-        ray_future = self._actors[i].run.remote(work, shard).future()
-        result: Future = Future()
-        ray_future.add_done_callback(lambda done: self._done(i, index, done, result))
+            task = self._actors[i].run.remote(work, shard)
+            self._waiting[result] = task
+        result.add_done_callback(lambda r: self._ray.cancel(task) if r.cancelled() else None)
+        task.future().add_done_callback(lambda done: self._done(i, index, done, result))
         return result
 
     def _done(self, i: int, index: int, done: Future, result: Future) -> None:
-        """Hand a replica's answer on; a replica that died past its retries fails the shard by name."""
+        """Hand a replica's answer on; a replica that died past its retries fails the stage."""
+        error = done.exception()  # `done` is Ray's future of the task: nothing here cancels it
+        if isinstance(error, self._ray.exceptions.RayActorError):
+            error = self._replica_died(i, index, error)
         with self._lock:
             self._busy[i] -= 1
-        error = done.exception() if not done.cancelled() else None
-        if done.cancelled():
-            result.cancel()
-        elif isinstance(error, self._ray.exceptions.RayActorError):
-            retries = self.options.ray_max_retries
-            result.set_exception(
-                PipelineError(
-                    f"shard {index:05d}: its Ray replica died and was restarted {retries} times "
-                    f"(engine.ray_max_retries={retries}); the shard fails the stage: {error}"
-                )
+        self._hand_on(result, error, None if error is not None else done.result())
+
+    def _replica_died(self, i: int, index: int, error: Exception) -> PipelineError:
+        """The error that stops the stage: the first replica that died past its retries, named by
+        its shard. Every shard in flight fails with it now (one not started never starts), so the
+        stage stops at once rather than when the other replicas finish their shards."""
+        retries = self.options.ray_max_retries
+        with self._lock:
+            self._dead.add(i)
+            if self._fatal is not None:
+                return self._fatal
+            self._fatal = PipelineError(
+                f"shard {index:05d}: its Ray replica died and was restarted {retries} times "
+                f"(engine.ray_max_retries={retries}), so the stage stops; finished shards are kept "
+                f"(Ray: {self._first_line(error)} The replica's log says why it died)"
             )
-        elif error is not None:
+            waiting = list(self._waiting.items())
+        for result, task in waiting:
+            self._hand_on(result, self._fatal)
+            self._ray.cancel(task)
+        return self._fatal
+
+    def _hand_on(self, result: Future, error: BaseException | None, value: Any = None) -> None:
+        """Give `result` its outcome once: one the caller cancelled, or that a replica's death
+        already failed, takes nothing."""
+        with self._lock:  # claimed (running: a caller can no longer cancel it) by one thread only
+            self._waiting.pop(result, None)
+            if result.running() or result.done() or not result.set_running_or_notify_cancel():
+                return
+        if error is not None:
             result.set_exception(error)
         else:
-            result.set_result(done.result())
+            result.set_result(value)
+
+    @staticmethod
+    def _first_line(error: BaseException) -> str:
+        """The first line of an error's text (Ray's run to a dozen lines), or its type's name."""
+        text = str(error).strip()
+        return text.splitlines()[0] if text else type(error).__name__
 
     def failure_details(self) -> Counter:
         totals: Counter = Counter()
@@ -286,12 +334,16 @@ class RayExecutor(Executor):
         return totals
 
     def close(self) -> None:
-        """Close each engine, then end the actors' processes, which returns their GPUs."""
+        """Close the engine of each idle replica (within CLOSE_TIMEOUT), then end every actor's
+        process, which returns its GPUs. A replica that died, or still runs a shard of a stage that
+        stopped, is ended without waiting for it."""
         ray = self._ray
+        with self._lock:
+            idle = [a for i, a in enumerate(self._actors) if not self._busy[i] and i not in self._dead]
         try:
-            ray.get([a.close.remote() for a in self._actors], timeout=300)
-        except (ray.exceptions.RayError, TimeoutError) as err:
-            LOG.warning("closing the Ray replicas: %s", err)
+            ray.get([a.close.remote() for a in idle], timeout=self.CLOSE_TIMEOUT)
+        except (ray.exceptions.RayError, TimeoutError) as err:  # ended below all the same
+            LOG.warning("closing the Ray replicas: %s", self._first_line(err))
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         if self._started:
@@ -305,6 +357,9 @@ def engine_pool(llm: LLMSpec, options: EngineParams, cache: str | Path | None = 
     executor = (RayExecutor if options.executor == "ray" else LocalExecutor)(llm, options, cache)
     try:
         yield executor
+    except BaseException:  # Ctrl-C, SIGTERM, a failed shard: in-flight requests are aborted, not awaited
+        executor.interrupt()
+        raise
     finally:
         executor.close()
 
@@ -315,7 +370,14 @@ def in_own_process(target: Callable[..., None], *args: Any, what: str) -> None:
     LOG.info("%s: in its own process", what)
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(target, *args), name=what)
     process.start()
-    process.join()
+    try:
+        process.join()
+    except BaseException:  # a signal here: the child stops as a stage does (SIGTERM), then is waited for
+        process.terminate()
+        process.join(CHILD_GRACE)
+        if process.is_alive():
+            process.kill()
+        raise
     if process.exitcode != 0:
         raise PipelineError(f"{what} failed in its own process (exit status {process.exitcode}): see above")
 
