@@ -96,3 +96,71 @@ def test_an_override_with_a_space_survives_the_header(tmp_path, monkeypatch):
     )
     assert check_params(path) == overrides
     _compose(monkeypatch, path, *overrides)
+
+
+SECRET = "hf_marker_9d2b71c5e0"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "models.gemma2.release_name=${oc.env:HF_TOKEN}",
+        "seed=${oc.env:HF_TOKEN}",
+        "seed=${oc.decode:${oc.env:HF_TOKEN}}",
+        "translate.sampling.temperature=${oc.env:HF_TOKEN,0.5}",
+    ],
+)
+def test_an_override_that_reads_the_environment_is_refused_naming_its_key(tmp_path, monkeypatch, override):
+    """Nothing of the environment reaches the git-tracked params.yaml, nor the error that refuses it."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.chdir(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(
+        PipelineError, match=rf"override {key}: an interpolation that calls a resolver"
+    ) as err:
+        compose_params([override])
+    assert SECRET not in str(err.value)
+    with pytest.raises(PipelineError, match=rf"override {key}:"):
+        monkeypatch.setattr(sys, "argv", ["stages.compose", override])
+        compose.main()
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def test_a_conf_value_that_reads_the_environment_is_refused_naming_its_key(tmp_path, monkeypatch):
+    import shutil
+
+    from stages.core.config.compose import CONF_DIR
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    release = next((conf / "release").glob("*.yaml"))
+    release.write_text(release.read_text() + "token_note: ${oc.env:HF_TOKEN}\n")
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(PipelineError, match=r"conf/ key release\.token_note: an interpolation") as err:
+        compose_params([], conf)
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [SECRET, "hf_other_value_123"])
+def test_a_bad_value_from_the_environment_or_of_a_secret_key_is_never_echoed(monkeypatch, value):
+    import yaml
+
+    from stages.core.config.params import ParamsError, validate
+
+    monkeypatch.setenv("SOME_TOKEN", SECRET)
+    data = yaml.safe_load(compose_params([]))
+    data["seed"] = value  # not an int: refused; the first from the environment, the second not
+    with pytest.raises(ParamsError, match="seed") as err:
+        validate(data)
+    assert SECRET not in str(err.value)
+    assert ("withheld" in str(err.value)) == (value == SECRET)
+    data["seed"], data["engine"]["api_key_env"] = 0, ["not", "a", "name"]  # a key named like a secret
+    with pytest.raises(ParamsError, match=r"engine\.api_key_env") as err:
+        validate(data)
+    assert "withheld" in str(err.value) and "not" not in str(err.value).split("api_key_env")[1]
+
+
+@pytest.mark.parametrize("prompt", ["../../../../tmp/p", "/etc/passwd", "sub/judge", ".hidden"])
+def test_a_prompt_path_outside_stages_prompts_is_refused(prompt):
+    with pytest.raises(PipelineError, match=r"translate\.prompt: a prompt names a file of stages/prompts/"):
+        compose_params([f"translate.prompt={prompt}"])

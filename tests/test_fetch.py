@@ -142,14 +142,14 @@ def test_rows_without_a_conversation_id_are_dropped_and_counted(workspace, monke
     assert out.num_rows == 323 and out["conversation_id"].null_count == 0
 
 
-def test_a_null_id_is_dropped_first_and_never_a_duplicate():
+def test_a_null_empty_or_blank_id_is_dropped_first_and_never_a_duplicate():
     def row(cid: str | None, language: str) -> dict:
         return {
             "conversation_id": cid, "model": "m", "conversation": [{"content": "hi", "role": "user"}],
             "turn": 1, "language": language, "openai_moderation": [{"flagged": False}], "redacted": False,
         }  # fmt: skip
 
-    rows = [row(None, "English"), row(None, "English"), row(None, "German"), row("a", "English")]
+    rows = [row(None, "English"), row("", "English"), row(" \t", "German"), row("a", "English")]
     spec = FilterSpec(languages=["English"], redacted="keep", long_first_turn_chars=100)
     counts = Counter()
     table = filter_batch(pa.RecordBatch.from_pylist(rows), spec, counts, SeenIds())

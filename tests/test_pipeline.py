@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -45,13 +47,22 @@ JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # kana and kanji
 pytestmark = pytest.mark.slow
 
 
+# a secret every DVC command of this module runs with, in the variables the project reads secrets from:
+# it must appear in no file the pipeline writes nor in its logs (test_no_secret_of_the_environment_...)
+MARKER = "marker-7f3c9e1b-not-a-real-secret"
+SECRETS = {name: MARKER for name in ("HF_TOKEN", "OPENAI_API_KEY", "DEEPL_AUTH_KEY", "AWS_SECRET_ACCESS_KEY")}
+LOGS: list[str] = []  # what every DVC command of this module printed
+
+
 def dvc(repo: Path, *args: str) -> str:
     env = {
         **os.environ,
+        **SECRETS,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "HF_HUB_OFFLINE": "1",
     }
     done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    LOGS.extend((done.stdout, done.stderr))
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -227,10 +238,36 @@ def test_bytecode_never_makes_a_stage_stale(built: Path):
     assert "__pycache__" not in lock and ".pyc" not in lock
 
 
+def test_no_secret_of_the_environment_is_written_or_printed(built: Path):
+    """The DAG ran with a marker in HF_TOKEN, OPENAI_API_KEY, DEEPL_AUTH_KEY and AWS_SECRET_ACCESS_KEY:
+    it is in no file of the repository (params.yaml, dvc.lock, every out, release, metric and cache)
+    and in no log line."""
+    found = [
+        str(path.relative_to(built))
+        for path in built.rglob("*")
+        if path.is_file() and ".git" not in path.parts and MARKER.encode() in path.read_bytes()
+    ]
+    assert found == [] and not any(MARKER in log for log in LOGS)
+
+
 def test_second_repro_runs_nothing(built: Path):
     output = dvc(built, "repro")
     assert ran(output) == set()
     assert "Data and pipelines are up to date." in output
+
+
+def test_an_engine_edit_leaves_fetch_and_decrypt_up_to_date(built: Path):
+    """A comment in stages/core/engines/base.py makes the stages that run engines stale in `dvc status`,
+    never fetch or decrypt (their code deps reach no engine: scripts/code_deps.py)."""
+    base = built / "stages/core/engines/base.py"
+    text = base.read_text(encoding="utf-8")
+    try:
+        base.write_text(text + "# a comment\n", encoding="utf-8")
+        stale = set(json.loads(dvc(built, "status", "--json")))
+    finally:
+        base.write_text(text, encoding="utf-8")
+    assert {"translate@ja", "generate@gemma3", "score@gemma2"} <= stale
+    assert not {s for s in stale if s.startswith(("fetch", "decrypt", "package", "params"))}, stale
 
 
 def _status(repo: Path) -> list[dict]:
@@ -266,6 +303,52 @@ def test_status_and_metrics_show_what_each_request_sending_stage_did(built: Path
         params.write_text(text, encoding="utf-8")
     assert states["generate@gemma3"]["state"] == "stale" and "params.yaml" in states["generate@gemma3"]["why"]
     assert states["fetch"]["state"] == "done"
+
+
+def _written(repo: Path) -> dict:
+    try:
+        return json.loads((repo / ".dvc/tmp/rwlock").read_text(encoding="utf-8")).get("write", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def test_status_works_beside_a_live_dvc_repro_and_names_the_running_stage(built: Path):
+    """`python -m stages.status` beside a `dvc repro` running in another process (DVC holds its write
+    locks on generate@gemma3's outs): three probes, each exit 0, the stage running with its shards."""
+    params = built / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    slow = yaml.safe_load(text)
+    slow["engine"]["batch_size"] = 10  # one request at a time, many new ones: a run of many seconds
+    slow["models"]["gemma3"]["generate"]["sampling"]["max_tokens"] = 40
+    params.write_text(yaml.safe_dump(slow, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    repro = subprocess.Popen(
+        ["dvc", "repro", "generate@gemma3"],
+        cwd=built,
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C below goes to dvc and the stage, as in a terminal
+    )
+    try:
+        waited = time.monotonic()
+        while not _written(built):  # DVC locks the outs, then the stage runs
+            assert repro.poll() is None and time.monotonic() - waited < 120, "dvc repro ended or never locked"
+            time.sleep(0.2)
+        time.sleep(3)  # the stage's progress record appears
+        for _ in range(3):
+            assert repro.poll() is None, "the repro ended before status could look beside it"
+            states = {s["name"]: s for s in _status(built)}
+            assert states["generate@gemma3"]["state"] == "running"
+            assert states["generate@gemma3"]["passes"][0]["stage"] == "generate@gemma3"
+            assert states["fetch"]["state"] == "done" and states["score@gemma3"]["state"] == "stale"
+            time.sleep(1)
+    finally:
+        os.killpg(repro.pid, signal.SIGINT)
+        repro.wait(timeout=60)
+        params.write_text(text, encoding="utf-8")
+        dvc(built, "checkout", "generate@gemma3")
+    assert ran(dvc(built, "repro", "--dry")) == set()  # nothing left stale
 
 
 def _ciphertexts(repo: Path) -> dict[str, bytes]:

@@ -153,6 +153,17 @@ def test_dvc_yaml_lists_every_module_each_stage_imports():
     assert missing == {name: [] for name in stages}
 
 
+def test_dvc_yaml_code_deps_are_the_ones_the_imports_give():
+    """dvc.yaml's code deps are generated (scripts/code_deps.py): a new import that reaches another
+    layer fails here until `python -m scripts.code_deps` is run; fetch and decrypt reach no engine."""
+    from scripts.code_deps import DVC_YAML, code_deps, rewritten
+
+    text = DVC_YAML.read_text(encoding="utf-8")
+    assert rewritten(text) == (text, []), "run python -m scripts.code_deps"
+    for entry in ("stages.fetch", "stages.decrypt"):
+        assert not {"stages/core", "stages/core/engines", "stages/core/release"} & set(code_deps(entry))
+
+
 # The contract, stage by stage, with the FakeEngine: what makes requests happen and what does not.
 
 

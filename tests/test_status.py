@@ -228,3 +228,44 @@ def test_counters_count_cache_hits_tokens_and_engine_time(fake_engine, tmp_path)
     )
     assert counts["completion_tokens"] > 0 and counts["prompt_tokens"] > 0 and counts["engine_seconds"] >= 0
     assert (counts["cache_hits"], counts["cache_misses"]) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[]", "a progress record is a JSON object, found list"),
+        ('{"stage": "generate@a", "state": "running", "pid": "x", "shards_done": 1, "rows_done": 1}', "pid"),
+        (
+            '{"stage": "generate@a", "state": "running", "pid": 1, "shards_done": null, "rows_done": 1}',
+            "shards_done",
+        ),
+        ("{not json", "is not JSON"),
+    ],
+)
+def test_a_damaged_progress_record_is_that_stage_s_problem_and_the_rest_reads_as_usual(
+    tmp_path, content, problem
+):
+    shards = tmp_path / "ckpt"
+    (shards / "generate@a").mkdir(parents=True)
+    (shards / "generate@a" / "progress.json").write_text(content, encoding="utf-8")
+    _run(tmp_path, _answer(["ok", "ok", "ok"]), stage="generate@b", total=3, statuses=("status",))
+    stages = [("generate@a", ["data/gen-a"]), ("generate@b", ["data/gen-b"])]
+    changed = {"generate@a": [{"changed outs": {"data/gen-a": "deleted"}}]}
+    states = {s.name: s for s in dag_state(stages, changed, str(shards), tmp_path)}
+    assert states["generate@a"].state == "damaged" and problem in states["generate@a"].why
+    assert states["generate@b"].state == "done" and states["generate@b"].passes[0]["shards_done"] == 3
+    screen = render(list(states.values()))
+    assert "generate@a               damaged" in screen and "shards 3/3" in screen
+
+
+def test_dvc_s_write_locks_match_with_the_absolute_paths_dvc_records(tmp_path):
+    from stages.core.runtime.status import written_outs
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    lock = {"write": {str(tmp_path / "data" / "raw"): {"pid": os.getpid(), "cmd": "dvc repro fetch"}}}
+    (tmp_path / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(lock), encoding="utf-8")
+    assert written_outs(tmp_path) == {"data/raw"}
+    states = dag_state(
+        [("fetch", ["data/raw"])], {"fetch": ["changed outs"]}, str(tmp_path / "ckpt"), tmp_path
+    )
+    assert states[0].state == "running"

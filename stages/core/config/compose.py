@@ -21,11 +21,40 @@ CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 HEADER = "# Written by `python -m stages.compose{args}`: edit conf/ and re-run it, never this file.\n"
 
 
+# an interpolation that calls a resolver (`${oc.env:HF_TOKEN}`, `${oc.decode:...}`, any custom one), not
+# one that names another key (`${paths.data}`): params.yaml is git-tracked, so nothing may read the
+# environment into it
+RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
+
+
+def refuse_resolvers(overrides: list[str], cfg: object = None) -> None:
+    """Raise naming the override or conf key whose value calls a resolver (reads the environment,
+    decodes, ...): its value would land in the git-tracked params.yaml. The value is never shown."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if RESOLVER.search(value):
+            raise PipelineError(
+                f"override {key.lstrip('+~')}: an interpolation that calls a resolver (such as oc.env) "
+                "would write what it reads into git-tracked params.yaml; give the value itself (a "
+                "secret belongs in the environment of the stage that reads it, never in params)"
+            )
+    if cfg is not None:
+        for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)).items():
+            if isinstance(value, str) and RESOLVER.search(value):
+                raise PipelineError(
+                    f"conf/ key {key}: an interpolation that calls a resolver (such as oc.env) would write "
+                    "what it reads into git-tracked params.yaml; give the value itself"
+                )
+
+
 def compose_params(overrides: list[str], conf_dir: Path = CONF_DIR) -> str:
-    """Return the params.yaml text for these Hydra overrides, validated (unknown keys are refused)."""
+    """Return the params.yaml text for these Hydra overrides, validated (unknown keys are refused;
+    resolver interpolations too: `refuse_resolvers`)."""
+    refuse_resolvers(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
+        refuse_resolvers([], cfg)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         # Hydra's message names the option or key and lists the allowed ones; its search path is noise

@@ -37,6 +37,18 @@ def _hex_digests(pins: dict[str, str]) -> dict[str, str]:
 
 
 Pins = Annotated[dict[str, str], AfterValidator(_hex_digests)]  # sha256 checksums by file name
+# a prompt template's name: stages/prompts/<name>.txt, never a path (no "/", no ".."), so a prompt is
+# always a file of the repository and never any text file the user can read
+PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+
+
+def _prompt_name(value: str) -> str:
+    if not PROMPT_NAME.fullmatch(value):
+        raise ValueError("a prompt names a file of stages/prompts/ (without .txt), not a path")
+    return value
+
+
+PromptName = Annotated[str, AfterValidator(_prompt_name)]
 COMMIT = r"[0-9a-f]{40}"
 RELEASE_PROFILE = "production"  # its sources must be pinned to commits
 
@@ -334,7 +346,7 @@ class TranslateParams(Strict):
     # extension of the dataset: translate them. fail: stop when there is one
     missing: Literal["fail", "drop", "llm", "deepl"]
     llm: LLMSpec
-    prompt: str
+    prompt: PromptName
     sampling: Sampling
     shard_size: int = Field(ge=1, json_schema_extra=RUNTIME)
     # is_template_instruction: the first rule (in order) with a pattern that matches its field
@@ -374,7 +386,7 @@ class GenerateParams(Strict):
 
 class ScoreParams(Strict):
     llm: LLMSpec
-    prompt: str
+    prompt: PromptName
     sampling: Sampling
     # a response of more than this many tokens is flagged as repetitive (the public derivative's > 2000 [D])
     repetition_threshold: int = Field(2000, ge=0)
@@ -395,7 +407,7 @@ class ScoreParams(Strict):
 
 
 class SecondTurnParams(Strict):
-    prompt: str  # asks the generator for the user's follow-up
+    prompt: PromptName  # asks the generator for the user's follow-up
     sampling: Sampling
     # the share of conversations with a best response that get a second turn, chosen by a hash of the
     # conversation_id (stages/core/rows/second_turn.py); the others stay single-turn (published: 134,014 of
@@ -615,13 +627,28 @@ class Params(Strict):
         return self.release.file.format(name=self.variant(name).release_name)
 
 
+SECRET_KEY = re.compile(r"(?i)(token|key|password|passphrase|secret)")  # a key named like a secret
+
+
 def _describe(err: ValidationError, source: Path) -> str:
     lines = [f"{source}: invalid parameters"]
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"])
-        got = "" if item["type"] == "missing" or not item["loc"] else f" (got {item.get('input')!r})"
+        got = (
+            "" if item["type"] == "missing" or not item["loc"] else f" (got {_shown(key, item.get('input'))})"
+        )
         lines.append(f"  {key or '<params>'}: {item['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
+
+
+def _shown(key: str, value: object) -> str:
+    """A bad value as an error may show it: withheld where the key is named like a secret, or where the
+    value is that of an environment variable (it may have come from one)."""
+    text = str(value)
+    from_env = len(text) >= 8 and any(text == v or (len(v) >= 8 and v in text) for v in os.environ.values())
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]) or from_env:
+        return "a value withheld: the key is named like a secret or the value is an environment variable's"
+    return repr(value)
 
 
 def validate(data: dict, source: Path = PARAMS_FILE) -> Params:

@@ -1,7 +1,8 @@
 """Filter LMSYS-Chat-1M conversations by row group and keep each one's first user turn.
 
 Rules, in order; a row is counted under the first rule that drops it, so the `dropped_*` counts
-sum to rows_in - rows_out: null_id (no conversation_id: never kept, translated or published),
+sum to rows_in - rows_out: null_id (no conversation_id: null, empty or whitespace only; never kept,
+translated or published),
 language, redacted, first_message_not_user (the first message is not the user's, or there is none),
 then duplicate_id. duplicate_id runs last, over the rows every other rule kept: the first such row
 of a conversation_id (files in sorted order, then row order) is kept and any later one dropped, so
@@ -124,6 +125,12 @@ def _unreadable(name: str, err: Exception) -> SourceError:
     )
 
 
+def _no_id(ids: pa.Array) -> np.ndarray:
+    """Rows without a conversation_id: null, empty or whitespace only (an id that names nothing)."""
+    blank = pc.equal(pc.utf8_trim_whitespace(ids), "")
+    return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
+
+
 def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, role: pa.Array) -> dict:
     """Rule name -> rows it would drop, in the order rules are applied (duplicate_id comes after)."""
     none = np.zeros(batch.num_rows, dtype=bool)
@@ -131,7 +138,7 @@ def _drop_rules(batch: pa.RecordBatch, spec: FilterSpec, role: pa.Array) -> dict
     redacted = batch.column("redacted").to_numpy(zero_copy_only=False) == True  # noqa: E712
     user_first = pc.fill_null(pc.equal(role, "user"), False)  # null role: no message at all
     return {
-        "null_id": pc.is_null(batch.column("conversation_id")).to_numpy(zero_copy_only=False),
+        "null_id": _no_id(batch.column("conversation_id")),
         "language": ~language.to_numpy(zero_copy_only=False),
         "redacted": redacted if spec.redacted == "drop" else none,
         "first_message_not_user": ~user_first.to_numpy(zero_copy_only=False),

@@ -19,6 +19,10 @@ from stages.core.runtime.progress import HEARTBEAT, RECORD, rate, time_left
 
 # the progress records of a DVC stage: score's judge pass and second turn keep their own
 PASSES = {"score": ("score", "second-turn")}
+SUMMARY = (  # what summarize gives for each pass
+    "stage", "state", "shards_done", "shards_left", "shards_reused", "rows_done", "requests_done",
+    "requests_left", "statuses", "tokens_per_second", "cache_hit_rate", "seconds_left", "updated", "error",
+)  # fmt: skip
 STALE_AFTER = 3 * HEARTBEAT  # a running record not rewritten for this long belongs to a dead process
 
 
@@ -31,16 +35,42 @@ class StageState:
 
 
 def records(shards: str) -> dict[str, dict]:
-    """stage label (generate@gemma3, second-turn@gemma2, ...) -> its last run's progress record."""
+    """stage label (generate@gemma3, second-turn@gemma2, ...) -> its last run's progress record; a
+    record that is not a progress record's shape is {"stage", "state": "damaged", "error"} (that
+    stage's problem, shown as such: the others read as usual)."""
     fs, root = fsspec.core.url_to_fs(shards)
     found = {}
     for path in fs.glob(f"{root}/*/{RECORD}"):
+        label = path.rsplit("/", 2)[-2]
         try:
             data = json.loads(fs.cat_file(path))
-        except (OSError, ValueError):
-            continue  # being replaced, or not ours: the next look finds it
-        found[data.get("stage", path.rsplit("/", 2)[-2])] = data
+        except OSError:
+            continue  # being replaced: the next look finds it
+        except ValueError as err:
+            data = {"stage": label, "state": "damaged", "error": f"{path} is not JSON: {err}"}
+        if problem := damage(data):
+            data = {"stage": label, "state": "damaged", "error": f"{path}: {problem}"}
+        found[data["stage"]] = data
     return found
+
+
+RECORD_FIELDS = {"stage": str, "state": str, "pid": int, "shards_done": int, "rows_done": int}
+
+
+def damage(record: object) -> str | None:
+    """What is wrong with a progress record's shape, or None."""
+    if not isinstance(record, dict):
+        return f"a progress record is a JSON object, found {type(record).__name__}"
+    if record.get("state") == "damaged":
+        return None
+    for name, kind in RECORD_FIELDS.items():
+        value = record.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name} is {value!r}, not {kind.__name__}"
+    for name in ("statuses", "requests"):
+        if not isinstance(record.get(name, {}), dict):
+            return f"{name} is {record[name]!r}, not an object"
+    return None
 
 
 def alive(record: dict, now: float) -> bool:
@@ -65,20 +95,32 @@ def written_outs(repo_root: Path) -> set[str]:
         lock = json.loads((repo_root / ".dvc" / "tmp" / "rwlock").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
-    outs = set()
-    for path, info in lock.get("write", {}).items():
+    outs, root = set(), repo_root.resolve()
+    for path, info in (lock.get("write") or {}).items() if isinstance(lock, dict) else ():
         try:
             os.kill(int(info["pid"]), 0)
         except ProcessLookupError:
             continue
-        except (PermissionError, KeyError, ValueError):
+        except (PermissionError, KeyError, ValueError, TypeError):
             pass
+        if os.path.isabs(path):  # DVC records absolute paths; outs are relative to the repository
+            path = os.path.relpath(path, root)
         outs.add(os.path.normpath(path))
     return outs
 
 
 def summarize(record: dict, now: float) -> dict:
     """A record's figures for the screen: shards, requests, statuses, tokens/s, cache hit rate, ETA."""
+    if record.get("state") == "damaged":
+        return dict.fromkeys(SUMMARY, None) | {
+            "stage": record["stage"],
+            "state": "damaged",
+            "error": record["error"],
+            "shards_done": 0,
+            "shards_reused": 0,
+            "requests_done": 0,
+            "statuses": {},
+        }
     requests = record.get("requests", {})
     asked = requests.get("requests", 0)
     total, done = record.get("shards_total"), record.get("shards_done", 0)
@@ -119,7 +161,7 @@ def dag_state(
         if name not in changed:
             states.append(StageState(name, "done", passes=passes))
             continue
-        ended = [p for p in passes if p["state"] in ("failed", "interrupted", "stopped")]
+        ended = [p for p in passes if p["state"] in ("failed", "interrupted", "stopped", "damaged")]
         if ended:
             why = ended[-1]["error"] or f"its last run {ended[-1]['state']}"
             states.append(StageState(name, ended[-1]["state"], why, passes))
@@ -166,6 +208,9 @@ def render(states: list[StageState]) -> str:
     for s in states:
         lines.append(f"{s.name:<24} {s.state:<12} {s.why}".rstrip())
         for p in s.passes:
+            if p["state"] == "damaged":
+                lines.append(f"  {p['stage']:<22} damaged     {p['error']}")
+                continue
             total = "?" if p["shards_left"] is None else p["shards_done"] + p["shards_left"]
             tps = "-" if p["tokens_per_second"] is None else f"{p['tokens_per_second']:,.0f}"
             hits = "-" if p["cache_hit_rate"] is None else f"{p['cache_hit_rate']:.0%}"
