@@ -325,6 +325,49 @@ def test_script_past_its_timeout_is_killed_with_its_children(tmp_path):
     assert _gone(marker)
 
 
+@pytest.mark.parametrize("sandbox", ["best-effort", "off"])
+@pytest.mark.parametrize(
+    ("limit", "body", "message"),
+    [
+        (  # 400 MB on stdout: killed at the bound, never buffered
+            {"max_output_bytes": 4096},
+            "head -c 400000000 /dev/zero | tr '\\0' a\n",
+            r"printed over decrypt\.key\.max_output_bytes=4096 bytes on stdout and was killed",
+        ),
+        (  # 400 MB on stderr: only its tail is kept, the rest read and dropped
+            {},
+            "head -c 400000000 /dev/zero | tr '\\0' e >&2; echo >&2; echo 'the last line' >&2; exit 4\n",
+            r"(?s)exited with status 4 .*the last line",
+        ),
+        (  # a fork bomb: killed with its whole process group
+            {"max_processes": 16},
+            "bomb() { bomb | bomb & }; bomb\nsleep 30\n",
+            r"ran more than decrypt\.key\.max_processes=16 processes at once and was killed",
+        ),
+        (  # 1.5 GiB of memory: the allocation fails under the address-space limit
+            {"max_memory_mb": 256},
+            "python3 -c 'b = bytearray(1536 << 20)'\n",
+            r"(?s)exited with status 1 \(its limits: decrypt\.key\.max_memory_mb=256.*MemoryError",
+        ),
+        (  # a file larger than max_file_mb
+            {"max_file_mb": 1},
+            "head -c 4000000 /dev/zero > big\n",
+            r"exited with status \d+ \(its limits: .*max_file_mb=1\)",
+        ),
+    ],
+    ids=["stdout", "stderr", "processes", "memory", "file size"],
+)
+def test_a_key_script_over_a_limit_ends_in_one_error_within_seconds_and_leaves_nothing(
+    tmp_path, limit, body, message, sandbox
+):
+    started = time.monotonic()
+    with pytest.raises(CryptoError, match=message) as err:
+        _script_key(tmp_path, body, sandbox=sandbox, **limit)
+    assert time.monotonic() - started < 20
+    assert len(str(err.value)) < 4000  # the error quotes the stderr's last lines, not megabytes
+    assert _gone("/dev/zero") and _gone("bomb") and _gone("bytearray")  # nothing of it left running
+
+
 @NEEDS_SANDBOX
 def test_sandboxed_script_sees_no_secret_no_other_process_and_no_home(tmp_path, monkeypatch):
     for name, value in SECRETS.items():

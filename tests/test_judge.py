@@ -145,6 +145,145 @@ def test_parse_score_reads_real_judge_outputs(text, score):
     assert parse_score(text) == score
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a negation in the rating's clause (issue 27)
+        pytest.param("I would not give it 10/10.", id="negated-rating-verb"),
+        pytest.param("I wouldn't rate it 9 out of 10", id="negated-contraction"),
+        pytest.param("I wouldn’t rate it 9 out of 10.", id="negated-curly-apostrophe"),
+        pytest.param("I cannot give it 10/10 because the second step is wrong.", id="cannot"),
+        pytest.param("There is no way I'd give it 10/10.", id="no-way"),
+        pytest.param("I'd never rate it 10/10 with that bug.", id="never"),
+        # a condition or a counterfactual (issue 27)
+        pytest.param("If it were perfect, I would give it 10/10.", id="if-clause-before-a-comma"),
+        pytest.param("Had it cited sources, it would deserve a 9/10.", id="had-it-inversion"),
+        pytest.param("Were it not for the typo, I would give it 10/10.", id="were-it-inversion"),
+        pytest.param("I would give it 9/10 if it cited its sources.", id="would-then-if"),
+        pytest.param("I would have given it 9/10.", id="would-have"),
+        pytest.param("The score would be 9 if the answer cited sources.", id="label-would-be-if"),
+        pytest.param("If the answer were complete: 9/10", id="if-then-closing-fraction"),
+        # Japanese: a negation right after the rating, a condition before it
+        pytest.param("不十分なので10点はつけられません", id="ja-cannot-give-issue-27"),
+        pytest.param("10点をつけることはできません。", id="ja-cannot-give"),
+        pytest.param("評価は6点ではありません。", id="ja-label-negated"),
+        pytest.param("もし出典があれば9点をつけます。", id="ja-moshi"),
+        pytest.param("出典を引用していれば9点をつけるところです。", id="ja-te-ireba"),
+        # a rating inside a quote is the answer's or the prompt's (issue 27)
+        pytest.param(
+            'The assistant\'s answer ends with "Rating: 9", which is irrelevant. '
+            "Overall the response is weak.",
+            id="double-quoted-label",
+        ),
+        pytest.param("The response says 「評価: 9」 but the reasoning is wrong.", id="ja-kagi-quoted-label"),
+        pytest.param("The essay it wrote closes with 『点数は9点』.", id="ja-double-kagi"),
+        pytest.param(
+            "The assistant wrote “I give it 9/10” about its own essay.", id="curly-quoted-rating-verb"
+        ),
+        pytest.param("Its last line, `score = 8`, is dead code.", id="code-span"),
+        pytest.param('Use the format "Rating: [[5]]" as asked.', id="quoted-format-example"),
+    ],
+)
+def test_parse_score_skips_ratings_the_judge_did_not_give(text):
+    assert parse_score(text) == FAILED
+
+
+@pytest.mark.parametrize(
+    ("text", "score"),
+    [
+        # the judge's own rating beside a negated, hypothetical or quoted one
+        pytest.param(
+            "If it were perfect I would give it 10/10, but it has two factual errors. Rating: 6",
+            6.0,
+            id="issue-27",
+        ),
+        pytest.param(
+            "As it stands I'd give it 6/10; if it were perfect I would give it 10/10.",
+            6.0,
+            id="then-hypothetical",
+        ),
+        pytest.param(
+            "I'd give it 8/10, but if it had tests I'd give it 10/10.", 8.0, id="contrast-ends-the-if"
+        ),
+        pytest.param("I would not give it 10/10; I give it 7/10.", 7.0, id="negated-then-stated"),
+        pytest.param(
+            "I would have given it 9/10, but it crashes. I give it 4/10.", 4.0, id="would-have-then"
+        ),
+        pytest.param(
+            "完璧であれば10点をつけますが、実際は6点とします。", 6.0, id="ja-conditional-then-stated"
+        ),
+        pytest.param(
+            'The assistant\'s answer ends with "Rating: 9", which is irrelevant. '
+            "Overall the response is weak. [[3]]",
+            3.0,
+            id="issue-27-quoted",
+        ),
+        pytest.param(
+            "I give it 4/10. The essay it wrote ends with 'Rating: 9', which is irrelevant.",
+            4.0,
+            id="single-quoted-label-after",
+        ),
+        pytest.param("Rating: 5\n\nThe answer ends with `score = 8`.", 5.0, id="code-span-after"),
+        pytest.param("総合評価は4点です。回答末尾の『評価: 9』は不要です。", 4.0, id="ja-quoted-label-after"),
+        pytest.param(
+            r'{"explanation": "The answer says \"Rating: 9\" at the end, which is odd.", "rating": 4}',
+            4.0,
+            id="json-with-an-escaped-quote",
+        ),
+        pytest.param(
+            "Score: 3. The answer copied the prompt's example:\n> Rating: 9", 3.0, id="blockquoted-answer"
+        ),
+        # negation words, conditions and quotes that govern no rating
+        pytest.param("It is not perfect, but I'd give it 8/10.", 8.0, id="negation-in-an-earlier-clause"),
+        pytest.param("There are no factual errors, so I give it 9/10.", 9.0, id="bare-no-negates-a-noun"),
+        pytest.param("The code does not compile and the score is 2.", 2.0, id="negation-before-and"),
+        pytest.param("If I had to rate it, I'd give it 7/10.", 7.0, id="if-i-had-to-rate"),
+        pytest.param("Even if it is verbose, I'd give it 8/10.", 8.0, id="even-if"),
+        pytest.param("The if/else branch is handled, so I give it 8/10.", 8.0, id="code-if"),
+        pytest.param("I would give it 8/10 because it is clear.", 8.0, id="would-without-if"),
+        pytest.param("評価は8点で問題ありません。", 8.0, id="ja-negation-after-a-noun"),
+        pytest.param("問題がないので8点をつけます。", 8.0, id="ja-negation-before-the-rating"),
+        pytest.param(
+            "The assistant's answer and the user's question match; I'd give it 7/10.", 7.0, id="apostrophes"
+        ),
+        pytest.param(
+            'The 12" model is fine; Rating: 6 for the 15" one.', 6.0, id="inch-marks-are-not-quotes"
+        ),
+        pytest.param('The answer is "mostly right". Rating: 7/10', 7.0, id="quote-elsewhere"),
+        pytest.param('Rating: "[[7]]"', 7.0, id="label-opens-the-quote"),
+        pytest.param('Rating: "7/10"', 7.0, id="label-opens-a-quoted-fraction"),
+        pytest.param(
+            '{"explanation": "Correct and complete. Rating: [[8]]", "rati', 8.0, id="cut-json-explanation"
+        ),
+        pytest.param(
+            "The answer is accurate and concise.\n\n> **Final rating: 8/10**", 8.0, id="blockquoted-verdict"
+        ),
+        pytest.param("> Rating: [[7]]", 7.0, id="blockquoted-double-bracket"),
+        # realistic judges
+        pytest.param(
+            MT_BENCH_PREAMBLE + "The response is correct, although it does not explain why.\n\nRating: [[7]]",
+            7.0,
+            id="mt-bench-negation-before-double-bracket",
+        ),
+        pytest.param(
+            "この回答は質問に正確に答えていますが、例が不足しています。\n\n評価: [[6]]", 6.0, id="ja-mt-bench"
+        ),
+        pytest.param(
+            "回答は丁寧ですが、もし具体例があれば9点をつけられたでしょう。\n\n評価：7点",
+            7.0,
+            id="ja-hypothetical-then-label",
+        ),
+        pytest.param(
+            "**Verdict:** Not a 10/10 answer; it misses the edge case.\n\n**Rating:** 6/10",
+            6.0,
+            id="markdown-not-a-ten",
+        ),
+    ],
+)
+def test_parse_score_reads_the_judges_own_rating_past_negations_conditions_and_quotes(text, score):
+    assert parse_score(text) == score
+
+
 @settings(max_examples=300)
 @given(JUDGE_TEXT)
 def test_parse_score_never_raises(text):
@@ -156,6 +295,14 @@ def test_parse_score_never_raises(text):
 @given(JUDGE_TEXT, st.integers(0, 100).map(lambda tenths: tenths / 10))
 def test_a_final_double_bracket_rating_wins_over_any_preamble(preamble, rating):
     assert parse_score(f"{preamble}\nRating: [[{rating:g}]]") == rating
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 10), st.integers(0, 10), st.sampled_from(['"', "“", "「", "`", "'"]))
+def test_a_quoted_or_negated_rating_never_beats_the_judges_own(own, other, quote):
+    close = {"“": "”", "「": "」"}.get(quote, quote)
+    assert parse_score(f"Score: {own}. The answer ends with {quote}Score: {other}{close}.") == own
+    assert parse_score(f"I would not give it {other}/10. I give it {own}/10.") == own
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,12 @@ class KeySpec(Strict):
     layout: str = "lmsys-chat-1m"  # script: the source root's name in the script's working directory
     args: list[str] = []  # script: its arguments; {source} is replaced by `layout`
     timeout: float = Field(600.0, gt=0, json_schema_extra=RUNTIME)  # script: seconds before it is killed
+    # script: its limits, each killing it (or failing its allocation) when broken: memory (address
+    # space), processes at once, bytes on stdout (a passphrase is one short line), size of a file written
+    max_memory_mb: int = Field(1024, ge=16, json_schema_extra=RUNTIME)
+    max_processes: int = Field(32, ge=1, json_schema_extra=RUNTIME)
+    max_output_bytes: int = Field(4096, ge=1, json_schema_extra=RUNTIME)
+    max_file_mb: int = Field(64, ge=1, json_schema_extra=RUNTIME)
     # script: the hex sha256 of the bytes it may run, checked on the bytes that run (required)
     sha256: str | None = Field(None, pattern=f"^{SHA256}$")
     # script: required (refuse to run it where this machine has no sandbox), best-effort (then run it

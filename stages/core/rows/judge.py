@@ -23,7 +23,17 @@ import pyarrow as pa
 from stages.core.config.params import ScoreParams
 from stages.core.rows import fields
 from stages.core.rows.prompts import user_turn
-from stages.core.rows.requests import MODE_IGNORED, OK, Chat, ChatRequest, Completion, Reply
+from stages.core.rows.requests import (
+    MODE_IGNORED,
+    OK,
+    PARSED,
+    TRUNCATED,
+    Chat,
+    ChatRequest,
+    Completion,
+    Reply,
+    honours,
+)
 from stages.core.rows.responses import SCORED, request_seed
 from stages.core.rows.scores import SCORE_FAILED, best_index
 
@@ -66,6 +76,44 @@ OUT_OF_TEN = re.compile(  # "7/10", "7 out of 10", "10点中7点", "7点"; not a
 )
 BARE_BRACKET = re.compile(rf"(?m){ALONE}\[[ \t*]*{NUMBER}[ \t*]*\]{CLOSING}")  # "[7]"; not "see [1] and [2]."
 PATTERNS = (DOUBLE_BRACKET, LABELLED, JSON_FIELD, RATED, OUT_OF_TEN, BARE_BRACKET)  # in order of trust
+GOVERNED = (LABELLED, RATED, OUT_OF_TEN)  # patterns whose match a negation or a condition can void
+# A quote: "…" and '…' within a line, opened after no letter and closed before none (not 12", it's);
+# “…”, 「…」, 『…』 across lines; a `code` span (not a ``` fence, so a fenced JSON judgement still counts).
+QUOTED = re.compile(
+    r"(?<![\w\"])\"(?=\S)[^\"\n]*?(?<=\S)\"(?!\w)|(?<![\w'’])'(?=\S)[^'\n]*?(?<=\S)'(?!\w)"
+    r"|“[^“”]*”|「[^「」]*」|『[^『』]*』|(?<!`)`[^`\n]+`(?!`)"
+)
+BLOCKQUOTE = re.compile(r"(?m)^[ \t]*>.*$")  # a markdown blockquote line, "> ..."
+# a label or a JSON key just before a quote makes it the judge's own words: 'Rating: "[[7]]"', a JSON
+# judgement cut short ('{"explanation": "... Rating: [[6]]", "rati')
+QUOTE_LABEL = re.compile(
+    r"(?i)(?:(?:\b(?:rating|score|grade|verdict)s?|評価|点数|スコア|採点)[ \t*]*[:=]|[\"']\s*:)[ \t*]*\Z"
+)
+LOOKBACK = 300  # characters searched on each side of a match for its clause and sentence
+# where a clause starts: a clause or sentence mark, a bracket, a dash or a conjunction
+CLAUSE_MARK = re.compile(
+    r"(?i)[,;:.!?。、—–()\n]|\b(?:and|but|so|because|since|although|though|while|whereas|yet|however)\b"
+    r"|が[、,]|けど|しかし|ただし"
+)
+# where a sentence starts: a sentence mark or a contrast ("If it were perfect, 10/10; but as it is 6/10")
+SENTENCE_MARK = re.compile(r"(?i)[;.!?。\n]|\b(?:but|however|yet)\b|が[、,]|けど|しかし|ただし")
+# a negation in the rating's clause: "I would not give", "I wouldn't rate", "never", "cannot", "no way";
+# not a bare "no", which negates a noun ("no errors, I give it 9/10")
+NEGATION = re.compile(r"(?i)\b(?:not|never|cannot)\b|n['’]t\b|\bno\s+(?:way|means)\b")
+# a counterfactual in the rating's clause: "I would have given it 9/10", "I'd have rated it"
+COUNTERFACTUAL = re.compile(r"(?i)(?:\b(?:would|could|should|might)|['’]d)\s+(?:not\s+)?have\b")
+# a condition in the rating's sentence: "if", "unless", "Had it cited sources, ...", "Were it ...",
+# "もし", "完璧であれば", "引用していれば", "例があったら", "完璧なら"; not "even if", "as if", "if I had to
+# rate it", "if you ask me", "if anything", nor code ("an if statement", "`if`", "if/else", "ならない")
+CONDITION = re.compile(
+    r"(?i)(?<!even )(?<!as )(?<!`)\bif\b(?![-/`]|\s+(?:(?:I|we)\s+(?:had|have|must)|you\s+ask|anything"
+    r"|statements?|else|blocks?|clauses?|conditions?|branch(?:es)?|checks?)\b)|\bunless\b"
+    r"|(?:^|,)\W*(?:had|were|should)\s+(?:it|this|that|they|the)\b"
+    r"|もし|であれば|ていれば|ったら|ならば?(?![ないびず])"
+)
+MODAL = re.compile(r"(?i)\b(?:would|could|might)\b|['’]d\b")  # "I'd give it 9/10 if it had sources"
+# a Japanese negation right after the rating, past kana only: "10点をつけることはできません", "7点ではない"
+JA_NEGATION = re.compile(r"[点 \t]*[ぁ-ゖ]*?(?:な(?:い|かっ)|ません|かね(?:ます|る))")
 RATINGS = list(range(11))
 # structured mode: an explanation first (as the prompt asks), then a rating the schema restricts to 0-10
 JUDGEMENT_SCHEMA = {
@@ -75,8 +123,16 @@ JUDGEMENT_SCHEMA = {
     "required": ["explanation", "rating"],
     "additionalProperties": False,
 }
+# what each mode asks of the engine, as `honours` reads a request (only these fields matter to it)
+ASKED = {
+    "parse": ChatRequest([]),
+    "structured": ChatRequest([], json_schema=JUDGEMENT_SCHEMA),
+    "logprob": ChatRequest([], top_logprobs=1),
+}
 RATING_MARK = "[["  # logprob mode: the rating token follows it ("Rating: [[7]]")
-RATING_TOKEN = re.compile(r"10|[0-9]")  # what a rating token reads, past "[[" and spaces
+# what a rating token reads past "[[" and spaces: its digits, and the closing "]]" where the tokenizer
+# writes the rating and its close as one token ("[[1]]" in the tiny model's vocabulary)
+RATING_TOKEN = re.compile(r"(10|[0-9])\s*(\]{1,2})?")
 
 
 def judge_messages(prompt: str, question: str, answer: str) -> list[dict[str, str]]:
@@ -95,16 +151,70 @@ def parse_score(text: str | None) -> float:
     line break or a sentence or clause mark, and before nothing but whitespace, punctuation and closing
     markup. So "Step 1/10 is wrong." and "Refer to [2] and [5]." hold no rating; "... Overall: 8/10"
     and "良い回答です。[7]" do.
+
+    A match is not the judge's rating (`_stated`) where it lies wholly inside a quote (QUOTED: the
+    answer's or the prompt's words, 'it ends with "Rating: 9"'), unless a label opens the quote
+    ('Rating: "[[7]]"'); blockquote lines ("> Rating: 9") count as quotes only where the text has a
+    rating outside them. A LABELLED, RATED or OUT_OF_TEN match is also void where a negation or a
+    condition governs it (`_governed`): "I would not give it 10/10", "If it were perfect, I'd give it 10/10".
     """
     if not isinstance(text, str):  # None, or NaN from a missing pandas cell
         return FAILED
     text = unicodedata.normalize("NFKC", text)
+    quoted = _quoted_spans(text)
+    blockquoted = [(m.start(), m.end()) for m in BLOCKQUOTE.finditer(text)]
+    score = _last_rating(text, quoted + blockquoted)
+    return _last_rating(text, quoted) if score == FAILED and blockquoted else score
+
+
+def _last_rating(text: str, quoted: list[tuple[int, int]]) -> float:
+    """The last in-range `_stated` value of the first of PATTERNS that has one; FAILED where none has."""
     for pattern in PATTERNS:
-        values = (float(m.group(m.lastindex)) for m in pattern.finditer(text))  # RATED has two groups
-        in_range = [value for value in values if 0.0 <= value <= MAX_SCORE]
-        if in_range:
-            return in_range[-1]
+        for match in reversed(list(pattern.finditer(text))):
+            value = float(match.group(match.lastindex))  # RATED has two groups
+            if 0.0 <= value <= MAX_SCORE and _stated(text, match, quoted):
+                return value
     return FAILED
+
+
+def _quoted_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) of the inside of each QUOTED span of `text` that no QUOTE_LABEL opens."""
+    return [
+        (m.start() + 1, m.end() - 1)
+        for m in QUOTED.finditer(text)
+        if not QUOTE_LABEL.search(text, max(0, m.start() - 30), m.start())
+    ]
+
+
+def _stated(text: str, match: re.Match, quoted: list[tuple[int, int]]) -> bool:
+    """Whether `match` is the judge's own rating: inside none of the `quoted` spans and, for a GOVERNED
+    pattern, not `_governed`."""
+    inside = any(start <= match.start() and match.end() <= end for start, end in quoted)
+    return not inside and not (match.re in GOVERNED and _governed(text, match))
+
+
+def _governed(text: str, match: re.Match) -> bool:
+    """Whether a negation or a condition governs the rating `match`:
+    - a NEGATION or a COUNTERFACTUAL in its clause, back to the last CLAUSE_MARK ("I wouldn't rate it
+      9 out of 10", "I would have given it 9/10"); or a JA_NEGATION right after it ("10点をつけられません");
+    - a CONDITION in its sentence, back to the last SENTENCE_MARK ("If it were perfect, I'd give it 10/10";
+      "完璧であれば10点をつけます"), or after it in its sentence where a MODAL comes before the number
+      ("I would give it 9/10 if it cited sources").
+    """
+    before = text[max(0, match.start() - LOOKBACK) : match.start()]
+    clause, sentence = _after_last(CLAUSE_MARK, before), _after_last(SENTENCE_MARK, before)
+    if NEGATION.search(clause) or COUNTERFACTUAL.search(clause) or JA_NEGATION.match(text, match.end()):
+        return True
+    if CONDITION.search(sentence):
+        return True
+    after = SENTENCE_MARK.split(text[match.end() : match.end() + LOOKBACK], maxsplit=1)[0]
+    return bool(MODAL.search(clause + match.group()) and CONDITION.search(after))
+
+
+def _after_last(mark: re.Pattern, text: str) -> str:
+    """`text` after the last match of `mark`; all of it where there is none."""
+    ends = [m.end() for m in mark.finditer(text)]
+    return text[ends[-1] :] if ends else text
 
 
 def json_rating(text: str | None) -> float | None:
@@ -170,12 +280,14 @@ def _ratings(token: list, prefix: str, following: list | None) -> dict[int, floa
     ones = 0.0  # mass of a bare "1": 1, or the first token of "10"
     for text, logprob in token[1].items():
         rest = text.removeprefix(prefix).strip() if text.startswith(prefix) else ""
-        if not RATING_TOKEN.fullmatch(rest):
+        found = RATING_TOKEN.fullmatch(rest)
+        if not found:
             continue
-        if rest == "1":
+        value, closed = int(found[1]), found[2] is not None
+        if value == 1 and not closed:
             ones += math.exp(logprob)
         else:
-            ratings[int(rest)] = ratings.get(int(rest), 0.0) + math.exp(logprob)
+            ratings[value] = ratings.get(value, 0.0) + math.exp(logprob)
     if not ones or 10 in ratings:
         return ratings | ({1: ones} if ones else {})
     sampled = token[0].removeprefix(prefix).strip() if token[0].startswith(prefix) else ""
@@ -224,12 +336,23 @@ def score_of(completion: Completion | None, mode: str) -> float:
 
 
 def judge_status(reply: Reply, mode: str) -> str:
-    """The status of one judge request: MODE_IGNORED where it came back OK but its judgement does not
-    honour `mode` (`effective_mode`: it is scored as parse), else the engine's own status."""
+    """The status of one judge request, final unless the engine's own is not (failed, partial):
+    - MODE_IGNORED where the server did not honour the mode asked (`honours`, the rule the response
+      cache keeps answers by: no logprobs, text that is no JSON): asked again on the next run;
+    - TRUNCATED where the judgement was cut at max_tokens and holds no rating in its mode;
+    - PARSED where the server honoured the mode but the judgement has no rating in it (no rating token
+      after "[[", say): scored by parsing its text;
+    - else the engine's status (OK, also for a parse-mode judgement without a rating: score -1)."""
     judged = reply.completions[0] if reply.completions else None
-    if reply.status == OK and judged is not None and effective_mode(judged, mode) != mode:
+    if reply.status != OK or judged is None:
+        return reply.status
+    if not honours(judged, ASKED[mode]):
         return MODE_IGNORED
-    return reply.status
+    if effective_mode(judged, mode) == mode and (mode != "parse" or parse_score(judged.text) != FAILED):
+        return OK
+    if judged.finish_reason == "length":
+        return TRUNCATED
+    return OK if mode == "parse" else PARSED
 
 
 def judge_request(spec: ScoreParams, question: str, answer: str, seed: int) -> ChatRequest:

@@ -24,12 +24,14 @@ import functools
 import hashlib
 import logging
 import os
+import selectors
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import gnupg
 import pyarrow as pa
@@ -42,6 +44,8 @@ from stages.core.storage.io import CHUNK, atomic_path
 LOG = logging.getLogger(__name__)
 CIPHER = "AES256"
 STDERR_LINES = 5  # lines of a failed key script's stderr quoted in the error (never its stdout)
+STDERR_KEEP = 16 << 10  # bytes of a key script's stderr kept (the last ones): all that its error quotes
+WATCH_SECONDS = 0.05  # how often a running key script's processes and time are checked
 KILL_GRACE = 5.0  # seconds to collect a killed key script's output
 PROBE_TIMEOUT = 30.0  # seconds for the sandbox's trial run
 # shown read-only in the sandbox (those that exist), with the directories on PATH outside HOME
@@ -98,6 +102,12 @@ trap - ERR
 exec setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- \
   env -i PATH="$keypath" HOME="$work" TMPDIR="$work" bash -- "$script" "$@"
 """
+# the limit a killed key script broke, as its error says it
+BROKE = {
+    "timeout": "ran past decrypt.key.timeout={spec.timeout:g} s",
+    "max_output_bytes": "printed over decrypt.key.max_output_bytes={spec.max_output_bytes} bytes on stdout",
+    "max_processes": "ran more than decrypt.key.max_processes={spec.max_processes} processes at once",
+}
 __all__ = ["CryptoError", "KeySpec", "decrypt_file", "derive_key", "encrypt_file", "sandbox_missing"]
 
 
@@ -143,25 +153,87 @@ def _hash_key(root: Path, spec: KeySpec) -> str:
     return base64.b64encode(digest.digest()).decode("ascii")
 
 
-def _run_isolated(argv: list[str], cwd: str, timeout: float) -> tuple[int | None, bytes, bytes]:
+class Overrun(NamedTuple):
+    """How a key script's run ended: its exit status (None: killed), stdout, the tail of its stderr,
+    and the limit it broke, as its params key (None: none)."""
+
+    status: int | None
+    out: bytes
+    err: bytes
+    broke: str | None = None
+
+
+def _run_isolated(argv: list[str], cwd: str, spec: KeySpec) -> Overrun:
     """Run argv in `cwd`, in a session of its own, with PATH, HOME and TMPDIR (both `cwd`) as its only
-    variables; return (exit status, stdout, stderr), the status None when it ran past `timeout` and
-    its whole process group was killed."""
+    variables and the limits of `spec`: address space (max_memory_mb) and file size (max_file_mb) as
+    rlimits (`prlimit`), and, watched here, its run time (timeout), the processes of its session
+    (max_processes: RLIMIT_NPROC binds no root-mapped user) and what it prints (at most
+    max_output_bytes on stdout; the last STDERR_KEEP bytes of stderr are kept). A broken limit kills
+    the whole process group at once; nothing it prints is buffered past those bounds."""
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": cwd, "TMPDIR": cwd}
+    mb = 1 << 20
+    limits = [f"--as={spec.max_memory_mb * mb}", f"--fsize={spec.max_file_mb * mb}", "--core=0"]
     pipe = subprocess.PIPE
     with subprocess.Popen(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, start_new_session=True
+        ["prlimit", *limits, "--", *argv],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=pipe,
+        stderr=pipe,
+        start_new_session=True,
     ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        out, err, broke = _watch(proc, spec)
+        if broke is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the script and whatever it started
-            out, err = b"", b""
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                out, err = proc.communicate(timeout=KILL_GRACE)
-            return None, out, err
-    return proc.returncode, out, err
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=KILL_GRACE)
+    return Overrun(None if broke is not None else proc.returncode, bytes(out), bytes(err), broke)
+
+
+def _watch(proc: subprocess.Popen, spec: KeySpec) -> tuple[bytearray, bytearray, str | None]:
+    """Read a running key script's stdout and stderr until both close, checking its limits every
+    WATCH_SECONDS; return what it printed (stderr: the tail) and the key of the limit it broke."""
+    out, err = bytearray(), bytearray()
+    deadline, checked = time.monotonic() + spec.timeout, 0.0
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, out)
+        selector.register(proc.stderr, selectors.EVENT_READ, err)
+        while selector.get_map():
+            for key, _ in selector.select(WATCH_SECONDS):
+                chunk = os.read(key.fileobj.fileno(), CHUNK)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                key.data.extend(chunk)
+                if key.data is err and len(err) > STDERR_KEEP:
+                    del err[: len(err) - STDERR_KEEP]
+            if len(out) > spec.max_output_bytes:
+                return out[: spec.max_output_bytes], err, "max_output_bytes"
+            now = time.monotonic()
+            if now > deadline:
+                return out, err, "timeout"
+            if now - checked >= WATCH_SECONDS:  # not on every read: a busy pipe is read thousands of times
+                checked = now
+                if _session_size(proc.pid) > spec.max_processes:
+                    return out, err, "max_processes"
+    return out, err, None
+
+
+def _session_size(sid: int) -> int:
+    """How many processes run in session `sid` (a key script's: every process it started that did not
+    start a session of its own, which the sandbox's PID namespace ends with it all the same)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            count += int(fields[3]) == sid  # field 6 of stat: the session id
+    return count
 
 
 def _stderr_tail(err: bytes) -> str:
@@ -204,7 +276,8 @@ def sandbox_missing() -> str | None:
     with tempfile.TemporaryDirectory(prefix="keyscript-probe-") as tmp:
         script, work = _prepare(Path(tmp).resolve(), "probe.sh", b"exit 0\n")
         argv = _sandbox_argv(Path(tmp).resolve(), script, script.parent, [])
-        status, _, err = _run_isolated(argv, str(work), PROBE_TIMEOUT)
+        probe = KeySpec(method="script", script="probe.sh", sha256="0" * 64, timeout=PROBE_TIMEOUT)
+        status, _, err, _ = _run_isolated(argv, str(work), probe)
     if status == 0:
         return None
     return f"`{' '.join(UNSHARE)}` and the sandbox's mounts failed (status {status}); {_stderr_tail(err)}"
@@ -245,9 +318,7 @@ def _pinned_bytes(script: Path, spec: KeySpec) -> bytes:
     return data
 
 
-def _run_script(
-    tmp: Path, data: bytes, source: Path, spec: KeySpec, sandboxed: bool
-) -> tuple[int | None, bytes, bytes]:
+def _run_script(tmp: Path, data: bytes, source: Path, spec: KeySpec, sandboxed: bool) -> Overrun:
     """Run the key script's bytes `data` from the private directory `tmp`; see _run_isolated."""
     script, work = _prepare(tmp, PurePosixPath(spec.script).name, data)
     link = work / spec.layout  # the LMSYS files, laid out as the script expects
@@ -255,7 +326,7 @@ def _run_script(
     link.symlink_to(source, target_is_directory=True)
     args = [a.replace("{source}", spec.layout) for a in spec.args]
     argv = _sandbox_argv(tmp, script, source, args) if sandboxed else ["bash", "--", str(script), *args]
-    return _run_isolated(argv, str(work), spec.timeout)
+    return _run_isolated(argv, str(work), spec)
 
 
 def _script_key(source: Path, spec: KeySpec, released: Path) -> str:
@@ -270,14 +341,16 @@ def _script_key(source: Path, spec: KeySpec, released: Path) -> str:
     sandboxed = _sandboxed(spec, script)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="keyscript-") as tmp:
-        status, out, err = _run_script(Path(tmp).resolve(), data, source.resolve(), spec, sandboxed)
-    if status is None:
+        status, out, err, broke = _run_script(Path(tmp).resolve(), data, source.resolve(), spec, sandboxed)
+    if broke is not None:
         raise CryptoError(
-            f"key script {script} ran past decrypt.key.timeout={spec.timeout:g} s and was killed; "
-            f"{_stderr_tail(err)}"
+            f"key script {script} {BROKE[broke].format(spec=spec)} and was killed; {_stderr_tail(err)}"
         )
     if status != 0:
-        raise CryptoError(f"key script {script} exited with status {status}; {_stderr_tail(err)}")
+        limits = (
+            f"(its limits: decrypt.key.max_memory_mb={spec.max_memory_mb}, max_file_mb={spec.max_file_mb})"
+        )
+        raise CryptoError(f"key script {script} exited with status {status} {limits}; {_stderr_tail(err)}")
     try:
         passphrase = out.decode("utf-8").strip()
     except UnicodeDecodeError:
