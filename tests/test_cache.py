@@ -430,3 +430,55 @@ def test_a_local_openai_compatible_server_gets_only_the_misses(tmp_path, monkeyp
             sent.append(server.stats()["requests"])
     assert sent == [8, 12]  # the second run sent only its 4 new requests
     assert all(r.status == OK and len(r.completions) == 3 for r in replies)
+
+
+def _crafted(path: Path, schema: str) -> Path:
+    with sqlite3.connect(path) as db:
+        db.executescript(schema)
+    return path
+
+
+def test_merge_refuses_a_view_or_a_table_of_another_shape(tmp_path):
+    """A teammate's file is read only as a plain table of the cache's schema: a view (which could run
+    any query when read) or a table with generated or other columns is refused by name."""
+    into = tmp_path / "ours.sqlite"
+    view = _crafted(
+        tmp_path / "view.sqlite",
+        "CREATE VIEW responses AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+        "SELECT randomblob(32) AS key, x'00' AS value, x'00' AS digest, i AS used_at FROM n;",
+    )
+    with pytest.raises(PipelineError, match="is not a response cache file: `responses` is a view"):
+        merge(into, view)
+    generated = _crafted(
+        tmp_path / "generated.sqlite",
+        "CREATE TABLE responses (key BLOB PRIMARY KEY, value BLOB NOT NULL, digest BLOB NOT NULL, "
+        "used_at INTEGER NOT NULL, extra BLOB GENERATED ALWAYS AS (zeroblob(1 << 20)) VIRTUAL);",
+    )
+    with pytest.raises(PipelineError, match="is not a response cache file"):
+        merge(into, generated)
+
+
+def test_merge_of_a_file_that_never_ends_stops_in_time_and_leaves_the_cache_writable(tmp_path):
+    """A table whose read takes long (here: a million rows, with a time limit of 0.2 s) stops with one
+    line, and leaves the cache writable (the write lock is taken per batch already read)."""
+    into, other = tmp_path / "ours.sqlite", tmp_path / "big.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute(
+            "CREATE TABLE responses (key BLOB PRIMARY KEY, value BLOB NOT NULL, digest BLOB NOT NULL, "
+            "used_at INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        db.execute(
+            "INSERT INTO responses WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            "LIMIT 1000000) SELECT randomblob(32), x'00', x'00', i FROM n"
+        )
+    ResponseCache(into).close()
+    began = time.monotonic()
+    with pytest.raises(PipelineError, match=r"cannot merge .* it took over 0\.2 s"):
+        merge(into, other, seconds=0.2)
+    assert time.monotonic() - began < 10
+    writer = ResponseCache(into)
+    writer.put_many(
+        [(b"k" * 32, [{"text": "t", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}])]
+    )
+    assert writer.counts()["cache_stored"] == 1
+    writer.close()

@@ -55,7 +55,8 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value, digest = excluded.digest
 WHERE NOT entry_ok(responses.value, responses.digest)
 """
 LOOKUP_BATCH = 500  # keys per SELECT (SQLite's variable limit is 32,766)
-MERGE_BATCH = 10_000  # entries read at a time from the file merged in
+MERGE_BATCH = 10_000  # entries read at a time from the file merged in, each batch one write transaction
+MERGE_SECONDS = 3600.0  # reading the file merged in stops after this long (a crafted file never ends)
 OPEN_SECONDS = 300  # how long opening waits for other processes setting up the same file
 # the fields of a stored completion (engines.Completion) and their types; `logprobs` may be absent
 COMPLETION_FIELDS = {"text": str, "finish_reason": str, "prompt_tokens": int, "completion_tokens": int}
@@ -286,32 +287,60 @@ class _transaction:
                 self.db.execute("ROLLBACK")
 
 
-def merge(into: Path, other: Path) -> dict[str, int]:
+def merge(into: Path, other: Path, seconds: float = MERGE_SECONDS) -> dict[str, int]:
     """Import the entries of the cache file `other` that `into` lacks or holds damaged. Each is
     checked first (digest, JSON, shape): a damaged one is skipped. Returns the counts: added,
-    replaced (a damaged entry of `into`), kept (`into` had it) and skipped."""
+    replaced (a damaged entry of `into`), kept (`into` had it) and skipped.
+
+    `other` may come from anyone: it is opened read-only, its `responses` must be a plain table of
+    this schema (not a view, no generated column, nothing a SELECT would compute), reading it stops
+    after `seconds`, and `into`'s write lock is held only to write one batch already read (never
+    while `other` is read), so other writers wait for a batch, not for the whole merge. A merge that
+    stops midway keeps the batches it wrote (each entry stands alone)."""
     if not Path(other).is_file():
         raise PipelineError(f"{other}: no such cache file")
+    source = _foreign(Path(other), seconds)
     db = ResponseCache(into)._connect()
-    source = sqlite3.connect(other)
     counts = dict.fromkeys(("added", "replaced", "kept", "skipped"), 0)
     try:
         rows = source.execute("SELECT key, value, digest, used_at FROM responses")
-        with _transaction(db):
-            before, changes, imported = _entries(db), db.total_changes, 0
-            while batch := rows.fetchmany(MERGE_BATCH):
-                good = [row for row in batch if _importable(*row)]
-                counts["skipped"] += len(batch) - len(good)
+        while batch := rows.fetchmany(MERGE_BATCH):
+            good = [row for row in batch if _importable(*row)]
+            counts["skipped"] += len(batch) - len(good)
+            with _transaction(db):
+                before, changes = _entries(db), db.total_changes
                 db.executemany(UPSERT, good)
-                imported += len(good)
-            counts["added"] = _entries(db) - before
-            counts["replaced"] = db.total_changes - changes - counts["added"]
-            counts["kept"] = imported - counts["added"] - counts["replaced"]
+                added = _entries(db) - before
+                replaced = db.total_changes - changes - added
+            counts["added"] += added
+            counts["replaced"] += replaced
+            counts["kept"] += len(good) - added - replaced
     except sqlite3.DatabaseError as err:
-        raise PipelineError(f"cannot merge {other} into {into}: {err}") from err
+        why = f"it took over {seconds:g} s" if "interrupt" in str(err) else str(err)
+        raise PipelineError(f"cannot merge {other} into {into}: {why}") from err
     finally:
         source.close()
     return counts
+
+
+def _foreign(path: Path, seconds: float) -> sqlite3.Connection:
+    """A read-only connection to another cache file, refused unless its `responses` is a plain table
+    with this schema's columns; every statement on it is interrupted after `seconds` in all."""
+    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    deadline = time.monotonic() + seconds
+    source.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    try:
+        kind = source.execute("SELECT type FROM sqlite_master WHERE name = 'responses'").fetchone()
+        columns = [(c[1], c[2].upper(), c[6]) for c in source.execute("PRAGMA table_xinfo(responses)")]
+    except sqlite3.DatabaseError as err:
+        source.close()
+        raise PipelineError(f"{path} is not a response cache file: {err}") from err
+    want = [("key", "BLOB", 0), ("value", "BLOB", 0), ("digest", "BLOB", 0), ("used_at", "INTEGER", 0)]
+    if kind is None or kind[0] != "table" or columns != want:
+        source.close()
+        found = "no `responses`" if kind is None else f"`responses` is a {kind[0]} with columns {columns}"
+        raise PipelineError(f"{path} is not a response cache file: {found}, not the table {want}")
+    return source
 
 
 def _importable(key: object, value: object, digest: object, used_at: object) -> bool:
@@ -347,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("stats", help="entries and size")
     merging = sub.add_parser("merge", help="add the entries of another cache file (a teammate's, a host's)")
     merging.add_argument("other", type=Path)
+    merging.add_argument(
+        "--seconds",
+        type=float,
+        default=MERGE_SECONDS,
+        help=f"stop reading it after this long ({MERGE_SECONDS:g})",
+    )
     pruning = sub.add_parser("prune", help="delete entries no run used lately")
     pruning.add_argument("--unused-days", type=float, required=True)
     args = parser.parse_args(argv)
@@ -355,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.path = Path(load_params().paths.response_cache)
     if args.command == "merge":
-        counts = merge(args.path, args.other)
+        counts = merge(args.path, args.other, args.seconds)
         print(
             f"{counts['added']:,} entries added to {args.path}, {counts['replaced']:,} damaged ones "
             f"replaced, {counts['kept']:,} already there; {counts['skipped']:,} damaged entries of "
