@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from stages.core.config.cli import summary
 from stages.core.storage.meaning import closure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def rewritten(text: str) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.code_deps", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.code_deps", description=summary(__doc__))
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs")
     args = parser.parse_args(argv)
     text = DVC_YAML.read_text(encoding="utf-8")

@@ -21,13 +21,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from stages.core.config.cli import run
+from stages.core.config.cli import run, summary
 from stages.core.config.compose import check_params, compose_params, dropped_or_refuse
 from stages.core.config.params import PARAMS_FILE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=sample")
     parser.add_argument("--out", type=Path, default=PARAMS_FILE)
     parser.add_argument("--check", action="store_true", help="check --out instead of writing it")

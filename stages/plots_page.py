@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.cli import LOG_FORMAT, run, summary
 from stages.core.release.page import LOG, PAGE, ensure_page, use_page
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    argparse.ArgumentParser(description=summary(__doc__)).parse_args()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     page = ensure_page(PAGE)
     setting = use_page(page)

@@ -14,14 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.cli import LOG_FORMAT, run, summary
 from stages.core.config.errors import PipelineError
 from stages.core.release.notes import DVC, LOG, release_notes
 from stages.core.release.page import ensure_page
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("old", help="the earlier revision, e.g. v0.1")
     parser.add_argument("new", help="the later revision, e.g. v0.2 (or HEAD)")
     parser.add_argument("--out", type=Path, help="write the notes here (default: standard output)")

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.cli import LOG_FORMAT, run, summary
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import load_params
 from stages.core.runtime.status import dag_state, render
@@ -62,7 +62,7 @@ def changes(stage: Any) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.status", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.status", description=summary(__doc__))
     parser.add_argument("--json", action="store_true", help="print the state as JSON, for scripts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)

@@ -271,3 +271,22 @@ def test_a_terminated_stage_removes_its_private_temporary_files(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - began < 10
     assert list((tmp_path / "private").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["fetch", "decrypt", "translate", "generate", "score", "package", "sft", "merge", "compare", "status",
+     "compose", "release_notes", "plots_page"],
+)  # fmt: skip
+def test_help_texts_are_whole_sentences(module, monkeypatch, capsys):
+    """`python -m stages.<name> --help` describes the stage in whole sentences, never cut where the
+    docstring's first line breaks."""
+    mod = __import__(f"stages.{module}", fromlist=["main"])
+    monkeypatch.setattr(sys, "argv", [f"stages.{module}", "--help"])
+    with pytest.raises(SystemExit) as done:
+        mod.main()
+    assert done.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and after hyphens)
+    description = " ".join(mod.__doc__.strip().split("\n\n")[0].split())
+    assert "".join(description.split()) in text, description
+    assert description.rstrip(")").endswith((".", ":", "`")), description

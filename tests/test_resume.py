@@ -109,7 +109,7 @@ def test_a_comment_edit_everywhere_reuses_every_checkpoint_without_the_cache(
     copy = tmp_path / "stages"
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
     _edit_comments_and_docstrings(copy)
-    monkeypatch.setattr("stages.core.storage.resume.PACKAGE_DIR", copy)
+    monkeypatch.setattr("stages.core.storage.meaning.PACKAGE_DIR", copy)
     set_params(scored, lambda d: d["engine"].update(cache="off"))
     assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
     assert [p.read_bytes() for p in outs] == before
@@ -211,6 +211,10 @@ def test_an_upstream_edit_generate_does_not_read_reuses_every_response(scored, m
 
 
 def test_a_judge_prompt_edit_rescores(scored, monkeypatch, fake_engine, tmp_path):
+    # the sample judges with its published prompt (the edit of that file: tests/test_materials.py); ours
+    set_params(scored, lambda d: d["models"]["gemma3"]["score"].update(prompt="judge-0to10"))
+    _rerun(monkeypatch, fake_engine, "score")
+    assert _rerun(monkeypatch, fake_engine, "generate", "score") == []
     prompts = tmp_path / "prompts"
     shutil.copytree(ROOT / "stages" / "prompts", prompts)
     judge = prompts / "judge-0to10.txt"
@@ -222,7 +226,7 @@ def test_a_judge_prompt_edit_rescores(scored, monkeypatch, fake_engine, tmp_path
         for r in pq.read_table(scored / "data/generated/gemma3.parquet")["responses_ja"].to_pylist()
     )
     assert len(judged) == responses > 0  # generate made none; every response was judged again
-    assert all("impartial, strict judge" in r.messages[0]["content"] for r in judged)
+    assert all("impartial, strict judge" in r.messages[-1]["content"] for r in judged)
 
 
 def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_path):
@@ -230,7 +234,7 @@ def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_
     shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
     judge = copy / "core" / "rows" / "judge.py"
     judge.write_text(judge.read_text(encoding="utf-8") + "\nFIXED = 1\n", encoding="utf-8")  # a code change
-    monkeypatch.setattr("stages.core.storage.resume.PACKAGE_DIR", copy)
+    monkeypatch.setattr("stages.core.storage.meaning.PACKAGE_DIR", copy)
     shards = scored / "data/.checkpoints/score@gemma3"
     before = {p.name for p in shards.iterdir()}
     # the judge's requests did not change: its shards are rebuilt from the cached judgements
@@ -239,7 +243,7 @@ def test_a_code_fix_in_the_judge_rescores(scored, monkeypatch, fake_engine, tmp_
     judge.write_text(judge.read_text(encoding="utf-8") + "FIXED = 2\n", encoding="utf-8")
     set_params(scored, lambda d: d["engine"].update(cache="off"))  # without the cache, they are asked again
     requests = _rerun(monkeypatch, fake_engine, "generate", "score")
-    assert requests and all("impartial judge" in r.messages[0]["content"] for r in requests)
+    assert requests and all("impartial judge" in r.messages[-1]["content"] for r in requests)
 
 
 def test_a_new_model_revision_regenerates(scored, monkeypatch, fake_engine):

@@ -38,6 +38,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a scheduler's stop): the stage stops as on Ctrl-C."""
 
 
+def summary(doc: str | None) -> str:
+    """A --help description: the docstring's first paragraph on one line, so it ends where its
+    sentence does (not where the docstring's first line breaks)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def run(main: Callable[[], None]) -> None:
     """Run an entry point; an expected failure (PipelineError) becomes a few lines and exit status 2.
 
@@ -75,7 +81,7 @@ def start(
     """Parse the command line, set up logging, load params.yaml (validated), check the variant, run
     the stage's own params `check` (a bad setting is named before a missing input), then check that
     the stage's inputs exist."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=summary(doc))
     if variant:
         parser.add_argument("variant", help="a key of `models` in params.yaml, e.g. gemma3")
     args = parser.parse_args()
@@ -93,7 +99,7 @@ def start(
 def start_subsets(stage: str, doc: str) -> tuple[Params, list[str]]:
     """As `start`, for a stage that runs per released subset: the subsets named on the command line
     (each one of decrypt.subsets), or every one of decrypt.subsets when none is named."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=summary(doc))
     parser.add_argument(
         "subsets", nargs="*", help="released subsets (ja, ja+unsafe); default: decrypt.subsets"
     )
