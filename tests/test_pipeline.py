@@ -603,3 +603,46 @@ def test_dvc_repro_compare_writes_its_report_and_its_metrics_diff_between_tags(b
         subprocess.run([*GIT, *args], cwd=built, check=True)
     diff = json.loads(dvc(built, "metrics", "diff", "compare-a", "compare-b", "--json"))
     assert diff["data/metrics/compare-gemma3.json"]["rows.published"] == {"old": 309, "new": 298, "diff": -11}
+
+
+def test_the_release_script_builds_the_whole_chain_pushes_and_tags_with_nothing_stale(
+    built: Path, monkeypatch
+):
+    """`python -m scripts.release gemma3 <tag>` after a Gemma-3 change: package, sft, merge and compare
+    all run before the tag (the tag never carries the previous release's figures), `dvc status` is
+    clean, the data is on the remote (moto), and the tag holds the new metrics."""
+    import boto3
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    params = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))
+    params["models"]["gemma3"]["generate"]["sampling"]["top_p"] = 0.85
+    (built / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, **SECRETS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env |= {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "t"), ("EMAIL", "t@t"))
+    }
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
+            client.create_bucket(Bucket=bucket)
+        for remote in ("public", "private"):
+            dvc(built, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+        done = subprocess.run(
+            [sys.executable, "-m", "scripts.release", "gemma3", "v-test-release"],
+            cwd=built,
+            env=env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "dvc push --with-deps package@gemma3 sft@gemma3 merge@gemma3 compare@gemma3" in done.stdout
+        assert _objects(endpoint, "lmsys-chat-1m-synth")
+    assert ran(dvc(built, "repro", "--dry")) == set()
+    for name in ("compare-gemma3.json", "sft-gemma3.json", "package-gemma3.json"):
+        tagged = subprocess.run(
+            ["git", "show", f"v-test-release:data/metrics/{name}"], cwd=built, capture_output=True, text=True
+        )
+        assert tagged.stdout == (built / "data/metrics" / name).read_text(encoding="utf-8"), name
