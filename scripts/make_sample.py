@@ -1,5 +1,6 @@
-"""Write the bundled sample: LMSYS-Chat-1M-shaped Parquet shards and the encrypted released
-Japanese instructions, under data/sample/. Seeded; every text here was written for this project.
+"""Write the bundled sample: LMSYS-Chat-1M-shaped Parquet shards, the encrypted released Japanese
+instructions, the key script, a judge prompt file and licence placeholders, under data/sample/.
+Seeded; every text here was written for this project.
 
     python scripts/make_sample.py [--out data/sample] [--seed 0]
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
 import tempfile
 from pathlib import Path
+from string import Template
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +57,16 @@ else
   shasum -a 256 "${{shards[0]}}" | cut -d ' ' -f 1  # macOS
 fi
 """
+JUDGE_PROMPTS = "materials/judge_prompt.jsonl"  # the released repository's name (score.prompt published)
+JUDGE_TEMPLATE = Path(__file__).resolve().parent.parent / "stages" / "prompts" / "judge-0to10.txt"
+# The licence texts at the released repository's root, by name, and what each stands for: the sample
+# ships placeholders under those names (the acceptable-use policy's published name is not known here)
+LICENCES = {
+    "LLAMA_3.1_COMMUNITY_LICENSE_AGREEMENT": "the Llama 3.1 Community License Agreement",
+    "LLAMA_3.1_ACCEPTABLE_USE_POLICY": "the Llama 3.1 Acceptable Use Policy",
+    "Notice": "the published release's notice",
+    "GEMMA_TERMS_OF_USE.md": "the Gemma Terms of Use",
+}
 CATEGORIES = [
     "harassment", "harassment/threatening", "hate", "hate/threatening", "self-harm",
     "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
@@ -360,6 +373,53 @@ def write_key_script(out: Path, key: str) -> None:
         raise SystemExit(f"{script} does not print the key of the sample's encrypted files")
 
 
+def sample_judge_prompts() -> list[dict]:
+    """The sample's materials/judge_prompt.jsonl entries, in MT-Bench's llm_judge format (one JSON object
+    a line: name, type, system_prompt, prompt_template, description, category, output_format), written
+    for this project. single-v1's user turn is our judge prompt (stages/prompts/judge-0to10.txt, the
+    text the tiny model learned to judge) with MT-Bench's {question} and {answer}; the other two are
+    there so that score picks single-v1 among several."""
+    ours = JUDGE_TEMPLATE.read_text(encoding="utf-8").strip().replace("{", "{{").replace("}", "}}")
+    single = Template(ours).substitute(question="{question}", answer="{answer}")
+    written = "Written for lmsys-chat-1m-synth's bundled sample (scripts/make_sample.py)"
+    return [
+        {"name": "single-v1", "type": "single", "system_prompt": "You are a helpful assistant.",
+         "prompt_template": single, "description": f"Rates one answer from 0 to 10. {written}.",
+         "category": "general", "output_format": "[[rating]]"},
+        {"name": "pair-v2", "type": "pairwise",
+         "system_prompt": "Compare the answers of two AI assistants to the user question below and say which "
+         "is better, or that they tie. Reply with [[A]], [[B]] or [[C]] for a tie.",
+         "prompt_template": "[User Question]\n{question}\n\n[Assistant A]\n{answer_a}\n\n[Assistant B]\n{answer_b}",
+         "description": f"Compares two answers. {written}.", "category": "general", "output_format": "[[A]]"},
+        {"name": "single-math-v1", "type": "single", "system_prompt": "You are a helpful assistant.",
+         "prompt_template": "Rate the answer to this math question from 0 to 10 against the reference "
+         "answer, as \"Rating: [[k]]\".\n\n[Question]\n{question}\n\n[Reference Answer]\n{ref_answer_1}\n\n"
+         "[Answer]\n{answer}", "description": f"Rates one answer against a reference. {written}.",
+         "category": "math", "output_format": "[[rating]]"},
+    ]  # fmt: skip
+
+
+def licence_placeholder(name: str, stands_for: str) -> str:
+    return (
+        f"Placeholder written for lmsys-chat-1m-synth's bundled sample (scripts/make_sample.py).\n\n"
+        f"This file is not {stands_for}. The published release (tokyotech-llm/lmsys-chat-1m-synth) ships\n"
+        f"that text under the name {name}; a production fetch copies it from there, and package puts it\n"
+        "in every release. The demo release carries this placeholder in its place.\n"
+    )
+
+
+def write_materials(out: Path) -> None:
+    """The sample's materials/judge_prompt.jsonl and its licence placeholders, under the names the
+    published repository uses (conf/source/sample.yaml pins their sha256)."""
+    root = out / "lmsys-chat-1m-synth"
+    judge = root / JUDGE_PROMPTS
+    judge.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(entry, ensure_ascii=False) + "\n" for entry in sample_judge_prompts()]
+    judge.write_text("".join(lines), encoding="utf-8", newline="\n")
+    for name, stands_for in LICENCES.items():
+        (root / name).write_text(licence_placeholder(name, stands_for), encoding="utf-8", newline="\n")
+
+
 # The published public files (compare@M, generate.source=published): one per release_name with its
 # (Japanese responses per instruction, English ones, whether it holds a two-turn continuation).
 PUBLISHED_FILE = "dataset/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"
@@ -481,6 +541,7 @@ def main() -> None:
     key = derive_key(args.out / "lmsys-chat-1m", KeySpec(file=KEY_FILE))
     write_released(args.out, [r for shard in shards for r in shard], translations, key, missing)
     write_key_script(args.out, key)
+    write_materials(args.out)
     write_published(args.out, [r for shard in shards for r in shard], translations, missing)
     total = sum(map(len, shards))
     print(f"wrote {total} conversations in {N_SHARDS} shards and 2 encrypted subsets to {args.out}")

@@ -1,6 +1,7 @@
 """sft@<variant>: one SFT file per option set of `sft` that applies to the variant,
-<paths.sft>/<variant>/<name>.jsonl.gz ({"conversation": [...]} lines for TRL), and their counts in
-<paths.metrics>/sft-<variant>.json. The files hold LMSYS-derived instructions: private remote only.
+<paths.sft>/<variant>/<name>.jsonl.gz ({<output_key>: [...]} lines, the best response as score stored
+it), and their counts in <paths.metrics>/sft-<variant>.json. The files hold LMSYS-derived
+instructions: private remote only.
 
 In the pipeline it reads the variant's release and the translated table. A licensee rebuilds the
 same files, byte for byte and without DVC, from the public release files and the decrypted
@@ -16,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from stages.core.config.cli import LOG_FORMAT, run, timed
+from stages.core.config.cli import LOG_FORMAT, run, summary, timed
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import Params, load_params
 from stages.core.release.files import public_file
@@ -30,7 +31,7 @@ USER_COLUMNS = ["conversation_id", "instruction_ja", "instruction", "redacted"]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.sft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.sft", description=summary(__doc__))
     parser.add_argument("variant", help="a key of `models` in params.yaml, e.g. gemma2")
     parser.add_argument("--release-dir", type=Path, help="the variant's public release files")
     parser.add_argument("--instructions", type=Path, help="the decrypted instructions (.jsonl.gz)")

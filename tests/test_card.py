@@ -66,9 +66,10 @@ def test_datasets_loads_the_release_directory_with_one_schema(released: Path, tm
     assert {"role", "content"} <= set(conversations.feature.feature)
 
 
-def test_a_gemma3_card_says_its_file_has_no_english(workspace):
+def test_a_gemma3_card_says_its_file_has_no_english(workspace, monkeypatch):
     from stages.core.config.params import load_params
 
+    run_stage(monkeypatch, "fetch")  # the judge prompt the card names (score.prompt published)
     params = load_params(workspace / "params.yaml")
     manifest = {
         "files": {"gemma3-lmsys-chat-1m-synth-ja+en.jsonl.gz": {"sha256": "0" * 64, "size": 1}},
@@ -220,7 +221,7 @@ def test_a_licensee_following_the_card_gets_the_instructions_of_every_record(rel
     assert turns == [("user", not empty) for empty in rows["empty_user_instruction_ja"]]
     assert (
         "python -m stages.sft gemma2 --release-dir DIR" in text
-        and "`ja-multiturn-wo-template-wo-pii`" in text
+        and "`lmsys-chat-1m-synth-ja-gemma2-2turn-wo-pii-and-template-instructions`" in text
     )
     by_file = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|$", text.split("By file")[1], re.M))
     assert by_file["lmsys-chat-1m-first-turn-user-instructions-ja.jsonl.gz.gpg"].startswith("LMSYS-Chat-1M")

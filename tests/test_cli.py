@@ -148,9 +148,13 @@ def test_offline_mode_names_the_setting_and_what_it_cannot_fetch(workspace):
 # a stage run before its inputs exist -> (the inputs made first, the missing one, the stage that makes it)
 MISSING = {
     "generate": ((), "data/private/translated-ja+unsafe.parquet", "translate@ja+unsafe"),
-    "score": (("translated",), "data/generated/gemma3.parquet", "generate@gemma3"),
+    "score": (("released", "translated"), "data/generated/gemma3.parquet", "generate@gemma3"),
     "package": ((), "data/raw/lmsys-chat-1m", "fetch"),
-    "package-scored": (("source", "translated", "generated"), "data/scored/gemma3.parquet", "score@gemma3"),
+    "package-scored": (
+        ("source", "released", "translated", "generated"),
+        "data/scored/gemma3.parquet",
+        "score@gemma3",
+    ),
 }
 
 
@@ -162,7 +166,7 @@ def test_a_missing_input_names_the_stage_that_makes_it(workspace, case):
     for kind in made:  # only their existence is checked before any work
         path = workspace / stage_input(params, kind, "gemma3", "ja+unsafe")[0]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir() if kind == "source" else path.touch()
+        path.mkdir() if kind in ("source", "released") else path.touch()
     _plain(
         _run(workspace, f"stages.{stage}", "gemma3"),
         f"error: {missing} does not exist: run `dvc repro {made_by}` (or `dvc repro {stage}@gemma3`, which "

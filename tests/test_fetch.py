@@ -224,7 +224,8 @@ def test_manifest_lists_every_file_with_size_and_sha256(workspace, monkeypatch):
     for name, entry in listed.items():
         data = (workspace / "data/raw/lmsys-chat-1m" / name).read_bytes()
         assert entry == {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert len(manifest["released"]["files"]) == 3  # the two encrypted subsets and the key script
+    # the two encrypted subsets, the key script, the judge prompt and 4 licence placeholders
+    assert len(manifest["released"]["files"]) == 8
 
 
 def test_pinned_checksums_pass(workspace, monkeypatch):
@@ -472,3 +473,37 @@ def test_kept_ids_drop_what_a_set_of_the_ids_would(batches):
             kept.add(cid)
         assert seen.drop(pa.array(batch, pa.string())).tolist() == expected
     assert len(seen) == len(kept)
+
+
+def test_a_rerun_fetch_downloads_no_pinned_file_it_already_has(workspace, monkeypatch, caplog):
+    """Files whose bytes params fix (sha256 pins; a Hub commit likewise) are kept once under
+    paths.fetched: a re-run of fetch (DVC deleted its outs first) links them from there and reads
+    nothing of the source but its listing. Here every source file is then overwritten with other
+    bytes of the same size: the re-run still gives the same outputs, so it read none of them."""
+    sources = sorted((workspace / "data/sample/lmsys-chat-1m").rglob("*.parquet"))
+    pins = {p.relative_to(workspace / "data/sample/lmsys-chat-1m").as_posix(): sha256_of(p) for p in sources}
+    set_params(workspace, lambda d: d["fetch"]["source"].update(sha256=pins))
+    run_stage(monkeypatch, "fetch")
+    first = (workspace / "data/interim/first-turn.parquet").read_bytes()
+    shutil.rmtree(workspace / "data/raw")  # as `dvc repro` removes a stage's outs before it runs
+    for path in sources:
+        path.write_bytes(b"\0" * path.stat().st_size)
+    caplog.set_level("INFO")
+    run_stage(monkeypatch, "fetch")
+    assert (workspace / "data/interim/first-turn.parquet").read_bytes() == first
+    assert f"{len(sources)} of {len(sources)} files reused" in caplog.text
+    assert "fetched data/" not in caplog.text  # no source file was downloaded
+
+
+def test_an_unpinned_local_file_is_read_again_on_every_fetch(workspace, monkeypatch):
+    run_stage(monkeypatch, "fetch")
+    shard = _shard(workspace, 1)
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, 10), shard)  # a local source may change: it is read again
+    run_stage(monkeypatch, "fetch")
+    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
+    assert rows["rows_in"] < 326
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -199,7 +199,7 @@ def test_a_mode_change_judges_again_and_logprob_mode_scores_the_expected_rating(
     set_mode(workspace, "logprob")
     before = len(logprob_engine.requests)
     run_stage(monkeypatch, "score", "gemma3")
-    asked = [r for r in logprob_engine.requests[before:] if "impartial judge" in r.messages[0]["content"]]
+    asked = [r for r in logprob_engine.requests[before:] if "impartial judge" in r.messages[-1]["content"]]
     weighted = notes(workspace)
     # neither the parse-mode shards nor the cached parse-mode judgements answer a logprob request
     assert len(asked) == len(parsed) and all(r.top_logprobs == 20 and r.logprobs_after == "[[" for r in asked)

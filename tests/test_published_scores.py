@@ -107,7 +107,7 @@ def test_package_sft_and_compare_run_on_published_judgements(from_published, mon
             "synthesized_response_scoring_annotations"
         )
     sft = json.loads((from_published / "data/metrics/sft-gemma2.json").read_text())
-    assert sft["sets"]["ja-multiturn-wo-template-wo-pii"]["written"] > 0
+    assert sft["sets"]["lmsys-chat-1m-synth-ja-gemma2-2turn-wo-pii-and-template-instructions"]["written"] > 0
     compared = json.loads((from_published / "data/metrics/compare-gemma2.json").read_text())
     assert compared["rows"]["both"] > 0
     assert compared["published"]["judgements_failed"] == 55  # the published file's, all of its rows

@@ -27,8 +27,8 @@ READS = {
     "decrypt": ("source", "released"),
     "translate": ("first_turn", "instructions"),
     "generate": ("translated",),
-    "score": ("translated", "generated"),
-    "package": ("source", "translated", "generated", "scored"),
+    "score": ("released", "translated", "generated"),
+    "package": ("source", "released", "translated", "generated", "scored"),
     "compare": ("translated", "release"),
     "merge": ("source", "translated", "release"),
 }

@@ -49,6 +49,21 @@ def _prompt_name(value: str) -> str:
 
 
 PromptName = Annotated[str, AfterValidator(_prompt_name)]
+PUBLISHED_PROMPT = "published"  # score.prompt: the fetched release's materials/judge_prompt.jsonl
+
+
+def _judge_prompt(value: str) -> str:
+    if value != PUBLISHED_PROMPT and not PROMPT_NAME.fullmatch(value):
+        raise ValueError(
+            f"the judge prompt is {PUBLISHED_PROMPT!r} (the release's materials/judge_prompt.jsonl) or "
+            "names a file of stages/prompts/ (without .txt), not a path"
+        )
+    return value
+
+
+# score.prompt: `published` (the judge prompt the release ships, stages/core/rows/prompts.py), or a
+# template name as PromptName
+JudgePromptName = Annotated[str, AfterValidator(_judge_prompt)]
 COMMIT = r"[0-9a-f]{40}"
 RELEASE_PROFILE = "production"  # its sources must be pinned to commits
 
@@ -84,6 +99,9 @@ class Paths(Strict):
     published: (
         str  # fetched published release files, by source and revision (stages/core/release/published.py)
     )
+    # fetch's files whose bytes params fix (a sha256 pin, a Hub commit), kept once so a re-run of fetch
+    # downloads nothing it has (stages/core/storage/source.py; not a DVC out)
+    fetched: str
 
     @property
     def shards(self) -> str:
@@ -392,7 +410,7 @@ class GenerateParams(Strict):
 
 class ScoreParams(Strict):
     llm: LLMSpec
-    prompt: PromptName
+    prompt: JudgePromptName
     sampling: Sampling
     # a response of more than this many tokens is flagged as repetitive (the public derivative's > 2000 [D])
     repetition_threshold: int = Field(2000, ge=0)
@@ -504,8 +522,9 @@ SFT_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # an option set's name is its file name
 
 
 class SftOption(Strict):
-    """One SFT file per variant it applies to (stages/core/rows/sft.py): the best-scored response to
-    each instruction, in TRL's `{"conversation": [...]}` form, as the published converter writes."""
+    """One SFT file per variant it applies to (stages/core/rows/sft.py): the best response to each
+    instruction as score stored it, one `{<output_key>: [...]}` a line (`conversation`: as we assume
+    the published converter writes, docs/assumptions.md 11; `messages`: TRL's conversational form)."""
 
     language: Literal["ja", "en"] = "ja"  # en: the LMSYS first turn and the English response
     min_score: float | None = Field(None, ge=0.0, le=10.0)  # the best response's score must reach it
@@ -513,6 +532,7 @@ class SftOption(Strict):
     exclude_redacted: bool = False  # leave out conversations LMSYS-Chat-1M marks `redacted` (PII)
     turns: Literal[1, 2] = 1  # 2: the instruction and the variant's synthesized_multiturn_conversation
     variants: list[str] | None = None  # the variants it applies to (null: every variant)
+    output_key: Literal["conversation", "messages"] = "conversation"  # each line's key; messages: TRL
 
     @model_validator(mode="after")
     def _english_is_one_unscored_turn(self) -> SftOption:

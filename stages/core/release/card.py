@@ -12,7 +12,10 @@ import yaml
 
 from stages.core.config.params import Params
 from stages.core.config.project import distribution_version
+from stages.core.release.files import licence_texts
 from stages.core.rows import fields
+from stages.core.rows.prompts import PROMPT_DIR, PUBLISHED, PUBLISHED_FILE, published_judge
+from stages.core.storage.io import sha256_file
 from stages.core.storage.resume import digest, recipe
 
 # The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,
@@ -114,6 +117,7 @@ def provenance(params: Params, name: str) -> dict:
             for key, spec in (("source", fetch.source), ("released", fetch.released))
         },
         "subset": variant.subset,
+        "judge_prompt": judge_prompt(params, name),
         "params_fingerprint": digest(
             params.seed,
             recipe(fetch),
@@ -123,6 +127,51 @@ def provenance(params: Params, name: str) -> dict:
             recipe(params.release),
         ),
     }
+
+
+def judge_prompt(params: Params, name: str) -> dict | None:
+    """Which prompt scored variant `name`: the setting (`score.prompt`), the prompt's name, the file it
+    came from (with the released repository's uri and revision for `published`) and that file's
+    sha256. None where score kept the published file's judgements (generate.source published, no
+    rejudge: no judge ran, as stages/core/runtime/scoring.py decides)."""
+    variant = params.models[name]
+    if variant.generate.source == "published" and not variant.score.rejudge:
+        return None
+    setting = variant.score.prompt
+    if setting == PUBLISHED:
+        chosen, released = published_judge(params.paths.released), params.fetch.released
+        return {
+            "setting": setting,
+            "name": chosen.name,
+            "file": PUBLISHED_FILE,
+            "uri": released.uri,
+            "revision": released.revision,
+            "sha256": chosen.sha256,
+        }
+    path = PROMPT_DIR / f"{setting}.txt"
+    return {
+        "setting": setting,
+        "name": setting,
+        "file": path.relative_to(PROMPT_DIR.parents[1]).as_posix(),  # this project's stages/prompts/
+        "uri": None,
+        "revision": None,
+        "sha256": sha256_file(path),
+    }
+
+
+def judge_line(prompt: dict | None) -> str:
+    """The card's sentence on the judge prompt that scored the release (`judge_prompt`)."""
+    if prompt is None:
+        return "Judge prompt: none ran; the scores are the published file's (`generate.source: published`)."
+    if prompt["uri"] is None:
+        where = f"`{prompt['file']}` (this project's)"
+    else:
+        at = f" @ `{prompt['revision']}`" if prompt["revision"] else ""
+        where = f"`{prompt['file']}` of `{prompt['uri']}`{at} (the publisher's)"
+    return (
+        f"Judge prompt: `{prompt['name']}` from {where}, sha256 `{prompt['sha256']}` "
+        f"(`score.prompt: {prompt['setting']}`)."
+    )
 
 
 def licences(producers: dict) -> list[str]:
@@ -261,14 +310,25 @@ def instructions_howto(params: Params, name: str, files: list[str]) -> str:
     )
 
 
-def file_licences(files: list[str], producers: dict) -> list[tuple[str, str]]:
-    """Which terms apply to each file of the release (our reading of the licences above)."""
+def texts_line(texts: list[str]) -> str:
+    """The card's line on the licence texts copied into the release (stages/core/release/files.py)."""
+    return (
+        "The licence texts the published repository ships at its root, copied unchanged beside these "
+        f"files: {', '.join(f'`{t}`' for t in texts)}."
+    )
+
+
+def file_licences(files: list[str], producers: dict, texts: list[str] = ()) -> list[tuple[str, str]]:
+    """Which terms apply to each file of the release (our reading of the licences above); `texts` are
+    the licence texts copied from the published repository."""
     models = [(m.get("model") or "").lower() for m in producers.get("models", {}).values()]
     families = [text.split(" (")[0] for family, text in FAMILIES.items() if any(family in m for m in models)]
     outputs = " and ".join(families) or "the producing models' terms"
     found = []
     for f in files:
-        if f.endswith(".gpg"):
+        if f in texts:
+            terms = "a licence text, as the published repository ships it (its own terms)"
+        elif f.endswith(".gpg"):
             terms = "LMSYS-Chat-1M Dataset License Agreement"
         elif f.endswith((".jsonl.gz", ".parquet")):
             terms = f"{outputs} (model outputs); the ids and flags of LMSYS-Chat-1M conversations"
@@ -284,6 +344,7 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
     """README.md of a release directory, from its manifest (files, metrics, producers, provenance)."""
     variant, metrics = params.models[name], manifest["metrics"]
     files = sorted(manifest["files"])
+    texts = [f for f in files if f in {p.name for p in licence_texts(params.paths.released)}]
     meta = front_matter(params, name, files, features, metrics.get("instructions", 0))
     source = manifest["provenance"]
     en = variant.generate.n_en > 0
@@ -297,6 +358,7 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
         + ("" if en else " The file name keeps the published `ja+en`, though this variant has Japanese only.")
         + "\n\n"
         + scoring(variant.score.mode, metrics)
+        + ("\n\n" + judge_line(source["judge_prompt"]) if "judge_prompt" in source else "")
         + "\n",
         "## Files\n\n"
         + _table(
@@ -337,8 +399,9 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
         instructions_howto(params, name, files),
         "## Licences\n\n"
         + "\n".join(f"- {text}" for text in licences(manifest["producers"]))
+        + (f"\n- {texts_line(texts)}" if texts else "")
         + "\n\nBy file (our reading, not legal advice):\n\n"
-        + _table(("file", "terms"), file_licences(files, manifest["producers"])),
+        + _table(("file", "terms"), file_licences(files, manifest["producers"], texts)),
     ]
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=10**6)
     return f"---\n{header}---\n\n" + "\n\n".join(sections) + "\n"

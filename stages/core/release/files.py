@@ -1,6 +1,7 @@
 """The files of a release directory: the public jsonl.gz and Parquet records, the gpg-encrypted
 Japanese instructions (the previous ciphertext kept where the plaintext is unchanged), written from
-translate's, generate's and score's outs a batch at a time (package@<variant>)."""
+translate's, generate's and score's outs a batch at a time, and the licence texts the published
+repository ships, copied unchanged from fetch's out (package@<variant>)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ FLAGS = [
 ROW_GROUP = 2048  # rows per row group of the public Parquet file, whatever release.batch_rows is
 GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
 SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
+RELEASE_OWN = ("README.md", "manifest.json")  # the card and the manifest, package's own
 
 
 def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Counter, dict[str, Counter]]:
@@ -48,6 +50,7 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Co
     variant, spec = params.models[name], params.release
     with_en, with_second_turn = variant.generate.n_en > 0, variant.second_turn is not None
     stem, totals, drawn = params.release_stem(name), Counter(), plots.new_totals()
+    copy_licence_texts(params, name, out)
     with contextlib.ExitStack() as stack:
         # each file is written in a thread of its own (JSON text, Parquet encoding and gzip all
         # release the GIL), fed the same batches in the same order: the bytes do not change
@@ -69,6 +72,33 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Co
             for write in public:
                 write(records)
     return totals, drawn
+
+
+def licence_texts(released_root: str | Path) -> list[Path]:
+    """The licence texts every release carries: the files fetch took from the root of the released
+    repository (fetch.released.include lists only licence texts there: the Llama 3.1 licence and its
+    use policy, Notice, the Gemma Terms of Use; the sample's placeholders in the demo), by name."""
+    root = Path(released_root)
+    return sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+
+
+def copy_licence_texts(params: Params, name: str, out: Path) -> None:
+    """Copy `licence_texts` into the release directory `out`, unchanged (the manifest lists them); a
+    name that a file of the release already has is refused, naming it."""
+    variant, spec = params.models[name], params.release
+    stem = params.release_stem(name)
+    taken = {
+        *RELEASE_OWN,
+        *(f"{stem}.{suffix}" for suffix in spec.formats),
+        spec.instructions_file.format(subset=variant.subset),
+    }
+    for path in licence_texts(params.paths.released):
+        if path.name in taken:
+            raise SourceError(
+                f"{path}: a root file of the released repository is copied into the release as a licence "
+                f"text, but package@{name} writes a file of that name: narrow fetch.released.include"
+            )
+        shutil.copyfile(path, out / path.name)
 
 
 def released_rows(params: Params, name: str) -> Iterator[pa.Table]:

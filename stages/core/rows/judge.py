@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from stages.core.config.params import ScoreParams
 from stages.core.rows import fields
-from stages.core.rows.prompts import user_turn
+from stages.core.rows.prompts import PUBLISHED, published_judge, user_turn
 from stages.core.rows.requests import (
     MODE_IGNORED,
     OK,
@@ -136,6 +136,10 @@ RATING_TOKEN = re.compile(r"(10|[0-9])\s*(\]{1,2})?")
 
 
 def judge_messages(prompt: str, question: str, answer: str) -> list[dict[str, str]]:
+    """The judge's messages: for `published`, the release's judge prompt (its system message and its
+    user turn); else the user turn of template `prompt`."""
+    if prompt == PUBLISHED:
+        return published_judge().messages(question, answer)
     return user_turn(prompt, question=question, answer=answer)
 
 

@@ -1,7 +1,8 @@
 """Row logic of sft: each release record with its instruction becomes one SFT conversation per
-option set (the best-scored response; exclusions after the published converter's options, as we read
-them: docs/assumptions.md), or a reason to leave it out. The release and its instruction sources are
-merged in release order, streaming."""
+option set, or a reason to leave it out. The answer is the best response as score stored it: the one
+the record's synthesized_multiturn_conversation starts from (the publisher's choice, ties included),
+else the judge's rule; exclusions follow the published converter's options as we read them
+(docs/assumptions.md). The release and its instruction sources are merged in release order, streaming."""
 
 from __future__ import annotations
 
@@ -59,31 +60,54 @@ def conversation(record: dict, user: dict, option: SftOption) -> tuple[list[dict
     first = {"role": "user", "content": user[USER[option.language]]}
     if option.language == "en":  # one English response, not scored
         return [first, {"role": "assistant", "content": responses[0]["content"]}], None
-    scores = [note[fields.SCORE] for note in record[NOTES]]
-    best = best_index(scores)  # the response score chose
+    best = best_response(record)
     if best is None:
         return None, "no_scored_response"
-    if option.min_score is not None and scores[best] < option.min_score:
+    if option.min_score is not None and record[NOTES][best][fields.SCORE] < option.min_score:
         return None, "below_min_score"
-    answer = {"role": "assistant", "content": responses[best]["content"]}
     if option.turns == 1:
-        return [first, answer], None
+        return [first, {"role": "assistant", "content": responses[best]["content"]}], None
+    stored = stored_conversation(record)
+    if stored is None:
+        return None, "no_second_turn"
+    return [first, *stored], None
+
+
+def best_response(record: dict) -> int | None:
+    """Index of the record's best Japanese response as score stored it (score's best_index): the one
+    its synthesized_multiturn_conversation starts from where it holds one, so a tie goes the
+    publisher's way; else scores.best_index, the rule score applies where there is none. None where
+    every judgement failed."""
+    best = best_index([note[fields.SCORE] for note in record[NOTES]])
+    stored = stored_conversation(record)
+    if best is None or stored is None:
+        return best
+    contents = [response["content"] for response in record[RESPONSES["ja"]]]
+    if stored[0]["role"] != "assistant" or stored[0]["content"] not in contents:
+        raise SourceError(
+            f"conversation {record['conversation_id']}: {MULTITURN} does not start at one of its "
+            f"{RESPONSES['ja']}; the release is inconsistent (or of another version): re-run score and "
+            "package"
+        )
+    return contents.index(stored[0]["content"])
+
+
+def stored_conversation(record: dict) -> list[dict] | None:
+    """The one conversation of a record's synthesized_multiturn_conversation, [assistant, user,
+    assistant] or, single-turn, [assistant] ({role, content} each); also read in the older flat shape
+    (score reads both). A single-turn one gives a one-turn SFT conversation (our reading of the
+    published converter given this field; its body is not public). None where the record has none."""
     stored = record.get(MULTITURN)
     if not stored:
-        return None, "no_second_turn"
-    return [first, *_stored_conversation(record["conversation_id"], stored, answer)], None
-
-
-def _stored_conversation(cid: str, stored: list[list[dict]], answer: dict) -> list[dict]:
-    """The one conversation of a synthesized_multiturn_conversation, starting at the best response:
-    [answer, user, assistant] or, single-turn, [answer]. A single-turn one gives a one-turn SFT
-    conversation (our reading of the published converter given this field; its body is not public)."""
-    if len(stored) != 1 or not stored[0] or stored[0][0] != answer:
+        return None
+    if isinstance(stored[0], dict):  # the older flat shape: one conversation
+        stored = [stored]
+    if len(stored) != 1 or not stored[0]:
         raise SourceError(
-            f"conversation {cid}: {MULTITURN} is not one conversation starting at the best-scored "
-            "response; the release is inconsistent (or of another version): re-run score and package"
+            f"conversation {record['conversation_id']}: {MULTITURN} is not one conversation; the release "
+            "is inconsistent (or of another version): re-run score and package"
         )
-    return stored[0]
+    return [{"role": turn["role"], "content": turn["content"]} for turn in stored[0]]
 
 
 def release_records(path: Path, rows: int) -> Iterator[dict]:
@@ -133,8 +157,8 @@ def merged(records: Iterable[dict], sources: list[tuple[str, Iterable[dict]]]) -
 
 
 def write_sft(pairs: Iterable[tuple[dict, dict]], options: dict[str, SftOption], out: Path) -> dict:
-    """Write <out>/<name>.jsonl.gz for each option set; return the counts (rows in, written and
-    left out by reason, per option set)."""
+    """Write <out>/<name>.jsonl.gz for each option set, one {<output_key>: [turns]} a line; return the
+    counts (rows in, written and left out by reason, per option set)."""
     counts = {name: Counter() for name in options}
     rows_in = 0
     with contextlib.ExitStack() as stack:
@@ -145,7 +169,7 @@ def write_sft(pairs: Iterable[tuple[dict, dict]], options: dict[str, SftOption],
                 turns, reason = conversation(record, user, option)
                 counts[name][reason or "written"] += 1
                 if turns is not None:
-                    writers[name]({"conversation": turns})
+                    writers[name]({option.output_key: turns})
     return {
         "rows_in": rows_in,
         "sets": {

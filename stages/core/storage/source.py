@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ from tqdm import tqdm
 
 from stages.core.config.errors import PipelineError, SourceError
 from stages.core.config.params import SourceSpec
-from stages.core.storage.io import CHUNK, atomic_path
+from stages.core.storage.io import CHUNK, atomic_path, sha256_file
 
 LOG = logging.getLogger(__name__)
 HF_PREFIX = "hf://"
@@ -172,24 +175,88 @@ def _copy(fs: fsspec.AbstractFileSystem, src: str, dst: Path) -> tuple[str, int]
     return digest.hexdigest(), size
 
 
-def fetch_files(spec: SourceSpec, dest: str | os.PathLike) -> list[dict]:
+def fetch_files(
+    spec: SourceSpec, dest: str | os.PathLike, kept: str | os.PathLike | None = None
+) -> list[dict]:
     """Copy the matching files to `dest` (same relative paths); return a manifest of size and sha256.
 
     A file whose sha256 differs from the one pinned in `spec.sha256` is removed and stops the fetch.
+    With `kept` (a directory outside DVC's outs), a file whose bytes params fix (a sha256 pin, or a Hub
+    commit revision) is downloaded once: a copy kept there is linked into `dest` when it still hashes
+    as recorded (`_kept_copy`), and every such file fetched is kept there for the next run.
     """
     fs, root, names = list_files(spec)
     unknown = sorted(set(spec.sha256) - set(names))
     if unknown:
         raise ChecksumError(f"checksums are pinned for files that {spec.uri} does not have: {unknown}")
-    manifest = []
+    manifest, reused = [], 0
+    store = None if kept is None or not _fixed(spec) else Path(kept) / _store_name(spec)
     for name in tqdm(names, desc=f"fetch {spec.uri}", unit="file"):
         target = Path(dest) / name
-        with _guard(spec):
-            sha256, size = _copy(fs, f"{root}/{name}", target)
+        record = _kept_copy(store, spec, name, target) if store is not None and _fixed(spec, name) else None
+        if record is not None:
+            sha256, size, reused = record["sha256"], record["size"], reused + 1
+        else:
+            with _guard(spec):
+                sha256, size = _copy(fs, f"{root}/{name}", target)
         expected = spec.sha256.get(name)
         if expected is not None and expected != sha256:
             target.unlink()
             raise ChecksumError(f"{spec.uri}/{name}: sha256 is {sha256} but params pin {expected}")
-        LOG.info("fetched %s (%d bytes, sha256 %s)", name, size, sha256)
+        if record is None and store is not None and _fixed(spec, name):
+            _keep(store, spec, name, target, {"size": size, "sha256": sha256})
+        LOG.info("%s %s (%d bytes, sha256 %s)", "reused" if record else "fetched", name, size, sha256)
         manifest.append({"path": name, "size": size, "sha256": sha256})
+    if reused:
+        LOG.info(
+            "%s: %d of %d files reused from %s, not downloaded again", spec.uri, reused, len(names), store
+        )
     return manifest
+
+
+def _fixed(spec: SourceSpec, name: str | None = None) -> bool:
+    """Whether params fix a file's bytes (its sha256 pin, or a Hub commit revision): only such a file is
+    kept and reused (a branch or a local path may have changed). Without `name`: any file of `spec`."""
+    commit = spec.uri.startswith(HF_PREFIX) and bool(re.fullmatch(r"[0-9a-f]{40}", spec.revision or ""))
+    return commit or (name in spec.sha256 if name is not None else bool(spec.sha256))
+
+
+def _store_name(spec: SourceSpec) -> str:
+    return hashlib.sha256(f"{spec.uri}@{spec.revision}".encode()).hexdigest()[:16]
+
+
+def _kept_copy(store: Path, spec: SourceSpec, name: str, target: Path) -> dict | None:
+    """Link the kept copy of `name` into `target` and return its record, when the record is of this
+    uri, revision and pin and the copy still hashes as it says; else None (it is downloaded)."""
+    local, note = store / name, store / f"{name}.fetched.json"
+    try:
+        record = json.loads(note.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    wanted = spec.sha256.get(name, record.get("sha256"))
+    if (record.get("uri"), record.get("revision"), record.get("sha256")) != (spec.uri, spec.revision, wanted):
+        return None
+    if not local.is_file() or sha256_file(local) != wanted:
+        return None
+    _link(local, target)
+    return record
+
+
+def _keep(store: Path, spec: SourceSpec, name: str, fetched: Path, entry: dict) -> None:
+    """Keep a fetched file (a hard link where the filesystem allows) and its record for the next run."""
+    local = store / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    _link(fetched, local)
+    with atomic_path(store / f"{name}.fetched.json") as tmp:
+        tmp.write_text(json.dumps({"uri": spec.uri, "revision": spec.revision, "path": name, **entry}))
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` holds `src`'s bytes: a hard link, or a copy across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
