@@ -106,6 +106,8 @@ def workspace(
         f"models.{VARIANT}.generate.n_ja={responses}",
         f"models.{VARIANT}.generate.sampling.max_tokens=1024",
         f"models.{VARIANT}.score.sampling.max_tokens=512",
+        # our judge template: the rehearsal has no fetched release (the published prompt's file)
+        f"models.{VARIANT}.score.prompt=judge-0to10",
     ]
     for role in ("generate", "score"):  # prompts are counted with a local tokenizer (no Hub access)
         overrides.append(f"models.{VARIANT}.{role}.llm.tokenizer={ROOT / 'data/sample/tiny-chat'}")
@@ -118,6 +120,7 @@ def workspace(
     checked = validate(params, work / "params.yaml")
     out = work / checked.paths.translated_of(checked.models[VARIANT].subset)
     out.parent.mkdir(parents=True, exist_ok=True)
+    (work / checked.paths.released).mkdir(parents=True, exist_ok=True)  # score's input (its judge prompt)
     pq.write_table(translated(n), out)
 
 
