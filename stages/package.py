@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.core.config.cli import run, start, timed
-from stages.core.release import card, plots
+from stages.core.release import card, leaks, plots
 from stages.core.release.files import LOG, encrypted_instructions, write_release
 from stages.core.rows import records as release
 from stages.core.storage.io import (
@@ -62,6 +62,7 @@ def main() -> None:
         schema = release.public_schema(variant.generate.n_en > 0, variant.second_turn is not None)
         card.write_card(params, name, manifest, release.features(schema), out)
         write_json(manifest, out / "manifest.json")
+        leaks.check_directory(params, name, out)  # the licence guard's content check: no release on failure
         write_json(metrics, paths.metrics_of(f"package@{name}"))
         plots.write_plots(drawn, metrics, Path(paths.plots_of(name)))
         counts.update(rows_in=totals["instructions"], rows_out=totals["instructions"])

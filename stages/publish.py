@@ -3,9 +3,11 @@ manifest, in one commit (not a DVC stage; docs/publishing.md).
 
     python -m stages.publish <variant> --repo <org>/<name> [--dry-run]
 
-The licence guard (stages/core/release/guard.py) checks every file first; when it refuses any, nothing is
-sent. --dry-run lists what would be uploaded (path, size, sha256) and sends no request. A run cut short
-is resumed by running it again: blobs the Hub already holds are not uploaded twice."""
+The licence guard (stages/core/release/guard.py) checks every file first: its content against the
+private instructions, the directory against dvc.lock, the .gpg by its packets and a trial decryption
+(docs/security.md); when it refuses any, it names each in one line and nothing is sent. --dry-run
+lists what would be uploaded (path, size, sha256) and sends no request. A run cut short is resumed by
+running it again: blobs the Hub already holds are not uploaded twice."""
 
 from __future__ import annotations
 

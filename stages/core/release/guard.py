@@ -1,32 +1,37 @@
 """The licence guard of `python -m stages.publish`: reads a release directory (its files, manifest.json
-and dataset card) and dvc.yaml's private outs, and returns the files that may be published with their
-sizes and sha256, or raises naming every file it refuses and why. Nothing is sent anywhere.
+and dataset card), dvc.yaml's private outs, dvc.lock's record of package@<variant>'s outs and
+translate@<subset>'s instructions, and returns the files that may be published with their sizes and
+sha256, or raises naming every file it refuses and why, one line a file. Nothing is sent anywhere.
 
 A file is published only when package@<variant> wrote it for the public: listed in manifest.json's
 `files` with the size and sha256 recorded there (README.md and manifest.json are the two package writes
-beside them), not a private out of dvc.yaml (nor a link to one), Parquet or JSON lines holding only the
-columns the card declares and none of the plaintext instructions or LMSYS-Chat-1M's columns, the
-encrypted instructions OpenPGP data that is not its own plaintext, and the card with its licences and
-`configs` over files of the upload."""
+beside them), under a name package writes, not a private out of dvc.yaml (nor a link to one); the
+directory as dvc.lock records package@<variant>'s out (a manifest edited to match edited files is not
+what DVC recorded); Parquet or JSON lines holding only the columns, at any depth, that the card
+declares, none of LMSYS-Chat-1M's, and no private instruction text in any value (leaks.py); the
+encrypted instructions OpenPGP encrypted data that decrypts with the release's key to exactly the
+released rows (openpgp.py); and the card with its licences and `configs` over files of the upload.
+What it cannot see: docs/security.md."""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from stages.core.config.errors import PipelineError, SourceError
 from stages.core.config.params import Params
-from stages.core.release import card
+from stages.core.release import card, leaks, openpgp
+from stages.core.release.files import licence_texts
 from stages.core.release.merged import LMSYS
 from stages.core.rows import fields
-from stages.core.storage.io import read_jsonl_gz, sha256_file
+from stages.core.storage.io import CHUNK, sha256_file
 
 # package@<variant> writes both beside the files that manifest.json's `files` lists
 CARD, MANIFEST = "README.md", "manifest.json"
@@ -37,7 +42,8 @@ PRIVATE_COLUMNS = {
     **{column: "an LMSYS-Chat-1M column (its licence: private remote only)" for column in LMSYS},
 }
 GZIP_MAGIC = b"\x1f\x8b"
-OPENPGP_PACKET = 0x80  # the first byte of OpenPGP data has its high bit set (RFC 4880, 4.2)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+CACHE = Path(".dvc/cache/files/md5")  # where DVC 3 keeps a directory out's listing, <md5[:2]>/<md5[2:]>
 
 
 class RefusedError(PipelineError, PermissionError):
@@ -55,17 +61,50 @@ class Upload:
 
 
 def read_manifest(release: Path, variant: str) -> dict:
-    """The release's manifest.json; SourceError saying how to get the release when it is not there."""
+    """The release's manifest.json; SourceError saying how to get the release when it is not there,
+    RefusedError in one line when it is not JSON or not package@<variant>'s manifest."""
     fix = f"run `dvc repro package@{variant}` (to build it) or `dvc pull package@{variant}` first"
     if not release.is_dir():
         raise SourceError(f"{release} does not exist: {fix}")
     missing = [name for name in (MANIFEST, CARD) if not (release / name).is_file()]
     if missing:
         raise SourceError(f"{release} has no {' or '.join(missing)}: not a whole release; {fix}")
-    manifest = json.loads((release / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.get("variant") != variant or not isinstance(manifest.get("files"), dict):
-        raise SourceError(f"{release / MANIFEST} is not package@{variant}'s manifest: {fix}")
+    try:
+        manifest = json.loads((release / MANIFEST).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise refusal(release, {MANIFEST: [f"not JSON ({err}): {fix}"]}) from None
+    if (why := manifest_shape(manifest, variant)) is not None:
+        raise refusal(release, {MANIFEST: [f"not package@{variant}'s manifest: {why}; {fix}"]})
     return manifest
+
+
+def manifest_shape(manifest: object, variant: str) -> str | None:
+    """What keeps `manifest` from the shape package writes, or None: an object naming the variant,
+    whose `files` maps plain file names to their sha256, size and (optional) plaintext_sha256."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("variant") != variant:
+        return f"its variant is not {variant}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "it has no `files` object"
+    for name, entry in files.items():
+        if not name or "/" in name or name in (".", ".."):
+            return "files has an entry whose name is no file name of the release directory"
+        if not isinstance(entry, dict) or not set(entry) <= {"sha256", "size", "plaintext_sha256"}:
+            return f"files.{name} is not an object of sha256, size and plaintext_sha256"
+        digests = [entry.get("sha256"), *([entry["plaintext_sha256"]] if "plaintext_sha256" in entry else [])]
+        if not all(isinstance(d, str) and SHA256.fullmatch(d) for d in digests):
+            return f"files.{name} has a sha256 that is not 64 hex digits"
+        if type(entry.get("size")) is not int or entry["size"] < 0:
+            return f"files.{name}.size is not a whole number of bytes"
+    return None
+
+
+def refusal(release: Path, refused: dict[str, list[str]]) -> RefusedError:
+    """The refusal of `release`: one line a file, its reasons joined."""
+    lines = "\n".join(f"  {name}: {'; '.join(why)}" for name, why in refused.items())
+    return RefusedError(f"refusing to publish {release} (nothing was sent):\n{lines}")
 
 
 def private_outs(root: Path) -> dict[Path, str]:
@@ -139,56 +178,73 @@ def card_refusals(path: Path, manifest: dict, names: set[str]) -> list[str]:
 
 
 def declared(meta: dict | None) -> set[str]:
-    """The column names the card's `dataset_info` declares (any config)."""
+    """The column paths the card's `dataset_info` declares (any config), every level: `a`, `a[]`,
+    `a[].role` for a list of structs."""
     info = (meta or {}).get("dataset_info") or []
-    configs = info if isinstance(info, list) else [info]
-    return {f["name"] for c in configs if isinstance(c, dict) for f in c.get("features") or [] if "name" in f}
+    found: set[str] = set()
+    for config in info if isinstance(info, list) else [info]:
+        for feature in config.get("features") or [] if isinstance(config, dict) else []:
+            if isinstance(feature, dict) and isinstance(feature.get("name"), str):
+                found |= {feature["name"], *_feature_paths(feature, feature["name"])}
+    return found
 
 
-def _columns(path: Path) -> list[str]:
-    """The top-level columns of a Parquet or gzip JSON lines file (every line's keys)."""
-    if path.name.endswith(".parquet"):
-        return pq.read_schema(path).names
-    keys: dict[str, None] = {}
-    for record in read_jsonl_gz(path):
-        keys.update(dict.fromkeys(record if isinstance(record, dict) else ["<not an object>"]))
-    return list(keys)
+def _feature_paths(feature: object, path: str) -> set[str]:
+    """The paths under a `datasets` feature in the card's YAML forms (dtype, list, sequence, struct)."""
+    found: set[str] = set()
+    if isinstance(feature, list):  # a struct's fields
+        for sub in feature:
+            if isinstance(sub, dict) and isinstance(sub.get("name"), str):
+                found |= {f"{path}.{sub['name']}", *_feature_paths(sub, f"{path}.{sub['name']}")}
+    elif isinstance(feature, dict):
+        for key in ("list", "sequence"):
+            if key in feature:
+                found |= {f"{path}[]", *_feature_paths(feature[key], f"{path}[]")}
+        if "struct" in feature:
+            found |= _feature_paths(feature["struct"], path)
+    return found
 
 
-def column_refusal(path: Path, allowed: set[str]) -> str | None:
-    """Why a public data file's columns keep it from being published, or None."""
-    try:
-        columns = _columns(path)
-    except (pa.ArrowException, OSError, EOFError, ValueError) as err:  # ValueError: SourceError, bad UTF-8
-        return f"not readable as {'Parquet' if path.suffix == '.parquet' else 'gzip JSON lines'} ({err})"
-    private = [f"column {c}: {PRIVATE_COLUMNS[c]}" for c in columns if c in PRIVATE_COLUMNS]
+def column_refusal(paths: set[str], allowed: set[str]) -> str | None:
+    """Why a public data file's column paths (every depth) keep it from being published, or None."""
+    private = [
+        f"column {p}: {PRIVATE_COLUMNS[_leaf(p)]}" for p in sorted(paths) if _leaf(p) in PRIVATE_COLUMNS
+    ]
     if private:
         return "holds " + "; ".join(private)
-    undeclared = [c for c in columns if allowed and c not in allowed]
+    undeclared = [p for p in sorted(paths) if allowed and p not in allowed]
     return f"holds columns the card does not declare: {', '.join(undeclared)}" if undeclared else None
 
 
-def encrypted_refusal(path: Path, entry: dict) -> str | None:
-    """Why the encrypted instructions file is not what it claims (OpenPGP data, not its plaintext)."""
+def _leaf(path: str) -> str:
+    return path.replace("[]", "").rsplit(".", 1)[-1]
+
+
+def encrypted_refusal(path: Path, entry: dict | None) -> str | None:
+    """Why the encrypted instructions file is not what it claims (OpenPGP encrypted data, not its
+    plaintext), read from its packet headers (openpgp.py)."""
     with open(path, "rb") as handle:
         head = handle.read(2)
-    if "plaintext_sha256" not in entry:
+    if entry is None or "plaintext_sha256" not in entry:
         return "a .gpg file manifest.json does not record as the encrypted instructions"
     if entry["sha256"] == entry["plaintext_sha256"] or head == GZIP_MAGIC:
         return "not encrypted: it holds the plaintext instructions (gzip JSON lines) under the .gpg name"
-    if not head or not head[0] & OPENPGP_PACKET:
-        return "not OpenPGP data: the encrypted instructions must be gpg's output"
+    return openpgp.packet_refusal(path)
+
+
+def _unreadable(path: Path, variant: str, private: dict[Path, str]) -> str | None:
+    """Why an entry of the release directory is refused without being read, or None."""
+    if (why := _private(path, private)) is not None:
+        return why
+    if path.is_symlink() or not path.is_file():
+        return f"not a regular file: package@{variant} writes none"
     return None
 
 
-def _unlisted(path: Path, manifest: dict, private: dict[Path, str]) -> str | None:
-    """Why an entry of the release directory is refused before it is read, or None."""
-    variant = manifest["variant"]
-    if (why := _private(path, private)) is not None:
-        return why
-    if not path.is_file():
-        return f"not a regular file: package@{variant} writes none"
+def _unlisted(path: Path, manifest: dict) -> str | None:
+    """Why a file of the release directory is not package's by the manifest, or None."""
     if path.name not in manifest["files"] and path.name not in (CARD, MANIFEST):
+        variant = manifest["variant"]
         return (
             f"not written by package@{variant} (manifest.json does not list it): remove it, or rebuild "
             f"the release with `dvc repro package@{variant}`"
@@ -196,19 +252,133 @@ def _unlisted(path: Path, manifest: dict, private: dict[Path, str]) -> str | Non
     return None
 
 
-def _content(upload: Upload, manifest: dict, allowed: set[str]) -> str | None:
-    """Why a file listed in the manifest is refused for what it holds, or None (the card is checked apart)."""
-    entry = manifest["files"].get(upload.name)
-    if entry is None:  # README.md or manifest.json
-        return None
-    if (upload.sha256, upload.size) != (entry["sha256"], entry["size"]):
-        variant = manifest["variant"]
-        return f"differs from manifest.json's sha256 and size: changed after package@{variant} wrote it"
+@dataclass(frozen=True)
+class Release:
+    """What the content checks of one release need: its params and variant, the names package writes,
+    the column paths its card declares and the private instructions."""
+
+    params: Params
+    variant: str
+    names: set[str]
+    texts: dict[str, Path]  # the licence texts package copies from fetch's out, by name
+    allowed: set[str]
+    private: leaks.PrivateText
+
+    @classmethod
+    def of(cls, params: Params, variant: str, release: Path) -> Release:
+        subset, stem = params.models[variant].subset, params.release_stem(variant)
+        texts = {path.name: path for path in licence_texts(params.paths.released)}
+        names = {f"{stem}.{suffix}" for suffix in params.release.formats} | set(texts)
+        names |= {params.release.instructions_file.format(subset=subset), CARD, MANIFEST}
+        allowed = declared(front_matter(release / CARD))
+        return cls(params, variant, names, texts, allowed, leaks.private_text(params, variant))
+
+
+def _content(upload: Upload, manifest: dict, release: Release) -> list[str]:
+    """Why a file of the release is refused for what it holds (the card's metadata is checked apart)."""
+    why, entry, variant = [], manifest["files"].get(upload.name), release.variant
+    if entry is not None and (upload.sha256, upload.size) != (entry["sha256"], entry["size"]):
+        why.append(f"differs from manifest.json's sha256 and size: changed after package@{variant} wrote it")
+    if entry is not None and upload.name not in release.names:
+        why.append(f"not a file package@{variant} writes (it writes {', '.join(sorted(release.names))})")
     if upload.name.endswith(".gpg"):
-        return encrypted_refusal(upload.path, entry)
-    if upload.name.endswith((".parquet", ".jsonl.gz")):
-        return column_refusal(upload.path, allowed)
-    return "a kind of file package@ does not publish (only .parquet, .jsonl.gz and the .gpg instructions)"
+        if (bad := encrypted_refusal(upload.path, entry)) is None:
+            bad = openpgp.decrypted_refusal(release.params, variant, upload.path)
+        return [*why, bad] if bad else why
+    data = upload.name.endswith((".parquet", ".jsonl.gz"))
+    if upload.name in release.texts and sha256_file(release.texts[upload.name]) != upload.sha256:
+        why.append(f"not the licence text fetch took ({release.texts[upload.name]}): changed after package")
+    elif not data and upload.name not in (CARD, MANIFEST, *release.texts):
+        return [
+            *why,
+            "a kind of file package@ does not publish (only .parquet, .jsonl.gz, the .gpg, licences)",
+        ]
+    found = leaks.scan(upload.path, release.private)
+    if data and (bad := column_refusal(found.paths, release.allowed)):
+        why.append(bad)
+    return [*why, found.leaks] if found.leaks else why
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listing_md5(listing: dict[str, str]) -> str:
+    """The md5 DVC gives a directory out with these files (relative path: md5): that of its `.dir`
+    listing, a JSON list sorted by path (dvc_data's Tree.as_bytes)."""
+    entries = [{"md5": md5, "relpath": name} for name, md5 in sorted(listing.items())]
+    return (
+        hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
+    )
+
+
+def _recorded_out(root: Path, stage: str, out: str) -> dict | str:
+    """dvc.lock's entry of `stage`'s directory out `out`, or why there is none."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return "does not exist"
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return f"is not YAML ({str(err).splitlines()[0]})"
+    stages = data.get("stages") if isinstance(data, dict) else None
+    recorded = stages.get(stage) if isinstance(stages, dict) else None
+    outs = recorded.get("outs") if isinstance(recorded, dict) else None
+    for entry in outs if isinstance(outs, list) else []:
+        same = isinstance(entry, dict) and os.path.normpath(str(entry.get("path"))) == os.path.normpath(out)
+        if same and isinstance(entry.get("md5"), str) and entry["md5"].endswith(".dir"):
+            return entry
+    return f"records no out {out} of {stage}"
+
+
+def _cached_listing(root: Path, md5: str) -> dict[str, str] | None:
+    """The files DVC recorded for a directory out (the cache's `.dir` listing), when the cache holds
+    it and it hashes to its name; None otherwise."""
+    path = root / CACHE / md5[:2] / md5[2:]
+    try:
+        data = path.read_bytes()
+        listing = {e["relpath"]: e["md5"] for e in json.loads(data)}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return listing if hashlib.md5(data, usedforsecurity=False).hexdigest() + ".dir" == md5 else None
+
+
+def recorded_refusals(root: Path, params: Params, variant: str, release: Path) -> dict[str, str]:
+    """Why the release directory is not what DVC recorded for package@<variant>'s out in dvc.lock, by
+    file (by `dvc.lock` when no file can be named); {} when it is."""
+    stage, out = f"package@{variant}", params.paths.release_of(variant)
+    fix = f"run `dvc repro {stage}` (or `dvc pull {stage}` for a release dvc.lock records)"
+    entry = _recorded_out(root, stage, out)
+    if isinstance(entry, str):
+        return {
+            "dvc.lock": f"{entry}: this release was not built by `dvc repro {stage}`, so nothing vouches for "
+            f"manifest.json; {fix}"
+        }
+    files = {p.relative_to(release).as_posix(): p for p in sorted(release.rglob("*")) if p.is_file()}
+    listing = {name: md5_file(path) for name, path in files.items()}
+    if _listing_md5(listing) == entry["md5"]:
+        return {}
+    recorded = _cached_listing(root, entry["md5"])
+    if recorded is None:
+        return {
+            "dvc.lock": f"records {out} as {entry['md5']}; its files are not that (changed after `dvc repro "
+            f"{stage}` wrote them; the listing is not in {CACHE} to name them): {fix}"
+        }
+    refused = {}
+    for name in sorted(set(listing) | set(recorded)):
+        if name not in recorded:
+            refused[name] = f"not among the files dvc.lock records for {stage}: {fix}"
+        elif name not in listing:
+            refused[name] = f"recorded in dvc.lock for {stage} but missing: {fix}"
+        elif listing[name] != recorded[name]:
+            refused[name] = (
+                f"md5 {listing[name]}, not the {recorded[name]} dvc.lock records for {stage}: {fix}"
+            )
+    return refused
 
 
 def publishable(params: Params, variant: str, root: Path) -> tuple[list[Upload], dict]:
@@ -219,23 +389,25 @@ def publishable(params: Params, variant: str, root: Path) -> tuple[list[Upload],
     private = private_outs(root)
     # where package and merge keep plaintext while they run (stages/package.py's private_tempdir)
     private[(root / params.paths.instructions).parent.resolve()] = "the private scratch directory"
-    allowed = declared(front_matter(release / CARD))
-    refused: dict[str, str] = {}
+    checks = Release.of(params, variant, release)
+    refused: dict[str, list[str]] = {}
     uploads = []
     for path in sorted(release.iterdir()):
-        why = _unlisted(path, manifest, private)
-        if why is None:
-            upload = Upload(path.name, path, path.stat().st_size, sha256_file(path))
-            why = _content(upload, manifest, allowed)
-        if why is None:
-            uploads.append(upload)
-        else:
+        if (why := _unreadable(path, variant, private)) is not None:
+            refused[path.name] = [why]
+            continue
+        upload = Upload(path.name, path, path.stat().st_size, sha256_file(path))
+        why = [w for w in [_unlisted(path, manifest), *_content(upload, manifest, checks)] if w]
+        if why:
             refused[path.name] = why
+        else:
+            uploads.append(upload)
     for name in sorted(set(manifest["files"]) - {p.name for p in release.iterdir()}):
-        refused[name] = f"listed in manifest.json but missing: run `dvc pull package@{variant}`"
+        refused[name] = [f"listed in manifest.json but missing: run `dvc pull package@{variant}`"]
     if CARD not in refused and (why := card_refusals(release / CARD, manifest, {u.name for u in uploads})):
-        refused[CARD] = "; ".join(why)
+        refused[CARD] = why
+    for name, why in recorded_refusals(root, params, variant, release).items():
+        refused.setdefault(name, []).append(why)
     if refused:
-        lines = "\n".join(f"  {name}: {why}" for name, why in refused.items())
-        raise RefusedError(f"refusing to publish {release} (nothing was sent):\n{lines}")
+        raise refusal(release, refused)
     return uploads, manifest
