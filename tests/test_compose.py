@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -164,3 +165,35 @@ def test_a_bad_value_from_the_environment_or_of_a_secret_key_is_never_echoed(mon
 def test_a_prompt_path_outside_stages_prompts_is_refused(prompt):
     with pytest.raises(PipelineError, match=r"translate\.prompt: a prompt names a file of stages/prompts/"):
         compose_params([f"translate.prompt={prompt}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("paths.response_cache=/tmp/elsewhere.sqlite", "paths.response_cache"),
+        ("paths.release=../../outside", "paths.release"),
+        ("paths.metrics=s3://bucket/metrics", "paths.metrics"),
+        ("fetch.source.uri=/etc", "fetch.source.uri"),
+        ("fetch.released.uri=../../../../tmp/released", "fetch.released.uri"),
+        ("paths.checkpoint_store=/tmp/ckpt", "paths.checkpoint_store"),
+    ],
+)
+def test_a_path_param_outside_the_repository_is_refused_naming_its_key(override, key):
+    with pytest.raises(
+        PipelineError, match=rf"{re.escape(key)}: .*(outside the repository|leaves the repository|not a URL)"
+    ):
+        compose_params([override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "fetch.source.uri=file:///mnt/lmsys-chat-1m",  # an explicit scheme: a location outside on purpose
+        "fetch.source.uri=s3://bucket/lmsys-chat-1m",
+        "paths.checkpoint_store=s3://bucket/checkpoints",
+        "paths.checkpoint_store=file:///shared/checkpoints",
+        "paths.release=data/release-v2",
+    ],
+)
+def test_a_url_for_a_location_or_a_path_inside_is_accepted(override):
+    compose_params([override])

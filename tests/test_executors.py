@@ -282,6 +282,7 @@ def test_checkpoints_on_s3_are_reused_by_a_rerun(tmp_path, monkeypatch):
         record = json.loads(record)
     assert calls == ["c000", "c004"]  # the second run read both shards back from S3
     assert sorted(k["Key"] for k in keys) == [
+        "checkpoints/.lmsys-synth-checkpoints",  # the store's mark: prune deletes only under it
         "checkpoints/generate@t/k/00000.parquet",
         "checkpoints/generate@t/k/00001.parquet",
         "checkpoints/generate@t/k/_complete",  # the mark `python -m stages.core.runtime.shards prune` reads
@@ -340,6 +341,7 @@ def test_paths_checkpoint_store_moves_the_shards_of_every_engine_stage(workspace
     run_stage(monkeypatch, "generate", "gemma3")
     run_stage(monkeypatch, "score", "gemma3")
     assert {p.name for p in store.iterdir()} == {
+        ".lmsys-synth-checkpoints",  # the store's mark (prune)
         "translate@ja",
         "translate@ja+unsafe",
         "generate@gemma3",

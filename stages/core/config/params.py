@@ -49,6 +49,33 @@ def _prompt_name(value: str) -> str:
 
 
 PromptName = Annotated[str, AfterValidator(_prompt_name)]
+SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")  # an fsspec URL: s3://, hf://, gs://, file://, ...
+
+
+def _inside(value: str) -> str:
+    """A path param: relative to the repository (where params.yaml is) or absolute inside it, and
+    never leaving it through `..` (read lexically: a data/ that links to another disk is fine)."""
+    if SCHEME.match(value):
+        raise ValueError(f"a path of the repository, not a URL: {value!r}")
+    path = Path(value)
+    if path.is_absolute():
+        root = Path.cwd()
+        if not Path(os.path.normpath(path)).is_relative_to(root):
+            raise ValueError(f"{value!r} is outside the repository ({root}): give a path inside it")
+        return value
+    if os.path.normpath(path).split(os.sep)[0] == "..":
+        raise ValueError(f"{value!r} leaves the repository: give a path inside it")
+    return value
+
+
+def _inside_or_url(value: str) -> str:
+    """A location that is an fsspec URL (an explicit scheme: s3://, hf://, file:///mnt/...) or a path
+    inside the repository (`_inside`)."""
+    return value if SCHEME.match(value) else _inside(value)
+
+
+RepoPath = Annotated[str, AfterValidator(_inside)]  # paths.*: inside the repository
+Location = Annotated[str, AfterValidator(_inside_or_url)]  # sources, stores: a URL or a repository path
 PUBLISHED_PROMPT = "published"  # score.prompt: the fetched release's materials/judge_prompt.jsonl
 
 
@@ -77,31 +104,32 @@ class Strict(BaseModel):
 
 
 class Paths(Strict):
-    source: str  # fetched LMSYS-Chat-1M files, laid out as on the Hub
-    released: str  # fetched encrypted instruction files
-    manifest: str  # every fetched file with its uri, revision, size and sha256
-    first_turn: str  # filtered first-turn table (Parquet)
-    metrics: str  # directory: fetch.json, package-<variant>.json (DVC metrics)
+    source: RepoPath  # fetched LMSYS-Chat-1M files, laid out as on the Hub
+    released: RepoPath  # fetched encrypted instruction files
+    manifest: RepoPath  # every fetched file with its uri, revision, size and sha256
+    first_turn: RepoPath  # filtered first-turn table (Parquet)
+    metrics: RepoPath  # directory: fetch.json, package-<variant>.json (DVC metrics)
     # decrypted Japanese instructions, <instructions>-<subset>.parquet (plaintext: private remote only)
-    instructions: str
+    instructions: RepoPath
     # one row per conversation with its Japanese instruction, <translated>-<subset>.parquet (private)
-    translated: str
-    generated: str  # directory: <variant>.parquet
-    scored: str  # directory: <variant>.parquet
-    release: str  # directory: <variant>/
-    sft: str  # directory: <variant>/<option set>.jsonl.gz (LMSYS-derived text: private)
+    translated: RepoPath
+    generated: RepoPath  # directory: <variant>.parquet
+    scored: RepoPath  # directory: <variant>.parquet
+    release: RepoPath  # directory: <variant>/
+    sft: RepoPath  # directory: <variant>/<option set>.jsonl.gz (LMSYS-derived text: private)
     # directory: <variant>.jsonl.gz, the release with its Japanese instructions and LMSYS-Chat-1M's
     # columns, as the published merge scripts make it (stages/merge.py; LMSYS text: private)
-    merged: str
-    checkpoints: str  # shard checkpoints and intermediate files of long stages (not a DVC out)
-    checkpoint_store: str | None = None  # shard checkpoints elsewhere: an fsspec URL (null: checkpoints)
-    response_cache: str  # the response cache, a SQLite file (stages/core/storage/cache.py; not a DVC out)
-    published: (
-        str  # fetched published release files, by source and revision (stages/core/release/published.py)
+    merged: RepoPath
+    checkpoints: RepoPath  # shard checkpoints and intermediate files of long stages (not a DVC out)
+    # shard checkpoints elsewhere (null: checkpoints): an fsspec URL (s3://, file:///shared/...) or a path
+    checkpoint_store: Location | None = None
+    response_cache: (
+        RepoPath  # the response cache, a SQLite file (stages/core/storage/cache.py; not a DVC out)
     )
+    published: RepoPath  # fetched published release files (release/published.py; not a DVC out)
     # fetch's files whose bytes params fix (a sha256 pin, a Hub commit), kept once so a re-run of fetch
     # downloads nothing it has (stages/core/storage/source.py; not a DVC out)
-    fetched: str
+    fetched: RepoPath
 
     @property
     def shards(self) -> str:
@@ -150,7 +178,7 @@ class Paths(Strict):
 
 
 class SourceSpec(Strict):
-    uri: str  # local path, s3:// or hf://datasets/<repo>
+    uri: Location  # a path inside the repository, or a URL: s3://, hf://datasets/<repo>, file:///...
     revision: str | None = None  # Hub revision: a 40-hex commit in release configs
     include: list[str] = Field(min_length=1)  # globs relative to uri
     sha256: Pins = {}  # expected checksums by relative path
@@ -489,7 +517,7 @@ class PublishedParams(Strict):
     """The published release files (tokyotech-llm/lmsys-chat-1m-synth): compare@M reads the variant's
     public file, and so does generate@M when models.<v>.generate.source is `published`."""
 
-    uri: str  # local path, s3:// or hf://datasets/<repo>, as fetch.released
+    uri: Location  # a path inside the repository, or a URL (s3://, hf://datasets/<repo>), as fetch.released
     revision: str | None = None  # Hub revision: a 40-hex commit in release configs
     file: str  # a variant's public file, relative to uri; {name} is its release_name
     sha256: Pins = {}  # expected checksums by file (after {name} is filled in)
