@@ -446,6 +446,17 @@ def test_license_guard_no_plaintext_instruction_bound_for_public(built: Path):
     assert "data/interim/first-turn.parquet" in private
 
 
+def _s3_remotes(repo: Path, endpoint: str) -> None:
+    """The buckets of both DVC remotes on the local S3 at `endpoint`, and `repo`'s remotes pointed there."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
+        client.create_bucket(Bucket=bucket)
+    for remote in ("public", "private"):
+        dvc(repo, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+
+
 def _objects(endpoint: str, bucket: str) -> set[str]:
     import boto3
 
@@ -516,18 +527,13 @@ def test_tags_carry_metrics_plots_and_release_notes(built: Path, tmp_path: Path,
     """docs/releases.md's release walk: run, push, tag v0.1; `dvc exp run -S` a Gemma-3 change, push, tag
     v0.2; a fresh clone checks out v0.1 and pulls byte-identical files with `dvc status` clean, and
     the metrics diff and release notes name the changed parameter and figures."""
-    import boto3
 
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     git = lambda repo, *args: subprocess.run([*GIT, *args], cwd=repo, check=True)  # noqa: E731
     clone = tmp_path / "clone"
     with moto_server() as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
-            client.create_bucket(Bucket=bucket)
-        for remote in ("public", "private"):
-            dvc(built, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+        _s3_remotes(built, endpoint)
         dvc(built, "repro")  # whatever earlier tests changed, the workspace matches its params now
         git(built, "add", "-A")
         git(built, "commit", "-qm", "v0.1", "--allow-empty")
@@ -611,7 +617,6 @@ def test_the_release_script_builds_the_whole_chain_pushes_and_tags_with_nothing_
     """`python -m scripts.release gemma3 <tag>` after a Gemma-3 change: package, sft, merge and compare
     all run before the tag (the tag never carries the previous release's figures), `dvc status` is
     clean, the data is on the remote (moto), and the tag holds the new metrics."""
-    import boto3
 
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
@@ -625,11 +630,7 @@ def test_the_release_script_builds_the_whole_chain_pushes_and_tags_with_nothing_
         for what, value in (("NAME", "t"), ("EMAIL", "t@t"))
     }
     with moto_server() as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        for bucket in ("lmsys-chat-1m-synth", "lmsys-chat-1m-synth-private"):
-            client.create_bucket(Bucket=bucket)
-        for remote in ("public", "private"):
-            dvc(built, "remote", "modify", "--local", remote, "endpointurl", endpoint)
+        _s3_remotes(built, endpoint)
         done = subprocess.run(
             [sys.executable, "-m", "scripts.release", "gemma3", "v-test-release"],
             cwd=built,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import time
 from collections import Counter, deque
@@ -30,7 +29,7 @@ from stages.core.config.cli import run
 from stages.core.config.errors import PipelineError
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.progress import RECORD, ProgressRecord
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, write_table
+from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, running, write_table
 from stages.core.storage.resume import input_digest
 
 LOG = logging.getLogger(__name__)
@@ -369,19 +368,9 @@ def running_keys(store: CheckpointStore, dirs: list[dict]) -> set[tuple[str, str
             pid, host = int(record["pid"]), record["host"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if record.get("state") == "running" and host == socket.gethostname() and _alive(pid):
+        if record.get("state") == "running" and host == socket.gethostname() and running(pid):
             held.add((stage, str(record.get("key"))))
     return held
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mtime(info: dict) -> float:

@@ -138,12 +138,13 @@ def clean_litter(directory: Path, prefix: str) -> None:
         return
     for entry in directory.iterdir():
         found = LITTER.search(entry.name[len(prefix) - 1 :]) if entry.name.startswith(prefix) else None
-        if found and not _running(int(found["pid"])):
+        if found and not running(int(found["pid"])):
             LOG.info("removing %s, left by a process that was killed (pid %s)", entry, found["pid"])
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
