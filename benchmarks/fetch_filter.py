@@ -172,8 +172,8 @@ def main() -> None:
                 "-m",
                 "stages.compose",
                 "profile=sample",
-                f"fetch.source.uri={source.parent}",
-                f"fetch.released.uri={ROOT / 'data/sample/lmsys-chat-1m-synth'}",
+                f"fetch.source.uri={source.parent.as_uri()}",  # outside the repository: a file:// URL
+                f"fetch.released.uri={(ROOT / 'data/sample/lmsys-chat-1m-synth').as_uri()}",
                 "--out",
                 str(work / "params.yaml"),
             ],

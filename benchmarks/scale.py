@@ -100,8 +100,8 @@ def generate(work: Path, rows: int) -> None:
             ROOT,
         )
     overrides = [
-        f"fetch.source.uri={source.parent}",
-        f"fetch.released.uri={ROOT / 'data/sample/lmsys-chat-1m-synth'}",
+        f"fetch.source.uri={source.parent.as_uri()}",  # outside the repository: a file:// URL
+        f"fetch.released.uri={(ROOT / 'data/sample/lmsys-chat-1m-synth').as_uri()}",
         "decrypt.key.method=hash",  # the sample's key script expects its own two shards
         f"++decrypt.key.file=data/train-00000-of-{SHARDS:05d}-*.parquet",
         "decrypt.subsets=[ja]",  # one subset: translate's figures are one translate@ja

@@ -24,11 +24,16 @@ from stages.core.storage.io import PARQUET_OPTIONS, write_json
 PIECE = 2000  # rows per written row group (as the sharded stages write them)
 N_RESPONSES = 10
 SENTENCE = "この応答は日本語で書かれた説明の一文で、長さは応答ごとに変わります。"
+# what the responses and judgements say: not the instructions' text, which package's licence guard
+# refuses in a public file (stages/core/release/leaks.py)
+ANSWER = "The model answers in one sentence of its own, repeated to the length of each response."
 POOL = 512
 
 
-def _texts(rng: np.random.Generator, n: int, sentences: tuple[int, int], tag: str) -> pa.Array:
-    pool = pa.array([SENTENCE * int(k) for k in rng.integers(*sentences, POOL)])
+def _texts(
+    rng: np.random.Generator, n: int, sentences: tuple[int, int], tag: str, sentence: str = SENTENCE
+) -> pa.Array:
+    pool = pa.array([sentence * int(k) for k in rng.integers(*sentences, POOL)])
     base = pool.take(pa.array(rng.integers(0, POOL, n)))
     return pc.binary_join_element_wise(
         base, pa.array([tag] * n), pc.cast(pa.array(np.arange(n)), pa.string()), " "
@@ -61,7 +66,12 @@ def _generated(rng: np.random.Generator, ids: pa.Array, start: int) -> pa.Table:
     k = len(ids) * N_RESPONSES
     tokens = pa.array(rng.integers(10, 2500, k))
     responses = pa.StructArray.from_arrays(
-        [_texts(rng, k, (3, 40), f"r{start}"), pa.array(["stop"] * k), pa.array(np.full(k, 60)), tokens],
+        [
+            _texts(rng, k, (3, 40), f"r{start}", ANSWER),
+            pa.array(["stop"] * k),
+            pa.array(np.full(k, 60)),
+            tokens,
+        ],
         fields=list(RESPONSE),
     )
     nulls = pa.nulls(len(ids), GENERATED.field("responses_en").type)
@@ -83,7 +93,7 @@ def _scored(rng: np.random.Generator, generated: pa.Table, start: int) -> pa.Tab
     notes = pa.StructArray.from_arrays(
         [
             tokens,
-            _texts(rng, k, (2, 8), f"j{start}"),
+            _texts(rng, k, (2, 8), f"j{start}", ANSWER),
             pc.greater(tokens, 2000),
             pa.array(rng.integers(0, 11, k).astype(float)),
         ],

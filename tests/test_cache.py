@@ -396,7 +396,7 @@ def test_a_changed_run_sends_only_the_requests_of_its_new_rows(workspace, monkey
         pristine, lambda d: (d["fetch"]["filter"].update(redacted="drop"), d["engine"].update(cache="off"))
     )
     _stages(monkeypatch)
-    assert not (pristine / "data/.cache").exists()
+    assert not (pristine / "data/.cache/responses.sqlite").exists()  # (fetch keeps its pinned files there)
     for suffix in (".parquet", ".jsonl.gz"):
         assert (pristine / f"{RELEASE}{suffix}").read_bytes() == (
             workspace / f"{RELEASE}{suffix}"

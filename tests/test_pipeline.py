@@ -318,8 +318,7 @@ def test_status_works_beside_a_live_dvc_repro_and_names_the_running_stage(built:
     params = built / "params.yaml"
     text = params.read_text(encoding="utf-8")
     slow = yaml.safe_load(text)
-    slow["engine"]["batch_size"] = 10  # one request at a time, many new ones: a run of many seconds
-    slow["models"]["gemma3"]["generate"]["sampling"]["max_tokens"] = 40
+    slow["models"]["gemma3"]["generate"]["sampling"]["max_tokens"] = 40  # new requests: many seconds
     params.write_text(yaml.safe_dump(slow, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     repro = subprocess.Popen(
@@ -347,7 +346,7 @@ def test_status_works_beside_a_live_dvc_repro_and_names_the_running_stage(built:
         os.killpg(repro.pid, signal.SIGINT)
         repro.wait(timeout=60)
         params.write_text(text, encoding="utf-8")
-        dvc(built, "checkout", "generate@gemma3")
+        dvc(built, "checkout")  # the outs DVC removed before running the stage, from its cache
     assert ran(dvc(built, "repro", "--dry")) == set()  # nothing left stale
 
 

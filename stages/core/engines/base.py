@@ -311,6 +311,7 @@ class Engine(abc.ABC):
         if self._loaded:
             self.unload()
             self._loaded = False
+        self._stopping.clear()  # a stop belongs to the run it stopped: a closed engine may serve again
 
 
 def cacheable(reply: Reply, request: ChatRequest) -> bool:

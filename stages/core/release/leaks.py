@@ -19,6 +19,7 @@ whatever its size (Parquet files of 70 and 283 MB: 358 and 378 MB resident in al
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ OVERLAP = 4096  # characters of a slice of a long text read again with the next
 BASE = 0x9E3779B97F4A7C15  # odd: invertible modulo 2**64
 BASE_INVERSE = pow(BASE, -1, 1 << 64)
 U64 = np.uint64
+LOG = logging.getLogger(__name__)
 # text the models wrote, which may quote its instruction as the published responses do (code to fix, a
 # text to proofread): refused only where most of it is instruction text, a copy rather than a quote
 GENERATED = {
@@ -50,6 +52,7 @@ GENERATED = {
     "synthesized_multiturn_conversation[][].content",
 }
 GENERATED_SHARE = 0.5  # of a generated text's 32-character windows that may be instruction text
+ECHO_SHARE = 0.05  # of a file's answers that may echo their instruction (a copying transformation: most)
 
 
 class LeakError(PipelineError):
@@ -253,12 +256,16 @@ def scan(path: Path, private: PrivateText) -> Scan:
     row; no text of the file is quoted."""
     found: dict[str, list[int]] = {}
     paths: set[str] = set()
+    answered: dict[str, set[int]] = {}  # the rows holding text the models wrote, by path
     try:
         for texts, where, rows in strings(path, paths):
             kept = [i for i, t in enumerate(texts) if t]
             share = GENERATED_SHARE if where in GENERATED else 0.0
+            if where in GENERATED:
+                answered.setdefault(where, set()).update(int(rows[i]) for i in kept)
             for i in private.hits([texts[i] for i in kept], share):
                 found.setdefault(where, []).append(int(rows[kept[i]]))
+        found = _without_echoes(path, found, answered)
         if path.name.endswith(".parquet"):  # its compressed pages cut text anywhere: no raw read, but
             if slack := _unread_bytes(path):  # no byte that no reader reads
                 return Scan(paths, f"holds {slack} bytes that no Parquet reader reads (outside its pages)")
@@ -277,6 +284,29 @@ def scan(path: Path, private: PrivateText) -> Scan:
     if not places:
         return Scan(paths, None)
     return Scan(paths, "holds private instruction text (LMSYS-Chat-1M licence) in " + "; ".join(places))
+
+
+def _without_echoes(path: Path, found: dict[str, list[int]], answered: dict[str, set[int]]) -> dict:
+    """`found` without the few answers that echo their instruction: a model may answer "repeat this" by
+    repeating it, and the published responses hold such answers; a transformation that copies the
+    instructions into an answer column does so in most rows. A path of the text the models wrote is
+    refused only where more than ECHO_SHARE of its rows hold instruction text; the others are logged."""
+    kept = {}
+    for where, rows in found.items():
+        total = len(answered.get(where, ()))
+        if where in GENERATED and total and len(set(rows)) <= ECHO_SHARE * total:
+            LOG.warning(
+                "%s: %d of %d rows of %s echo instruction text (model output, published as the published "
+                "responses are; refused above %.0f%%)",
+                path.name,
+                len(set(rows)),
+                total,
+                where,
+                100 * ECHO_SHARE,
+            )
+            continue
+        kept[where] = rows
+    return kept
 
 
 def _unread_bytes(path: Path) -> int:
