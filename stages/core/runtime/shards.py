@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -29,7 +28,8 @@ from stages.core.config.cli import run
 from stages.core.config.errors import PipelineError
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.progress import RECORD, ProgressRecord
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, running, write_table
+from stages.core.runtime.status import alive
+from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, write_table
 from stages.core.storage.resume import input_digest
 
 LOG = logging.getLogger(__name__)
@@ -358,18 +358,16 @@ def _written_by_a_run(info: dict, store: CheckpointStore) -> bool:
 
 
 def running_keys(store: CheckpointStore, dirs: list[dict]) -> set[tuple[str, str]]:
-    """(stage, key) of each run in progress on this host: its progress record says `running` with the
-    pid of a live process."""
-    held = set()
+    """(stage, key) of each run in progress: its progress record says `running` and its process is
+    alive (`status.alive`: by pid on this host, by its heartbeat elsewhere)."""
+    held, now = set(), time.time()
     for stage in {d["stage"] for d in dirs}:
-        path = f"{store.root}/{stage}/{RECORD}"
         try:
-            record = json.loads(store.fs.cat_file(path))
-            pid, host = int(record["pid"]), record["host"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if record.get("state") == "running" and host == socket.gethostname() and running(pid):
-            held.add((stage, str(record.get("key"))))
+            record = json.loads(store.fs.cat_file(f"{store.root}/{stage}/{RECORD}"))
+            if alive(record, now):
+                held.add((stage, str(record.get("key"))))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no record, or not a record's shape: holds nothing
     return held
 
 

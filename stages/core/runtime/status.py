@@ -16,6 +16,7 @@ from pathlib import Path
 import fsspec
 
 from stages.core.runtime.progress import HEARTBEAT, RECORD, rate, time_left
+from stages.core.storage.io import running
 
 # the progress records of a DVC stage: score's judge pass and second turn keep their own
 PASSES = {"score": ("score", "second-turn")}
@@ -79,13 +80,7 @@ def alive(record: dict, now: float) -> bool:
     if record.get("state") != "running":
         return False
     if record.get("host") == socket.gethostname():
-        try:
-            os.kill(int(record["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return running(int(record["pid"]))
     return now - record.get("updated", 0) <= STALE_AFTER
 
 
