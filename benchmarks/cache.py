@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from stages.core.config.params import EngineParams, LLMSpec, Sampling  # noqa: E402
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling  # noqa: E402
 from stages.core.engines import ChatRequest, Completion, Engine, Reply  # noqa: E402
 from stages.core.storage.cache import ResponseCache  # noqa: E402
 

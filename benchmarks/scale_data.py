@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from stages.core.rows.responses import ANNOTATION, GENERATED, RESPONSE, SCORED
-from stages.core.storage.io import PARQUET_OPTIONS, write_json
+from stages.core.storage.jsonl import write_json
+from stages.core.storage.parquet import PARQUET_OPTIONS
 
 PIECE = 2000  # rows per written row group (as the sharded stages write them)
 N_RESPONSES = 10

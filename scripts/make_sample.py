@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core.storage.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
-from stages.core.storage.io import write_jsonl_gz
+from stages.core.storage.jsonl import write_jsonl_gz
 
 N_CONVERSATIONS = 336
 N_SHARDS = 2

@@ -22,7 +22,9 @@ from stages.core.config.params import Params
 from stages.core.release import comparison, published
 from stages.core.release.files import public_file
 from stages.core.release.published import ID
-from stages.core.storage.io import atomic_path, sha256_file, write_json
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.jsonl import sha256_file, write_json
+from stages.core.storage.source import NoMatchError
 
 LOG = logging.getLogger("stages.compare")
 BATCH_ROWS = 4096  # rows of our release read at a time
@@ -67,7 +69,15 @@ def main() -> None:
         not_compared(params, name)
         return
     with timed(LOG, f"compare@{name}") as counts:
-        local, record = published.fetch(params.published, variant.release_name, paths.published)
+        try:
+            local, record = published.fetch(params.published, variant.release_name, paths.published)
+        except NoMatchError as err:
+            raise NoMatchError(
+                f"compare@{name}: {err}: the publisher released no file for release_name "
+                f"{variant.release_name!r}. A variant of your own has nothing to compare with: set "
+                f"`compare: false` in conf/model/{name}.yaml (models.{name}.compare), then "
+                "python -m stages.compose"
+            ) from err
         ours, batches = our_release(params, name)
         totals, joined = comparison.compare(batches, records(local), redacted_ids(params, name))
         card = params.published.figures(variant.release_name)

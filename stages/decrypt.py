@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 
 from stages.core.config.cli import run, start_subsets, timed
 from stages.core.rows.records import instruction_rows
+from stages.core.storage.atomic import atomic_path, private_tempdir
 from stages.core.storage.crypto import decrypt_file, derive_key
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, private_tempdir
+from stages.core.storage.parquet import PARQUET_OPTIONS
 
 LOG = logging.getLogger("stages.decrypt")
 ROW_GROUP = 16_384  # rows held and written at a time

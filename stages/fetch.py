@@ -15,7 +15,8 @@ from stages.core.config.cli import run, start, timed
 from stages.core.config.params import Params
 from stages.core.rows.first_turn import MAX_CHARS, write_first_turns
 from stages.core.rows.prompts import OURS, PUBLISHED, PUBLISHED_FILE, JudgePromptError, read_judge_prompt
-from stages.core.storage.io import staged_dir, write_json
+from stages.core.storage.atomic import staged_dir
+from stages.core.storage.jsonl import write_json
 from stages.core.storage.source import fetch_files
 
 LOG = logging.getLogger("stages.fetch")

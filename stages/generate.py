@@ -18,7 +18,8 @@ from stages.core.rows import fields
 from stages.core.rows.responses import GENERATED, generate_table
 from stages.core.runtime.executors import engine_pool
 from stages.core.runtime.shards import shard_count
-from stages.core.storage.io import iter_aligned, value_counts, write_json
+from stages.core.storage.jsonl import write_json
+from stages.core.storage.parquet import iter_aligned, value_counts
 from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger("stages.generate")

@@ -14,7 +14,7 @@ from stages.core.config.cli import run, start, timed
 from stages.core.config.params import Params
 from stages.core.release import merged
 from stages.core.release.files import public_file
-from stages.core.storage.io import write_json
+from stages.core.storage.jsonl import write_json
 
 LOG = logging.getLogger("stages.merge")
 

@@ -14,13 +14,9 @@ from stages.core.config.cli import run, start, timed
 from stages.core.release import card, leaks, plots
 from stages.core.release.files import LOG, encrypted_instructions, write_release
 from stages.core.rows import records as release
-from stages.core.storage.io import (
-    engine_roles,
-    private_tempdir,
-    sha256_file,
-    staged_dir,
-    write_json,
-)
+from stages.core.storage.atomic import private_tempdir, staged_dir
+from stages.core.storage.jsonl import sha256_file, write_json
+from stages.core.storage.parquet import engine_roles
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from stages.core.config.cli import LOG_FORMAT, run
 from stages.core.config.params import load_params
 from stages.core.release import guard, hub
-from stages.core.storage.io import sha256_file
+from stages.core.storage.jsonl import sha256_file
 
 LOG = logging.getLogger("stages.publish")
 

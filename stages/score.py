@@ -24,7 +24,8 @@ from stages.core.runtime.scoring import (
     metrics_of,
     second_turn_pass,
 )
-from stages.core.storage.io import value_counts, write_json
+from stages.core.storage.jsonl import write_json
+from stages.core.storage.parquet import value_counts
 from stages.core.storage.resume import recipe
 
 

@@ -23,7 +23,8 @@ from stages.core.config.params import Params, load_params
 from stages.core.release.files import public_file
 from stages.core.rows import sft
 from stages.core.rows.records import instruction_rows
-from stages.core.storage.io import staged_dir, write_json
+from stages.core.storage.atomic import staged_dir
+from stages.core.storage.jsonl import write_json
 
 LOG = logging.getLogger("stages.sft")
 BATCH_ROWS = 1000  # release records read at a time: the stage's memory

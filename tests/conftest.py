@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stages.core.config.compose import compose_params
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import ChatRequest, Completion, Engine, Reply, RequestError
 
 ROOT = Path(__file__).resolve().parent.parent

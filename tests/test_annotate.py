@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import TemplateRule, load_params
+from stages.core.config.params import load_params
+from stages.core.config.translate_params import TemplateRule
 from stages.core.rows.annotate import (
     blank,
     compile_templates,

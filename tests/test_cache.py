@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.core.config.engine_params import EngineParams, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, Sampling
 from stages.core.engines import FAILED, OK, TOO_LONG, ChatRequest, Completion
 from stages.core.rows.responses import request_seed
 from stages.core.runtime.executors import LocalExecutor
@@ -412,7 +412,7 @@ def test_a_changed_run_sends_only_the_requests_of_its_new_rows(workspace, monkey
 def test_a_local_openai_compatible_server_gets_only_the_misses(tmp_path, monkeypatch):
     pytest.importorskip("openai")
     from benchmarks.fake_vllm import FakeVLLMServer
-    from stages.core.config.params import EngineParams, LLMSpec
+    from stages.core.config.engine_params import EngineParams, LLMSpec
     from stages.core.engines import make_engine
 
     monkeypatch.setenv("CACHE_TEST_KEY", "sk-local")

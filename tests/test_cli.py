@@ -257,7 +257,7 @@ def test_a_terminated_stage_removes_its_private_temporary_files(tmp_path):
     script.write_text(
         "import sys, time\n"
         "from stages.core.config.cli import run\n"
-        "from stages.core.storage.io import private_tempdir\n"
+        "from stages.core.storage.atomic import private_tempdir\n"
         "def main():\n"
         f"    with private_tempdir({str(tmp_path / 'private')!r}, 'package-x') as tmp:\n"
         "        (tmp / 'instructions.jsonl.gz').write_bytes(b'plaintext')\n"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import re
@@ -15,8 +16,8 @@ import pytest
 from scripts import make_sample
 from stages.core.config.params import load_params
 from stages.core.release import comparison, published
-from stages.core.storage.io import read_jsonl_gz
-from stages.core.storage.source import ChecksumError
+from stages.core.storage.jsonl import read_jsonl_gz
+from stages.core.storage.source import ChecksumError, NoMatchError
 from tests.conftest import SAMPLE, run_stage, set_params
 
 FILE = "dataset/{name}-lmsys-chat-1m-synth-ja+en.jsonl.gz"
@@ -381,6 +382,24 @@ def test_a_variant_with_compare_off_builds_without_a_published_file(upstream, mo
     for table in comparison.PLOTS:
         assert json.loads((metrics / f"plots/gemma3/compare_{table}.json").read_text()) == []
     assert not (upstream / "data/.cache/published").exists()
+
+
+def test_a_new_variant_copied_with_compare_on_is_told_to_set_compare_false(upstream, monkeypatch):
+    """docs/configuration.md: a new variant starts as a copy of gemma3.yaml, which compares (compare: true);
+    the publisher released no file of that name, so compare@M stops naming the switch that fixes it."""
+
+    def add(data):
+        data["models"]["mine"] = {**copy.deepcopy(data["models"]["gemma3"]), "release_name": "mine"}
+
+    set_params(upstream, add)
+    for stage in ("generate", "score", "package"):
+        run_stage(monkeypatch, stage, "mine")
+    with pytest.raises(NoMatchError) as err:
+        run_stage(monkeypatch, "compare", "mine")
+    message = str(err.value)
+    assert "dataset/mine-lmsys-chat-1m-synth-ja+en.jsonl.gz" in message
+    assert "`compare: false` in conf/model/mine.yaml (models.mine.compare)" in message
+    assert not (upstream / "data/metrics/compare-mine.json").exists()
 
 
 def test_a_rerun_writes_the_same_report_metrics_and_plot_tables(compared, monkeypatch):

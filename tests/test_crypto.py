@@ -26,7 +26,7 @@ from stages.core.config.compose import compose_params
 from stages.core.config.params import ParamsError, validate
 from stages.core.storage import crypto
 from stages.core.storage.crypto import CryptoError, KeySpec, decrypt_file, derive_key, encrypt_file
-from stages.core.storage.io import read_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz
 from tests.conftest import run_stage, set_params
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"

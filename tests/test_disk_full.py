@@ -24,7 +24,7 @@ RELEASE = "data/release/gemma3"
 FULL_DISK = """
 import errno, io, sys, types
 from zlib_ng import gzip_ng_threaded
-from stages.core.storage import io as core_io
+from stages.core.storage import jsonl, parquet
 
 class Full(io.RawIOBase):
     def __init__(self, room):
@@ -38,7 +38,7 @@ class Full(io.RawIOBase):
         return len(data)
 
 real_open = gzip_ng_threaded.open
-core_io.gzip_ng_threaded = types.SimpleNamespace(open=lambda tmp, *a, **k: real_open(Full(64), *a, **k))
+jsonl.gzip_ng_threaded = types.SimpleNamespace(open=lambda tmp, *a, **k: real_open(Full(64), *a, **k))
 """
 
 # package's shape: an ExitStack of writers, one of which fails before zlib-ng's error comes out
@@ -49,7 +49,7 @@ from stages.core.config.cli import run
 
 def main():
     with contextlib.ExitStack() as stack:
-        write = stack.enter_context(core_io.jsonl_gz_writer(Path(sys.argv[1]), threads=2))
+        write = stack.enter_context(jsonl.jsonl_gz_writer(Path(sys.argv[1]), threads=2))
         write({"text": "x" * (3 << 20)})  # three blocks: zlib-ng's thread meets the full disk
         raise OSError(errno.ENOSPC, "No space left on device")  # the Parquet writer's, say
 
@@ -65,8 +65,8 @@ from stages.core.config.cli import run
 
 def main():
     with contextlib.ExitStack() as stack:
-        write = stack.enter_context(core_io.jsonl_gz_table_writer(Path(sys.argv[1]), threads=2))
-        hand_over = stack.enter_context(core_io.in_thread(write))
+        write = stack.enter_context(jsonl.jsonl_gz_table_writer(Path(sys.argv[1]), threads=2))
+        hand_over = stack.enter_context(parquet.in_thread(write))
         for _ in range(8):
             hand_over(pa.table({"text": ["x" * 4096] * 256}))
 
@@ -75,18 +75,18 @@ run(main)
 
 # the same writes against a real file size limit (EFBIG from the kernel): nothing patched
 LIMITED = {
-    "write_table": "io.write_table(pa.table({'x': [os.urandom(64).hex() for _ in range(5000)]}), out)",
-    "write_jsonl_gz": "io.write_jsonl_gz(({'x': os.urandom(64).hex()} for _ in range(5000)), out)",
-    "write_json": "io.write_json({'x': [os.urandom(64).hex() for _ in range(5000)]}, out)",
+    "write_table": "parquet.write_table(pa.table({'x': [os.urandom(64).hex() for _ in range(5000)]}), out)",
+    "write_jsonl_gz": "jsonl.write_jsonl_gz(({'x': os.urandom(64).hex()} for _ in range(5000)), out)",
+    "write_json": "jsonl.write_json({'x': [os.urandom(64).hex() for _ in range(5000)]}, out)",
     "parquet_table_writer": """
-with io.parquet_table_writer(out, pa.schema([('x', pa.string())]), 1000) as write:
+with parquet.parquet_table_writer(out, pa.schema([('x', pa.string())]), 1000) as write:
     for _ in range(5):
         write(pa.table({'x': [os.urandom(64).hex() for _ in range(1000)]}))""",
 }
 LIMITED_SCRIPT = """
 import os, sys
 import pyarrow as pa
-from stages.core.storage import io
+from stages.core.storage import jsonl, parquet
 from stages.core.config.cli import run
 
 out = sys.argv[1]

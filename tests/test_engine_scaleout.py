@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer, Faults
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import FAILED, OK, ChatRequest, make_engine
 from tests.conftest import FakeEngine
 

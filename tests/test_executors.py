@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from stages.core.config.compose import CONF_DIR, compose_params
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.rows.responses import GENERATED, generate_table
 from stages.core.runtime.executors import engine_pool
 from stages.core.runtime.shards import slices
-from stages.core.storage.io import ENGINE_METADATA
+from stages.core.storage.parquet import ENGINE_METADATA
 from tests.conftest import ROOT, SAMPLE, run_stage, set_params
 from tests.s3 import CREDENTIALS, moto_server
 
@@ -64,7 +64,7 @@ def _rows(n: int) -> pa.Table:
 
 
 def _spec():
-    from stages.core.config.params import GenerateParams
+    from stages.core.config.variant_params import GenerateParams
 
     return GenerateParams(
         llm=TINY_LLM,

@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer, Faults
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import FAILED, OK, PARTIAL, REFUSED, TOO_LONG, ChatRequest, EngineDown
 from stages.core.engines.vllm import VLLMApi, VLLMEngine, check_arguments
 

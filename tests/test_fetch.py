@@ -14,19 +14,22 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.core.config.errors import SourceError
-from stages.core.config.params import FilterSpec
+from stages.core.config.source_params import FilterSpec
 from stages.core.rows.first_turn import SeenIds, filter_batch
 from stages.core.storage.source import AccessError, ChecksumError
 from tests.conftest import ROOT, run_stage, set_params
+from tests.hub_server import HubServer
 from tests.s3 import CREDENTIALS, moto_server, upload_tree
 
 OUTPUTS = [
@@ -503,6 +506,131 @@ def test_an_unpinned_local_file_is_read_again_on_every_fetch(workspace, monkeypa
     run_stage(monkeypatch, "fetch")
     rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
     assert rows["rows_in"] < 326
+
+
+HUB_TOKEN = "hf_" + "fetchcanary" * 3  # sent only to the stand-in on 127.0.0.1
+# fetch's two sources -> the Hub dataset that serves it and the sample directory laid out like it
+SAMPLE_REPOS = {
+    "source": ("lmsys/lmsys-chat-1m", "data/sample/lmsys-chat-1m"),
+    "released": ("tokyotech-llm/lmsys-chat-1m-synth", "data/sample/lmsys-chat-1m-synth"),
+}
+
+
+@pytest.fixture
+def hub(monkeypatch) -> Iterator[HubServer]:
+    """The Hub stand-in on 127.0.0.1 (tests/hub_server.py) and a token for it; stopped when the test ends."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the "Hub" is on 127.0.0.1
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    with HubServer(HUB_TOKEN) as server:
+        yield server
+
+
+def _serve_sample(workspace: Path, hub: HubServer, branch: bool = False) -> set[tuple[str, str, str]]:
+    """Push the sample's two sources to `hub`, each as one commit, and point fetch at them (their
+    storage_options.endpoint) at that commit, or at `main` with `branch`. Returns the files served, as
+    (repo id, revision, path), the names that `hub.downloads()` gives."""
+    served = set()
+    for key, (repo, local) in SAMPLE_REPOS.items():
+        root = workspace / local
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        commit = hub.push(repo, files)
+        revision = "main" if branch else commit
+        options = {"endpoint": hub.url}
+        set_params(
+            workspace,
+            lambda d, k=key, u=f"hf://datasets/{repo}", r=revision, o=options: d["fetch"][k].update(
+                uri=u, revision=r, storage_options=o
+            ),
+        )
+        served |= {(repo, revision, name) for name in files}
+    return served
+
+
+def _taken(workspace: Path) -> set[tuple[str, str, str]]:
+    """The Hub files that the manifest lists, as (repo id, revision, path)."""
+    manifest = json.loads((workspace / "data/raw/manifest.json").read_text())
+    return {
+        (manifest[key]["uri"].removeprefix("hf://datasets/"), manifest[key]["revision"], item["path"])
+        for key in SAMPLE_REPOS
+        for item in manifest[key]["files"]
+    }
+
+
+def _remove_outputs(workspace: Path) -> None:
+    """As `dvc repro` removes a stage's outs before it runs it."""
+    for name in OUTPUTS:
+        path = workspace / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _with_metrics(workspace: Path) -> dict[str, bytes]:
+    return _outputs(workspace) | {"fetch.json": (workspace / "data/metrics/fetch.json").read_bytes()}
+
+
+def test_a_rerun_fetch_from_the_hub_downloads_no_file_of_a_commit_it_has(workspace, monkeypatch, caplog, hub):
+    """The sample's sources on a Hub (the stand-in, counting requests) at commit revisions: the first
+    fetch downloads each file it takes into the outputs that the sample's directories give; a re-run
+    sends no download request (nor a HEAD) and links every file from paths.fetched, into byte-identical
+    outputs. Its only requests list the repositories (repo info, tree), which is allowed."""
+    run_stage(monkeypatch, "fetch")  # from the sample's directories
+    local = _outputs(workspace)
+    served = _serve_sample(workspace, hub)
+    _remove_outputs(workspace)
+    run_stage(monkeypatch, "fetch")
+    first = _with_metrics(workspace)
+    taken = _taken(workspace)
+    assert len(taken) == 10 and taken <= served  # 2 shards; 2 subsets, the key script, 5 pinned files
+    assert sorted(hub.downloads()) == sorted(taken)  # each file once
+    manifest, local_manifest = (json.loads(o.pop("data/raw/manifest.json")) for o in (dict(first), local))
+    assert {k: v for k, v in first.items() if k not in ("data/raw/manifest.json", "fetch.json")} == local
+    assert all(manifest[key]["files"] == local_manifest[key]["files"] for key in SAMPLE_REPOS)
+    assert manifest["source"]["revision"] == hub.repos["lmsys/lmsys-chat-1m"].commits[-1]["oid"]
+
+    _remove_outputs(workspace)
+    before = len(hub.requests)
+    caplog.set_level("INFO")
+    run_stage(monkeypatch, "fetch")
+    again = hub.requests[before:]
+    assert [path for _, path in again if "/resolve/" in path] == []  # no file's bytes nor its metadata
+    assert {urlsplit(path).path.split("/")[5] for _, path in again} <= {"revision", "tree"}  # listings
+    assert _with_metrics(workspace) == first
+    assert "hf://datasets/lmsys/lmsys-chat-1m: 2 of 2 files reused" in caplog.text
+    assert "hf://datasets/tokyotech-llm/lmsys-chat-1m-synth: 8 of 8 files reused" in caplog.text
+    assert " fetched " not in caplog.text
+
+
+def test_a_rerun_fetch_from_a_hub_branch_downloads_its_unpinned_files_again(
+    workspace, monkeypatch, caplog, hub
+):
+    """At a branch (`main`) a file's bytes may change between runs: a re-run downloads every file that no
+    sha256 pins again, and so reads a shard that a new commit changed; it reuses only the pinned files."""
+    served = _serve_sample(workspace, hub, branch=True)
+    run_stage(monkeypatch, "fetch")
+    taken = _taken(workspace)
+    assert taken <= served and sorted(set(hub.downloads())) == sorted(taken)
+    shard = _shard(workspace, 1)
+    changed = pa.BufferOutputStream()
+    pq.write_table(pq.read_table(shard).slice(0, 10), changed)
+    hub.push("lmsys/lmsys-chat-1m", {f"data/{shard.name}": changed.getvalue().to_pybytes()})
+    pins = yaml.safe_load((workspace / "params.yaml").read_text())["fetch"]["released"]["sha256"]
+    pinned = {("tokyotech-llm/lmsys-chat-1m-synth", "main", name) for name in pins}
+    assert len(pinned) == 5 and pinned <= taken
+    _remove_outputs(workspace)
+    before = len(hub.downloads())
+    caplog.set_level("INFO")
+    run_stage(monkeypatch, "fetch")
+    assert sorted(hub.downloads()[before:]) == sorted(taken - pinned)
+    assert "hf://datasets/tokyotech-llm/lmsys-chat-1m-synth: 5 of 8 files reused" in caplog.text
+    assert "hf://datasets/lmsys/lmsys-chat-1m: " not in caplog.text  # no shard reused
+    fetched = workspace / "data/raw/lmsys-chat-1m/data" / shard.name
+    assert fetched.read_bytes() == changed.getvalue().to_pybytes()
+    rows = json.loads((workspace / "data/metrics/fetch.json").read_text())["rows"]
+    assert rows["rows_in"] < 339  # the new commit's shard was read
 
 
 def sha256_of(path: Path) -> str:

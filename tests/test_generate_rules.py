@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from stages.core.config.compose import compose_params
-from stages.core.config.params import GenerateParams, LLMSpec, Sampling, validate
+from stages.core.config.engine_params import LLMSpec, Sampling
+from stages.core.config.params import validate
+from stages.core.config.variant_params import GenerateParams
 from stages.core.engines import ChatRequest, Reply
 from stages.core.rows.responses import SKIPPED_REDACTED, generate_table
 from stages.core.storage.resume import digest, recipe

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.config.params import Sampling
+from stages.core.config.engine_params import Sampling
 from stages.core.engines import ChatRequest, Interrupted, Reply
 from stages.core.storage import resume
 from stages.core.storage.cache import ResponseCache

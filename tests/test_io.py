@@ -18,21 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.core.config.errors import PipelineError
-from stages.core.storage.io import (
+from stages.core.storage.atomic import WriteError, atomic_path, staged_dir, writing
+from stages.core.storage.jsonl import (
     GZIP_BLOCK,
-    RowGroups,
-    WriteError,
-    atomic_path,
-    in_thread,
-    iter_aligned,
     json_lines,
     jsonl_gz_table_writer,
     jsonl_gz_writer,
     read_jsonl_gz,
-    staged_dir,
     write_jsonl_gz,
-    writing,
 )
+from stages.core.storage.parquet import RowGroups, in_thread, iter_aligned
 
 WORDS = ["猫", "東京", "翻訳", "データ", "モデル", "応答", "です。", "ます。", "the", "model", "answers", "a"]
 
@@ -303,7 +298,7 @@ def _dead_pid() -> int:
 
 
 def test_litter_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_is_kept(tmp_path):
-    from stages.core.storage.io import atomic_path, staged_dir
+    from stages.core.storage.atomic import atomic_path, staged_dir
 
     dead, live = _dead_pid(), os.getpid()
     torn = tmp_path / f".out.parquet.{dead}.x1y2.tmp"
@@ -325,7 +320,7 @@ def test_litter_of_a_killed_writer_is_removed_by_the_next_run_and_a_live_ones_is
 
 
 def test_plaintext_intermediates_live_in_a_private_dir_removed_on_any_exit(tmp_path):
-    from stages.core.storage.io import private_tempdir
+    from stages.core.storage.atomic import private_tempdir
 
     stale = tmp_path / f".package-gemma3.{_dead_pid()}.k.tmp"  # a SIGKILLed package's plaintext
     stale.mkdir()

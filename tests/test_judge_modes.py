@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.fake_vllm import FakeVLLMServer
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec, ParamsError, Sampling, ScoreParams
+from stages.core.config.params import ParamsError
+from stages.core.config.variant_params import ScoreParams
 from stages.core.engines import FAILED as FAILED_REQUEST
 from stages.core.engines import MODE_IGNORED, OK, ChatRequest, Completion, Reply, make_engine
 from stages.core.engines import vllm as vllm_engine

@@ -14,7 +14,7 @@ import pytest
 
 from stages.core.config.errors import SourceError
 from stages.core.release import merged
-from stages.core.storage.io import read_jsonl_gz, write_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz, write_jsonl_gz
 from tests.conftest import run_stage
 from tests.test_sft import STEM, built  # noqa: F401  (the sample run through package@gemma2)
 

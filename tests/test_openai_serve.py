@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec, Sampling, ScoreParams
+from stages.core.config.variant_params import ScoreParams
 from stages.core.engines import MODE_IGNORED, OK, TOO_LONG, ChatRequest, make_engine
 from stages.core.rows.judge import judge_rows
 

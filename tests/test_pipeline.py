@@ -20,7 +20,7 @@ import yaml
 
 from stages.core.config.compose import compose_params
 from stages.core.storage.crypto import KeySpec, decrypt_file, derive_key
-from stages.core.storage.io import read_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz
 from tests.s3 import CREDENTIALS, moto_server
 
 ROOT = Path(__file__).resolve().parent.parent

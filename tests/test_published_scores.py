@@ -11,7 +11,8 @@ import pytest
 from stages.core.config.errors import SourceError
 from stages.core.config.params import load_params
 from stages.core.release import published
-from stages.core.storage.io import engine_roles, read_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz
+from stages.core.storage.parquet import engine_roles
 from stages.core.storage.resume import recipe
 from tests.conftest import SAMPLE, run_stage, set_params
 

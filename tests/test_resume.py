@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.core.config.params import EngineParams, LLMSpec
+from stages.core.config.engine_params import EngineParams, LLMSpec
 from stages.core.storage.resume import closure, code_digest, code_meaning, input_digest, recipe
 from tests.conftest import run_stage, set_params
 

@@ -19,11 +19,12 @@ import yaml
 
 from stages.core.config.compose import compose_params
 from stages.core.config.errors import PipelineError, SourceError
-from stages.core.config.params import ParamsError, SftOption, load_params, validate
+from stages.core.config.params import ParamsError, load_params, validate
+from stages.core.config.release_params import SftOption
 from stages.core.rows import sft
 from stages.core.rows.scores import best_index
 from stages.core.storage.crypto import decrypt_file, derive_key
-from stages.core.storage.io import read_jsonl_gz, write_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz, write_jsonl_gz
 from tests.conftest import SAMPLE, FakeEngine, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ from stages.core.config.errors import PipelineError
 from stages.core.config.params import load_params
 from stages.core.rows.second_turn import selected
 from stages.core.storage.crypto import CryptoError, KeySpec, derive_key
-from stages.core.storage.io import engines_of, read_jsonl_gz, sha256_file
+from stages.core.storage.jsonl import read_jsonl_gz, sha256_file
+from stages.core.storage.parquet import engines_of
 from tests.conftest import compose_params, run_stage, set_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +272,7 @@ def test_encrypted_instructions_are_exactly_those_used(upstream, monkeypatch):
 
 def test_released_file_with_a_repeated_conversation_is_refused(tmp_path):
     from stages.core.rows.records import instruction_rows
-    from stages.core.storage.io import write_jsonl_gz
+    from stages.core.storage.jsonl import write_jsonl_gz
 
     record = {"conversation_id": "c1", "translated_conversation": [{"role": "user", "content": "こんにちは"}]}
     path = tmp_path / "ja.jsonl.gz"

@@ -214,7 +214,7 @@ def test_stage_states_from_dvc_status_locks_and_records(tmp_path):
 
 
 def test_counters_count_cache_hits_tokens_and_engine_time(fake_engine, tmp_path):
-    from stages.core.config.params import Sampling
+    from stages.core.config.engine_params import Sampling
     from stages.core.rows.requests import ChatRequest
     from stages.core.storage.cache import ResponseCache
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from scripts.make_tiny_model import build, model_digest, write_revision
 from stages.core.config.compose import compose_params
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.engines import ChatRequest, make_engine
 from stages.core.rows.judge import FAILED, parse_score
 from stages.core.rows.prompts import user_turn

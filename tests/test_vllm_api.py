@@ -34,8 +34,9 @@ from vllm.utils.counter import Counter  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 from stages.core.config.compose import compose_params  # noqa: E402
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling  # noqa: E402
 from stages.core.config.errors import PipelineError  # noqa: E402
-from stages.core.config.params import EngineParams, LLMSpec, Sampling, validate  # noqa: E402
+from stages.core.config.params import validate  # noqa: E402
 from stages.core.engines import OK, REFUSED, ChatRequest, Completion, EngineDown  # noqa: E402
 from stages.core.engines.vllm import VLLMApi, VLLMEngine, accepted_engine_args, check_arguments  # noqa: E402
 

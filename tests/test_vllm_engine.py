@@ -13,7 +13,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
-from stages.core.config.params import EngineParams, LLMSpec, Sampling, ScoreParams  # noqa: E402
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling  # noqa: E402
+from stages.core.config.variant_params import ScoreParams  # noqa: E402
 from stages.core.engines import OK, TOO_LONG, ChatRequest, make_engine  # noqa: E402
 from stages.core.engines.vllm import VLLMEngine  # noqa: E402
 from stages.core.rows.judge import JUDGEMENT_SCHEMA, judge_rows  # noqa: E402

@@ -19,7 +19,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from stages.core.config.params import EngineParams, LLMSpec, Sampling, ScoreParams
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
+from stages.core.config.variant_params import ScoreParams
 from stages.core.engines import OK, ChatRequest, make_engine
 from stages.core.rows.judge import judge_rows
 from tests.test_openai_serve import _free_port

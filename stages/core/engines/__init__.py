@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from stages.core.config.engine_params import EngineParams, LLMSpec
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec
 from stages.core.engines.base import Engine, EngineDown, Interrupted, RequestError, apply_chat_rules
 from stages.core.rows.requests import (
     FAILED,

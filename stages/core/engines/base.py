@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stages.core.config.engine_params import EngineParams, LLMSpec, Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec, Sampling
 from stages.core.config.project import distribution_version
 from stages.core.rows.requests import (
     FAILED,

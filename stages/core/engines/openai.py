@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+from stages.core.config.engine_params import Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import Sampling
 from stages.core.engines.base import (
     Engine,
     EngineDown,

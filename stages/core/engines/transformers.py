@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, ClassVar
 
+from stages.core.config.engine_params import Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import Sampling
 from stages.core.engines.base import Engine, apply_chat_rules, by_text, missing_extra, token_logprobs
 from stages.core.rows.requests import ChatRequest, Completion, Reply
 

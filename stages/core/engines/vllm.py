@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import metadata
 from typing import Any, ClassVar
 
+from stages.core.config.engine_params import Sampling
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import Sampling
 from stages.core.config.project import distribution_version
 from stages.core.engines.base import (
     Engine,

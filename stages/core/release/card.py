@@ -15,7 +15,7 @@ from stages.core.config.project import distribution_version
 from stages.core.release.files import licence_texts
 from stages.core.rows import fields
 from stages.core.rows.prompts import PROMPT_DIR, PUBLISHED, PUBLISHED_FILE, published_judge
-from stages.core.storage.io import sha256_file
+from stages.core.storage.jsonl import sha256_file
 from stages.core.storage.resume import digest, recipe
 
 # The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,

@@ -15,18 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.core.config.errors import SourceError
-from stages.core.config.params import Params, ReleaseParams
+from stages.core.config.params import Params
+from stages.core.config.release_params import ReleaseParams
 from stages.core.release import plots
 from stages.core.rows import fields
 from stages.core.rows import records as release
 from stages.core.storage.crypto import derive_key, encrypt_file
-from stages.core.storage.io import (
-    in_thread,
-    iter_aligned,
-    jsonl_gz_table_writer,
-    parquet_table_writer,
-    sha256_file,
-)
+from stages.core.storage.jsonl import jsonl_gz_table_writer, sha256_file
+from stages.core.storage.parquet import in_thread, iter_aligned, parquet_table_writer
 from stages.core.storage.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")

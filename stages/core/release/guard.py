@@ -31,7 +31,7 @@ from stages.core.release import card, leaks, openpgp
 from stages.core.release.files import licence_texts
 from stages.core.release.merged import LMSYS
 from stages.core.rows import fields
-from stages.core.storage.io import CHUNK, sha256_file
+from stages.core.storage.jsonl import CHUNK, sha256_file
 
 # package@<variant> writes both beside the files that manifest.json's `files` lists
 CARD, MANIFEST = "README.md", "manifest.json"

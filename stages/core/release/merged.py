@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 from stages.core.config.errors import SourceError
 from stages.core.rows import fields
 from stages.core.rows.records import public_schema
-from stages.core.storage.io import PARQUET_OPTIONS, jsonl_gz_table_writer, private_tempdir
+from stages.core.storage.atomic import private_tempdir
+from stages.core.storage.jsonl import jsonl_gz_table_writer
+from stages.core.storage.parquet import PARQUET_OPTIONS
 from stages.core.storage.spill import DUCKDB, Spill, in_order, read_batches, rechunk
 
 ID = "conversation_id"

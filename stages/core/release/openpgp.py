@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 from stages.core.config.errors import SourceError
 from stages.core.config.params import Params
 from stages.core.rows import fields
+from stages.core.storage.atomic import private_tempdir
 from stages.core.storage.crypto import CryptoError, decrypt_file, derive_key
-from stages.core.storage.io import private_tempdir, read_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz
 
 SESSION_KEYS = {1: "public-key encrypted session key", 3: "symmetric-key encrypted session key"}
 ENCRYPTED = {9: "symmetrically encrypted data", 18: "integrity protected data", 20: "AEAD encrypted data"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from stages.core.config.errors import PipelineError
 from stages.core.config.project import distribution_version
 from stages.core.release.notes import DVC
-from stages.core.storage.io import atomic_path
+from stages.core.storage.atomic import atomic_path
 
 LOG = logging.getLogger("stages.plots_page")
 PAGE = Path(".dvc/plots/page.html")  # relative to the repository root

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from stages.core.rows import fields
 from stages.core.rows.scores import SCORE_FAILED
-from stages.core.storage.io import write_json
+from stages.core.storage.jsonl import write_json
 
 # response_token_length bins: [low, next low); the last is open (the default repetition rule: > 2000,
 # docs/assumptions.md)

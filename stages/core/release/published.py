@@ -27,11 +27,14 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from stages.core.config.errors import SourceError
-from stages.core.config.params import COMMIT, PublishedParams
+from stages.core.config.release_params import PublishedParams
+from stages.core.config.schema import COMMIT
 from stages.core.rows import fields
 from stages.core.rows.responses import ANNOTATION, GENERATED, MESSAGE, SCORED
 from stages.core.rows.scores import best_index
-from stages.core.storage.io import ENGINE_METADATA, PARQUET_OPTIONS, atomic_path, sha256_file, write_json
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.jsonl import sha256_file, write_json
+from stages.core.storage.parquet import ENGINE_METADATA, PARQUET_OPTIONS
 from stages.core.storage.source import fetch_files
 from stages.core.storage.spill import DUCKDB, Spill, in_order, read_batches, rechunk, repeated_ids
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import TemplateRule
+from stages.core.config.translate_params import TemplateRule
 from stages.core.rows import fields
 
 FLAGS = pa.schema(

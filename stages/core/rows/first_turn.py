@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core.config.errors import SourceError
-from stages.core.config.params import FilterSpec
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path
+from stages.core.config.source_params import FilterSpec
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.parquet import PARQUET_OPTIONS
 
 BATCH_ROWS = 16_384  # rows decoded at a time: memory stays flat whatever the shard or row group size
 READ_BUFFER = 1 << 20  # pages are read through a buffer: never a whole row group's column chunk at once

@@ -20,7 +20,7 @@ import unicodedata
 
 import pyarrow as pa
 
-from stages.core.config.params import ScoreParams
+from stages.core.config.variant_params import ScoreParams
 from stages.core.rows import fields
 from stages.core.rows.prompts import PUBLISHED, published_judge, user_turn
 from stages.core.rows.requests import (

@@ -16,7 +16,8 @@ from pathlib import Path
 from string import Template
 
 from stages.core.config.errors import PipelineError, SourceError
-from stages.core.config.params import PARAMS_FILE, PUBLISHED_PROMPT, load_params
+from stages.core.config.params import PARAMS_FILE, load_params
+from stages.core.config.variant_params import PUBLISHED_PROMPT
 
 LOG = logging.getLogger(__name__)
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "prompts"

@@ -16,7 +16,7 @@ from stages.core.rows.requests import FAILED as FAILED_REQUEST
 from stages.core.rows.requests import MODE_IGNORED, PARSED, PARTIAL, REFUSED, TOO_LONG, TRUNCATED
 from stages.core.rows.responses import ANNOTATION, MESSAGE, SKIPPED_REDACTED
 from stages.core.rows.scores import SCORE_FAILED
-from stages.core.storage.io import read_jsonl_gz
+from stages.core.storage.jsonl import read_jsonl_gz
 
 
 def messages(turns: pa.ChunkedArray, role: str, field: str = "content") -> pa.ChunkedArray:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stages.core.config.params import Sampling
+from stages.core.config.engine_params import Sampling
 
 OK, TOO_LONG, FAILED = "ok", "skipped_too_long", "failed"  # Reply.status
 PARTIAL = "partial"  # Reply.status: fewer completions than the request's n came back

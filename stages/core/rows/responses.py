@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-from stages.core.config.params import GenerateParams
+from stages.core.config.variant_params import GenerateParams
 from stages.core.rows import fields
 from stages.core.rows.prompts import with_system
 from stages.core.rows.requests import Chat, ChatRequest, Completion, Reply

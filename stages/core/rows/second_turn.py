@@ -14,7 +14,7 @@ import hashlib
 
 import pyarrow as pa
 
-from stages.core.config.params import GenerateParams, SecondTurnParams
+from stages.core.config.variant_params import GenerateParams, SecondTurnParams
 from stages.core.rows.prompts import user_turn, with_system
 from stages.core.rows.requests import OK, Chat, ChatRequest
 from stages.core.rows.responses import JUDGED, SCORED, request_seed

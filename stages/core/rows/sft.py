@@ -14,11 +14,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from stages.core.config.errors import PipelineError, SourceError
-from stages.core.config.params import FetchParams, Params, SftOption
+from stages.core.config.params import Params
+from stages.core.config.release_params import SftOption
+from stages.core.config.source_params import FetchParams
 from stages.core.rows import fields
 from stages.core.rows.first_turn import iter_first_turns
 from stages.core.rows.scores import best_index
-from stages.core.storage.io import jsonl_gz_writer, read_jsonl_gz
+from stages.core.storage.jsonl import jsonl_gz_writer, read_jsonl_gz
 from stages.core.storage.source import list_files
 
 # why a record gets no conversation, in the order the rules are applied (counted under the first)

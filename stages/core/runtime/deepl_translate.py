@@ -22,13 +22,14 @@ import orjson
 import pyarrow as pa
 
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import DeepLParams, Params
+from stages.core.config.params import Params
+from stages.core.config.translate_params import DeepLParams
 from stages.core.engines.base import missing_extra
 from stages.core.rows.requests import FAILED, OK, TOO_LONG
 from stages.core.runtime.shards import run_checkpointed, slices
 from stages.core.runtime.translator import TRANSLATED, read_answers, split_empty
 from stages.core.storage.cache import ResponseCache
-from stages.core.storage.io import ENGINE_METADATA, value_counts
+from stages.core.storage.parquet import ENGINE_METADATA, value_counts
 from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger(__name__)

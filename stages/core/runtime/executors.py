@@ -22,14 +22,15 @@ from typing import Any
 import pyarrow as pa
 
 from stages.core.config.cli import LOG_FORMAT, run
+from stages.core.config.engine_params import EngineParams, LLMSpec
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import EngineParams, LLMSpec
 from stages.core.engines import Engine, make_engine
 from stages.core.engines.base import missing_extra
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.shards import run_checkpointed
 from stages.core.storage.cache import ResponseCache
-from stages.core.storage.io import ENGINE_METADATA, engines_of, merge_json
+from stages.core.storage.jsonl import merge_json
+from stages.core.storage.parquet import ENGINE_METADATA, engines_of
 
 LOG = logging.getLogger(__name__)
 CHILD_GRACE = 30  # seconds a stage's own process has to stop (abort, store answers) on a signal

@@ -18,7 +18,7 @@ from stages.core.rows.responses import JUDGED, SCORED
 from stages.core.rows.second_turn import second_turn_table
 from stages.core.runtime.executors import Executor, engine_pool
 from stages.core.runtime.shards import shard_count
-from stages.core.storage.io import iter_aligned
+from stages.core.storage.parquet import iter_aligned
 from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger("stages.score")

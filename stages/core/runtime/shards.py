@@ -29,7 +29,8 @@ from stages.core.config.errors import PipelineError
 from stages.core.rows.requests import unfinished
 from stages.core.runtime.progress import RECORD, ProgressRecord
 from stages.core.runtime.status import alive
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path, write_table
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.parquet import PARQUET_OPTIONS, write_table
 from stages.core.storage.resume import input_digest
 
 LOG = logging.getLogger(__name__)

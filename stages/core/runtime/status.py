@@ -16,7 +16,7 @@ from pathlib import Path
 import fsspec
 
 from stages.core.runtime.progress import HEARTBEAT, RECORD, rate, time_left
-from stages.core.storage.io import running
+from stages.core.storage.atomic import running
 
 # the progress records of a DVC stage: score's judge pass and second turn keep their own
 PASSES = {"score": ("score", "second-turn")}

@@ -17,7 +17,8 @@ from stages.core.rows import annotate
 from stages.core.rows.translation import ID, TranslationJoin, llm_rows
 from stages.core.runtime.deepl_translate import translate_with_deepl
 from stages.core.runtime.translator import EMPTY_SOURCE, translate_missing
-from stages.core.storage.io import engines_of, merge_json, write_lines
+from stages.core.storage.jsonl import merge_json, write_lines
+from stages.core.storage.parquet import engines_of
 
 LOG = logging.getLogger("stages.translate")
 BACKENDS = {"llm": "LLM", "deepl": "DeepL"}  # translate.missing -> how messages name it

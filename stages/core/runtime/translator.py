@@ -11,14 +11,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.core.config.params import Params, TranslateParams
+from stages.core.config.params import Params
+from stages.core.config.translate_params import TranslateParams
 from stages.core.engines import Engine
 from stages.core.rows.prompts import template, user_turn
 from stages.core.rows.requests import OK, ChatRequest
 from stages.core.rows.responses import request_seed
 from stages.core.runtime.executors import engine_pool
 from stages.core.runtime.shards import slices
-from stages.core.storage.io import read_table, value_counts
+from stages.core.storage.parquet import read_table, value_counts
 from stages.core.storage.resume import code_digest, digest, recipe
 
 LOG = logging.getLogger(__name__)

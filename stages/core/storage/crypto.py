@@ -38,8 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core.config.errors import PipelineError
-from stages.core.config.params import KeySpec, load_params
-from stages.core.storage.io import CHUNK, atomic_path
+from stages.core.config.params import load_params
+from stages.core.config.source_params import KeySpec
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.jsonl import CHUNK
 
 LOG = logging.getLogger(__name__)
 CIPHER = "AES256"

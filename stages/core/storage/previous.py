@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from stages.core.storage.crypto import CryptoError, decrypt_file
-from stages.core.storage.io import sha256_file
+from stages.core.storage.jsonl import sha256_file
 
 LOG = logging.getLogger(__name__)
 

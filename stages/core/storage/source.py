@@ -17,8 +17,9 @@ import fsspec
 from tqdm import tqdm
 
 from stages.core.config.errors import PipelineError, SourceError
-from stages.core.config.params import SourceSpec
-from stages.core.storage.io import CHUNK, atomic_path, sha256_file
+from stages.core.config.source_params import SourceSpec
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.jsonl import CHUNK, sha256_file
 
 LOG = logging.getLogger(__name__)
 HF_PREFIX = "hf://"
@@ -41,6 +42,10 @@ class ChecksumError(PipelineError, RuntimeError):
 
 class AccessError(PipelineError, PermissionError):
     """The gated Hub dataset cannot be read: no token, or the license is not accepted."""
+
+
+class NoMatchError(SourceError):
+    """No file of the source matches the include globs."""
 
 
 class HubUnreachableError(PipelineError, ConnectionError):
@@ -137,7 +142,10 @@ def open_source(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str]:
         if not token:
             raise AccessError(_access_help(spec, "no Hugging Face token (HF_TOKEN is not set)"))
         root = _hub_repo(spec) + (f"@{spec.revision}" if spec.revision else "")
-        return HfFileSystem(token=token, **spec.storage_options), root
+        # a fresh instance: fsspec would hand back the one an earlier call in this process made, with its
+        # listings cached, and a branch's stale sizes would read the files its later commits changed wrong
+        options = {"skip_instance_cache": True, **spec.storage_options}
+        return HfFileSystem(token=token, **options), root
     fs, root = fsspec.url_to_fs(spec.uri, **spec.storage_options)
     return fs, root.rstrip("/")
 
@@ -151,7 +159,7 @@ def list_files(spec: SourceSpec) -> tuple[fsspec.AbstractFileSystem, str, list[s
             matches = fs.glob(f"{root}/{pattern}", detail=True)
             found.update((path[len(root) :].lstrip("/"), info["type"]) for path, info in matches.items())
     if not found:
-        raise SourceError(f"no file under {spec.uri} matches {spec.include}")
+        raise NoMatchError(f"no file under {spec.uri} matches {spec.include}")
     folders = sorted(name for name, kind in found.items() if kind == "directory")
     if folders:
         raise SourceError(

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.storage.io import PARQUET_OPTIONS, atomic_path
+from stages.core.storage.atomic import atomic_path
+from stages.core.storage.parquet import PARQUET_OPTIONS
 
 ID = "conversation_id"
 T = TypeVar("T")
