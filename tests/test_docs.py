@@ -142,3 +142,23 @@ def test_the_engine_defaults_a_page_names_are_conf_s(page: Path):
         if any(v != yaml.safe_load(value) for v in held.values()):
             wrong.append(f"`engine.{key}` ({value}), but conf/engine holds {held}")
     assert not wrong, f"{shown(page)} names defaults that conf/ does not hold:\n" + "\n".join(wrong)
+
+
+def test_the_supported_pythons_are_the_same_in_readme_pyproject_and_the_digest_test():
+    """README's "Needs Python 3.11, 3.12 or 3.13" is what pyproject declares (requires-python and its
+    classifiers) and what tests/test_resume.py computes the code digest under."""
+    import tomllib
+
+    from tests.test_resume import SUPPORTED_PYTHONS
+
+    named = re.search(r"Needs Python ([\d.]+(?:, [\d.]+)* or [\d.]+)", README.read_text(encoding="utf-8"))
+    assert named, "README.md no longer says which Pythons it needs"
+    in_readme = tuple(re.findall(r"3\.\d+", named.group(1)))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    classified = tuple(
+        c.rsplit(" :: ", 1)[1]
+        for c in project["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    )
+    assert in_readme == classified == SUPPORTED_PYTHONS
+    assert project["requires-python"] == f">={SUPPORTED_PYTHONS[0]}"

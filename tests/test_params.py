@@ -226,3 +226,22 @@ def test_a_release_name_that_would_leave_its_directory_is_refused(name):
     data["models"]["gemma2"]["release_name"] = name
     with pytest.raises(ParamsError, match=r"models\.gemma2\.release_name: String should match pattern"):
         validate(data, Path("params.yaml"))
+
+
+def test_a_new_variant_copied_from_gemma3_is_refused_before_any_gpu_work_naming_compare_false():
+    """docs/configuration.md's new variant, left at gemma3.yaml's compare: true: the params check (the
+    `params` stage, before generate asks anything) refuses it, naming the key and the switch."""
+    data = yaml.safe_load(compose_params([]))
+    data["models"]["mine"] = {**data["models"]["gemma3"], "release_name": "mine"}
+    data["decrypt"]["subsets"] = sorted({v["subset"] for v in data["models"].values()})
+    with pytest.raises(ParamsError) as err:
+        validate(data)
+    message = str(err.value)
+    assert "models.mine.compare" in message and "release_name 'mine'" in message
+    assert "gemma2, gemma3, llama3.1" in message
+    assert "set `compare: false` (and generate.source: engine) in conf/model/mine.yaml" in message
+    data["models"]["mine"]["compare"] = False
+    assert validate(data).models["mine"].compare is False
+    data["models"]["mine"]["generate"] = {**data["models"]["mine"]["generate"], "source": "published"}
+    with pytest.raises(ParamsError, match=r"models\.mine\.generate\.source: .* no file for release_name 'mine'"):
+        validate(data)

@@ -256,12 +256,15 @@ def test_a_new_engine_version_regenerates(scored, monkeypatch, fake_engine):
     assert _rerun(monkeypatch, fake_engine, "generate")
 
 
+SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")  # README's and pyproject's (tests/test_docs.py)
+
+
 def _interpreters() -> list[str]:
     """Every supported Python on this machine other than this one (pyenv's, or on PATH)."""
     import glob
 
     found = {}
-    for minor in ("3.11", "3.12", "3.13"):
+    for minor in SUPPORTED_PYTHONS:
         candidates = [
             shutil.which(f"python{minor}"),
             *sorted(glob.glob(f"/root/.pyenv/versions/{minor}*/bin/python")),

@@ -118,6 +118,24 @@ class Params(Strict):
                 f"published.revision={spec.revision!r}: a release config must pin a 40-hex commit, "
                 "not a branch or tag"
             )
+        card = spec.card
+        if card is None or card.uri != spec.uri:
+            return self  # files of another release (the sample's): compare@M names a missing one
+        for name, variant in self.models.items():
+            reads = (
+                "compare"
+                if variant.compare
+                else "generate.source"
+                if variant.generate.source == "published"
+                else None
+            )
+            if reads and variant.release_name not in card.files:
+                raise ValueError(
+                    f"models.{name}.{reads}: {spec.uri} published no file for release_name "
+                    f"{variant.release_name!r} (its files: {', '.join(sorted(card.files))}). A variant of "
+                    f"your own has nothing published: set `compare: false` (and generate.source: engine) "
+                    f"in conf/model/{name}.yaml, then python -m stages.compose"
+                )
         return self
 
     def llms(self) -> dict[str, LLMSpec]:
