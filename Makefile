@@ -7,7 +7,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # writing stays on here even where the shell turned it off (figures: benchmarks/README.md)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo test lint format params sample clean-data check-vllm release check-vllm-gpu-wheel lock-vllm
+.PHONY: install demo test lint format params sample clean-data check-vllm release check-vllm-gpu-wheel lock-vllm \
+	remote-check
 
 # The demo needs the project and its CPU engine only; the tests add Ray, the test tools and clients.
 # Each installs its lock (requirements/, `make lock`), every file checked against the lock's hashes,
@@ -116,6 +117,11 @@ format: install
 # (scripts/release.py; NO_PUSH=1 pushes nothing).
 release: $(VENV)/.demo-installed  ## build, check, push, commit and tag one variant's release
 	python -m scripts.release $(VARIANT) $(TAG) $(if $(NO_PUSH),--no-push)
+
+# Whether each S3 remote answers (endpoint, credentials, bucket), in seconds and one line each, before
+# a push or pull (stages/remote.py; docs/production.md#s3-remotes); REMOTE=public checks one.
+remote-check: $(VENV)/.demo-installed  ## check that the DVC remotes answer (REMOTE=name: only that one)
+	python -m stages.remote check $(if $(REMOTE),--remote $(REMOTE))
 
 # The way back to production after `make demo` (or an experiment): drops, and names, the overrides
 # params.yaml records; the project and hydra are all it needs, not the test tools.

@@ -427,14 +427,16 @@ PUBLISHED_VARIANTS = {"llama3.1": (6, 1, False), "gemma2": (6, 1, True), "gemma3
 PUBLISHED_LACKS = 25  # every 25th released conversation (from the 8th) is not in the published files
 PUBLISHED_ONLY = (10, 100, 200)  # where conversations that only the published files hold are inserted
 TOKEN_STEPS = (12, 40, 90, 200, 400, 800, 1500, 2500)  # response_token_length: one of each bin, and more
-# synthesized_multiturn_conversation as published: a list of one conversation, two-turn for this share
-# of the answered instructions (Gemma-2: 134,014 of 451,450), spread evenly; the rest single-turn
+# synthesized_multiturn_conversation as we store it (our shape: docs/assumptions.md 32): a list of one
+# conversation, two-turn for this share of the answered instructions (Gemma-2: 134,014 of 451,450),
+# spread evenly; the rest single-turn
 TWO_TURN_PER_MILLE = 297
 
 
 def _published_flags(ids: list[str], rows: dict[str, dict], translations: dict[str, str]) -> list[tuple]:
-    """(empty, duplicate-of, template) of each id as the published pipeline would have them, then
-    changed for some rows, so that the flags agree with this project's on most rows but not all."""
+    """(empty, duplicate-of, template) of each id, much as this project's rules give them
+    (docs/assumptions.md 21, 12), then changed for some rows, so that the sample's published flags agree
+    with this project's on most rows but not all."""
     first: dict[str, str] = {}
     flags = []
     for i, cid in enumerate(ids):
@@ -506,7 +508,7 @@ def published_records(name: str, ids: list[str], rows: dict[str, dict], translat
 
 def write_published(out: Path, rows: list[dict], translations: dict[str, str], missing: set) -> None:
     """The published public file of each variant, project-written: most released conversations
-    (Gemma-3: of the ja+unsafe subset, as published), a few the release lacks, a few only they hold."""
+    (Gemma-3: of the ja+unsafe subset, docs/assumptions.md 2), a few the release lacks, a few only they hold."""
     by_id: dict[str, dict] = {}
     for row in rows:
         by_id.setdefault(row["conversation_id"], row)  # fetch keeps the first of a repeated id

@@ -3,9 +3,15 @@ revision, sha256 checked): rows in both or one only, agreement of empty_user_ins
 duplicate_user_instruction_ja, is_template_instruction, responses per row, English responses and two-turn
 entries on the shared rows; each side's responses (Japanese and English), preference_score,
 response_token_length, multi-turn entries and the card's figures; the redacted conversations (from the
-translated subset) each side answers. Writes a report, DVC metrics and plot tables (ours and published
-side by side). Nothing depends on it. With models.<variant>.compare false, it fetches nothing and
-writes metrics saying "not compared" (and empty plot tables)."""
+translated subset) each side answers; and what the published file settles (core/release/settled.py):
+the distinct template categories per side with their rows (translate.templates), the repetition flag
+against response_token_length with the thresholds that separate flagged from unflagged responses
+(models.<variant>.score.repetition_threshold beside them), the longest response per side
+(models.<variant>.generate.sampling.max_tokens beside it) and, where both files have the multi-turn
+field, the shared conversations two-turn on both sides, one or neither (models.<variant>.second_turn).
+Writes a report, DVC metrics and plot tables (ours and published side by side). Nothing depends on it.
+With models.<variant>.compare false, it fetches nothing and writes metrics saying "not compared" (and
+empty plot tables)."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import pyarrow.parquet as pq
 
 from stages.core.config.cli import run, start, timed
 from stages.core.config.params import Params
-from stages.core.release import comparison, published
+from stages.core.release import compare_report, comparison, published
 from stages.core.release.files import public_file
 from stages.core.release.published import ID
 from stages.core.storage.atomic import atomic_path
@@ -81,11 +87,18 @@ def main() -> None:
         ours, batches = our_release(params, name)
         totals, joined = comparison.compare(batches, records(local), redacted_ids(params, name))
         card = params.published.figures(variant.release_name)
-        found, tables = comparison.metrics(totals, joined, card), comparison.plot_tables(totals)
+        found = comparison.metrics(
+            totals,
+            joined,
+            card,
+            repetition_threshold=variant.score.repetition_threshold,
+            max_tokens=variant.generate.sampling.max_tokens,
+        )
+        tables = comparison.plot_tables(totals)
         for table, rows in tables.items():
             write_json(rows, Path(paths.plots_of(name)) / f"compare_{table}.json")
         write_json(found, paths.metrics_of(f"compare@{name}"))
-        text = comparison.report(
+        text = compare_report.report(
             name, {"path": str(ours), "sha256": sha256_file(ours)}, record, found, joined, tables
         )
         with atomic_path(paths.report_of(f"compare@{name}")) as tmp:

@@ -13,6 +13,7 @@ from pathlib import Path
 from stages.core.config.cli import run, start, timed
 from stages.core.release import card, leaks, plots
 from stages.core.release.files import LOG, encrypted_instructions, write_release
+from stages.core.release.provenance import provenance
 from stages.core.rows import records as release
 from stages.core.storage.atomic import private_tempdir, staged_dir
 from stages.core.storage.jsonl import sha256_file, write_json
@@ -51,7 +52,7 @@ def main() -> None:
                     ]
                 )
             ),
-            "provenance": card.provenance(params, name),
+            "provenance": provenance(params, name),
             "files": files,
             "metrics": metrics,
         }

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from stages.core.release import card
+from stages.core.release.provenance import provenance
 from tests.conftest import run_stage
 
 
@@ -46,6 +49,69 @@ def test_the_card_describes_the_release(released: Path):
     assert manifest["subset"] == "ja" and manifest["provenance"]["subset"] == "ja"
     assert f"| instructions | {manifest['metrics']['instructions']} |" in text
     assert "README.md" not in manifest["files"]
+
+
+def test_the_card_counts_as_the_published_card_does_then_lists_every_metric(released: Path):
+    """The published card's "451,450 user instructions" counts those with at least one response: the
+    card's first table says so and counts them so; `instructions` (every row) is in the second."""
+    text = (released / "README.md").read_text(encoding="utf-8")
+    metrics = json.loads((released / "manifest.json").read_text())["metrics"]
+    counts = text.split("## Counts\n", 1)[1].split("\n## ", 1)[0]
+    theirs, ours = counts.split("### All release metrics", 1)
+    assert "### As the published card counts them" in theirs
+    rows = re.findall(r"^\| (.+?) \| (.+?) \|$", theirs, re.M)[1:]  # after the header
+    assert rows == [
+        ("Japanese instructions (with at least one response)", f"{metrics['instructions_with_responses']:,}"),
+        ("Japanese responses", f"{metrics['responses_ja']:,}"),
+        ("multi-turn (two-turn) conversations", f"{metrics['multiturn_conversations']:,}"),
+        ("English instructions (with a response)", f"{metrics['responses_en']:,}"),
+        ("English responses", f"{metrics['responses_en']:,}"),
+    ]
+    # the sample has empty and duplicate instructions: every row is not an answered instruction
+    assert 0 < metrics["instructions_with_responses"] < metrics["instructions"]
+    assert f"| instructions | {metrics['instructions']} |" in ours
+    assert f"| instructions_with_responses | {metrics['instructions_with_responses']} |" in ours
+    assert "| instructions |" not in theirs
+
+
+@pytest.mark.parametrize(
+    ("n_en", "second_turn", "labels"),
+    [
+        (0, False, ["Japanese instructions (with at least one response)", "Japanese responses"]),
+        (
+            1,
+            False,
+            [
+                "Japanese instructions (with at least one response)",
+                "Japanese responses",
+                "English instructions (with a response)",
+                "English responses",
+            ],
+        ),
+        (  # several English responses an instruction: no metric counts the English instructions answered
+            2,
+            True,
+            [
+                "Japanese instructions (with at least one response)",
+                "Japanese responses",
+                "multi-turn (two-turn) conversations",
+                "English responses",
+            ],
+        ),
+    ],
+)
+def test_the_published_card_figures_follow_the_variant(n_en: int, second_turn: bool, labels: list[str]):
+    metrics = {
+        "instructions": 2_000_000,
+        "instructions_with_responses": 1_234_567,
+        "responses_ja": 7_000_000,
+        "responses_en": 1_200_000,
+        "multiturn_conversations": 400_000,
+    }
+    found = card.published_counts(metrics, n_en, second_turn)
+    assert [label for label, _ in found] == labels
+    assert found[0] == ("Japanese instructions (with at least one response)", "1,234,567")
+    assert "2,000,000" not in {value for _, value in found}  # every row is no published figure
 
 
 def test_datasets_loads_the_release_directory_with_one_schema(released: Path, tmp_path, monkeypatch):
@@ -85,7 +151,7 @@ def test_a_gemma3_card_says_its_file_has_no_english(workspace, monkeypatch):
                 }
             },
         },
-        "provenance": card.provenance(params, "gemma3"),
+        "provenance": provenance(params, "gemma3"),
     }
     text = card.dataset_card(params, "gemma3", manifest, [{"name": "conversation_id", "dtype": "string"}])
     meta = _front_matter(text)
@@ -163,7 +229,7 @@ def test_the_card_says_which_judge_mode_produced_the_scores():
 def test_code_provenance_does_not_move_with_unrelated_history_and_names_uncommitted_code(tmp_path):
     import subprocess
 
-    from stages.core.release.card import code_provenance
+    from stages.core.release.provenance import code_provenance
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     (tmp_path / "stages").mkdir()
@@ -188,7 +254,6 @@ def test_code_provenance_does_not_move_with_unrelated_history_and_names_uncommit
 
 def test_a_licensee_following_the_card_gets_the_instructions_of_every_record(released: Path, tmp_path):
     """The card's steps, run as written: its key command, its gpg command, its join snippet."""
-    import re
     import shutil
     import subprocess
 
@@ -218,7 +283,10 @@ def test_a_licensee_following_the_card_gets_the_instructions_of_every_record(rel
     rows, records = found["rows"], found["records"]
     assert len(rows) == len(records) > 0  # every released record has its instruction
     turns = [(t[0]["role"], bool(t[0]["content"].strip())) for t in rows["translated_conversation"]]
-    assert turns == [("user", not empty) for empty in rows["empty_user_instruction_ja"]]
+    # translate's empty flag: the release's is the publisher's where its file has the row (test_annotations)
+    translated = pq.read_table(workspace / "data/private/translated-ja.parquet").to_pylist()
+    empty = {r["conversation_id"]: r["empty_user_instruction_ja"] for r in translated}
+    assert turns == [("user", not empty[c]) for c in rows["conversation_id"]]
     assert (
         "python -m stages.sft gemma2 --release-dir DIR" in text
         and "`lmsys-chat-1m-synth-ja-gemma2-2turn-wo-pii-and-template-instructions`" in text

@@ -151,7 +151,7 @@ MISSING = {
     "score": (("released", "translated"), "data/generated/gemma3.parquet", "generate@gemma3"),
     "package": ((), "data/raw/lmsys-chat-1m", "fetch"),
     "package-scored": (
-        ("source", "released", "translated", "generated"),
+        ("source", "released", "translated", "generated", "annotations"),
         "data/scored/gemma3.parquet",
         "score@gemma3",
     ),

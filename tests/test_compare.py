@@ -15,7 +15,7 @@ import pytest
 
 from scripts import make_sample
 from stages.core.config.params import load_params
-from stages.core.release import comparison, published
+from stages.core.release import compare_report, comparison, published, settled
 from stages.core.storage.jsonl import read_jsonl_gz
 from stages.core.storage.source import ChecksumError, NoMatchError
 from tests.conftest import SAMPLE, run_stage, set_params
@@ -48,6 +48,9 @@ def upstream(workspace, monkeypatch, fake_engine):
 
 @pytest.fixture
 def compared(upstream, monkeypatch):
+    # our flags, so that compare has flags that differ from the published ones (annotations: published
+    # takes theirs wherever the file has the row: tests/test_annotations.py)
+    set_params(upstream, lambda d: d["models"]["gemma3"].update(annotations="ours"))
     for stage in ("generate", "score", "package", "compare"):
         run_stage(monkeypatch, stage, "gemma3")
     return upstream
@@ -370,7 +373,7 @@ def test_the_cards_figures_are_those_of_its_release_only(workspace):
 
 def test_a_variant_with_compare_off_builds_without_a_published_file(upstream, monkeypatch):
     def off(data):
-        data["models"]["gemma3"]["compare"] = False
+        data["models"]["gemma3"].update(compare=False, annotations="ours")
         data["published"]["file"] = "dataset/{name}-not-published.jsonl.gz"
 
     set_params(upstream, off)
@@ -388,8 +391,9 @@ def test_a_new_variant_copied_with_compare_on_is_told_to_set_compare_false(upstr
     """docs/configuration.md: a new variant starts as a copy of gemma3.yaml, which compares (compare: true);
     the publisher released no file of that name, so compare@M stops naming the switch that fixes it."""
 
-    def add(data):
-        data["models"]["mine"] = {**copy.deepcopy(data["models"]["gemma3"]), "release_name": "mine"}
+    def add(data):  # annotations: ours set (left at published, generate stops: tests/test_annotations.py)
+        mine = {**copy.deepcopy(data["models"]["gemma3"]), "release_name": "mine", "annotations": "ours"}
+        data["models"]["mine"] = mine
 
     set_params(upstream, add)
     for stage in ("generate", "score", "package"):
@@ -410,3 +414,219 @@ def test_a_rerun_writes_the_same_report_metrics_and_plot_tables(compared, monkey
     first = {path: path.read_bytes() for path in files}
     run_stage(monkeypatch, "compare", "gemma3")
     assert {path: path.read_bytes() for path in files} == first
+
+
+RELEASE_NAMES = {"gemma2": "gemma2", "gemma3": "gemma3", "llama31": "llama3.1"}
+NOTES = "synthesized_response_scoring_annotations"
+
+
+@pytest.fixture(params=list(RELEASE_NAMES))
+def compared_each(upstream, monkeypatch, request):
+    for stage in ("generate", "score", "package", "compare"):
+        run_stage(monkeypatch, stage, request.param)
+    return upstream, request.param
+
+
+def _categories(records) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for record in records:
+        if (category := record["is_template_instruction"]) is not None:
+            found[category] = found.get(category, 0) + 1
+    return dict(sorted(found.items()))
+
+
+def _lengths(records, flag: bool) -> list[int]:
+    return [
+        n["response_token_length"] for r in records for n in r[NOTES] or [] if n["repetition_flag"] is flag
+    ]
+
+
+def test_what_the_published_file_settles(compared_each):
+    """compare@M's figures of what the published file settles, each counted here from the two files:
+    template categories, the repetition flag against token length, the longest response, two-turn ids."""
+    workspace, variant = compared_each
+    metrics = json.loads((workspace / f"data/metrics/compare-{variant}.json").read_text())
+    (release,) = (workspace / f"data/release/{variant}").glob("*-lmsys-chat-1m-synth-ja+en.jsonl.gz")
+    ours = {r["conversation_id"]: r for r in read_jsonl_gz(release)}
+    theirs = _published(RELEASE_NAMES[variant])
+    sides = {"ours": list(ours.values()), "published": list(theirs.values())}
+    config = load_params().models[variant]
+    threshold, max_tokens = config.score.repetition_threshold, config.generate.sampling.max_tokens
+
+    categories = {side: _categories(records) for side, records in sides.items()}
+    assert metrics["template_categories"] == {
+        **categories,
+        "ours_only": {k: n for k, n in categories["ours"].items() if k not in categories["published"]},
+        "published_only": {k: n for k, n in categories["published"].items() if k not in categories["ours"]},
+    }
+    assert categories["published"]  # the sample's published files have template rows
+
+    rule = metrics["repetition_rule"]
+    assert rule["repetition_threshold"] == threshold
+    for side, records in sides.items():
+        flagged, unflagged = _lengths(records, True), _lengths(records, False)
+        found = rule[side]
+        assert (found["flagged"], found["unflagged"], found["unknown"]) == (len(flagged), len(unflagged), 0)
+        assert found.get("flagged_min") == min(flagged, default=None)
+        assert found.get("unflagged_max") == max(unflagged, default=None)
+        candidates = range(max([*flagged, *unflagged, threshold]) + 1)  # every t worth trying
+        separating = [t for t in candidates if all(n > t for n in flagged) and all(n <= t for n in unflagged)]
+        assert found["separable"] == bool(separating)
+        assert found["separating"].get("from", 0) == min(separating)
+        assert found["separating"].get("to", "none") == (max(separating) if flagged else "none")
+        assert found["agrees"] == (threshold in separating)
+    # the sample's published flags follow one rule (more than some t of 1508..2500 tokens), not the
+    # sample profile's 16; ours follow the configured threshold
+    assert rule["published"]["separating"] == {"from": 1508, "to": 2500} and not rule["published"]["agrees"]
+    assert rule["ours"]["agrees"]
+
+    longest = metrics["longest_response"]
+    assert longest["max_tokens"] == max_tokens
+    for side, records in sides.items():
+        lengths = _lengths(records, True) + _lengths(records, False)
+        assert longest[side] == {"tokens": max(lengths), "responses": lengths.count(max(lengths))}
+    assert longest["published"]["tokens"] == 2509 and longest["ours"]["tokens"] <= max_tokens
+
+    report = (workspace / f"data/metrics/compare-{variant}.md").read_text()
+    section = report.split("## What the published file settles\n\n")[1].split("\n\n")[0].splitlines()
+    assert len(section) == 4
+    named = ", ".join(f"{k} ({n})" for k, n in categories["published"].items())
+    assert section[0].startswith("- Template categories (checks `translate.templates`): ")
+    assert f"published {len(categories['published'])}: {named};" in section[0]
+    assert section[1].startswith(
+        f"- Repetition flag against response_token_length (checks "
+        f"`models.{variant}.score.repetition_threshold` = {threshold}): published "
+        f"{rule['published']['flagged']} flagged (the shortest 2501 tokens), "
+        f"{rule['published']['unflagged']} unflagged (the longest 1508 tokens): flagged means more "
+        "than t tokens for any t from 1508 to 2500; ours "
+    )
+    assert section[1].endswith(f"; the published file disagrees with {threshold}.")
+    assert section[2] == (
+        f"- Longest Japanese response (checks `models.{variant}.generate.sampling.max_tokens` = "
+        f"{max_tokens}): published 2509 tokens ({longest['published']['responses']} responses reach it); "
+        f"ours {longest['ours']['tokens']} tokens ({longest['ours']['responses']} responses reach it)."
+    )
+    assert section[3].startswith(f"- Two-turn conversations (checks `models.{variant}.second_turn`")
+
+    if variant != "gemma2":  # no multi-turn field on the published side: nothing to settle
+        assert "two_turn_ids" not in metrics and "not settled here" in section[3]
+        return
+    shared = sorted(ours.keys() & theirs.keys())
+    two = {c: (_turns(ours[c].get(MULTITURN)) == 2, _turns(theirs[c].get(MULTITURN)) == 2) for c in shared}
+    counts = {
+        "both": sum(o and p for o, p in two.values()),
+        "ours_only": sum(o and not p for o, p in two.values()),
+        "published_only": sum(p and not o for o, p in two.values()),
+        "neither": sum(not o and not p for o, p in two.values()),
+    }
+    agreement = round((counts["both"] + counts["neither"]) / len(shared), 6)
+    assert metrics["two_turn_ids"] == {"shared": len(shared), **counts, "agreement": agreement}
+    assert agreement == metrics["agreement"]["two_turn"] and counts["both"] > 0
+    assert section[3].endswith(
+        f"of {len(shared)} shared conversations, two-turn on both sides {counts['both']}, ours only "
+        f"{counts['ours_only']}, published only {counts['published_only']}, neither {counts['neither']}: "
+        f"agreement {agreement}."
+    )
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+def _record(cid: str, category: str | None, notes: list[tuple[int | None, bool | None]]) -> dict:
+    """A published-shaped record: `notes` its (response_token_length, repetition_flag) per response."""
+    return {
+        "conversation_id": cid,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": None,
+        "is_template_instruction": category,
+        "synthesized_assistant_responses": [{"role": "assistant", "content": "x"} for _ in notes] or None,
+        NOTES: [
+            {"response_token_length": n, "judgement": "", "repetition_flag": f, "preference_score": 5.0}
+            for n, f in notes
+        ]
+        or None,
+    }
+
+
+def _settled_totals(path: Path):
+    schema, columns = comparison.record_schema(path)
+    return settled.count(published.read_records(path, columns, schema))
+
+
+def test_flags_no_single_threshold_separates_are_reported_so(tmp_path):
+    """A published-shaped file whose repetition flags follow no length threshold: a flagged response
+    shorter than an unflagged one."""
+    path = _write(
+        tmp_path / "not-separable.jsonl.gz",
+        [
+            _record("a", None, [(100, True), (3000, False), (50, False)]),
+            _record("b", "company introduction", [(2500, True), (None, True), (10, None)]),
+            _record("c", None, []),
+        ],
+    )
+    rule = settled.repetition_side(_settled_totals(path), 2000)
+    assert rule == {
+        "flagged": 2,
+        "unflagged": 2,
+        "unknown": 2,  # a null length, a null flag
+        "flagged_min": 100,
+        "unflagged_max": 3000,
+        "separable": False,
+        "agrees": False,
+    }
+    lines = compare_report._rule("published", rule)
+    assert lines.endswith("no single threshold separates them")
+
+
+def test_the_thresholds_that_separate_the_flags_and_the_configured_one(tmp_path):
+    """flagged > t >= unflagged: the published rule "more than 2000 tokens" is t = 2000 exactly when the
+    longest unflagged response has 2000 tokens and the shortest flagged 2001."""
+    path = _write(
+        tmp_path / "edge.jsonl.gz",
+        [_record("a", None, [(2001, True), (2000, False)]), _record("b", None, [(2001, True), (7, False)])],
+    )
+    totals = _settled_totals(path)
+    rule = settled.repetition_side(totals, 2000)
+    assert rule["separating"] == {"from": 2000, "to": 2000} and rule["agrees"]
+    assert not settled.repetition_side(totals, 2001)["agrees"]
+    assert not settled.repetition_side(totals, 1999)["agrees"]
+    assert settled.longest_response({"ours": totals, "published": totals}, 4096)["published"] == {
+        "tokens": 2001,
+        "responses": 2,
+    }
+    equal = _settled_totals(
+        _write(tmp_path / "equal.jsonl.gz", [_record("a", None, [(5, True), (5, False)])])
+    )
+    assert not settled.repetition_side(equal)["separable"]  # no t with 5 > t >= 5
+    unflagged = _settled_totals(_write(tmp_path / "none.jsonl.gz", [_record("a", None, [(5, False)])]))
+    assert settled.repetition_side(unflagged, 5) == {
+        "flagged": 0,
+        "unflagged": 1,
+        "unknown": 0,
+        "unflagged_max": 5,
+        "separable": True,
+        "separating": {"from": 5},  # any t from 5 up
+        "agrees": True,
+    }
+
+
+def test_template_categories_only_one_side_has(tmp_path):
+    ours = _write(
+        tmp_path / "ours.jsonl.gz",
+        [_record("a", "company introduction", []), _record("b", "story", []), _record("c", "story", [])],
+    )
+    theirs = _write(
+        tmp_path / "theirs.jsonl.gz",
+        [_record("a", "company introduction", []), _record("b", "chemical industry article", [])],
+    )
+    found = settled.template_categories({"ours": _settled_totals(ours), "published": _settled_totals(theirs)})
+    assert found == {
+        "ours": {"company introduction": 1, "story": 2},
+        "published": {"chemical industry article": 1, "company introduction": 1},
+        "ours_only": {"story": 2},
+        "published_only": {"chemical industry article": 1},
+    }

@@ -21,6 +21,8 @@ def upstream(workspace, monkeypatch, fake_engine):
     for stage in ("fetch", "decrypt", "translate"):
         run_stage(monkeypatch, stage)
     fake_engine.requests.clear()
+    # translate's flags decide which rows generate asks (`_victims` reads them), not the published file's
+    set_params(workspace, lambda d: d["models"]["gemma3"].update(annotations="ours"))
     return workspace
 
 

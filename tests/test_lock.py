@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from stages.core.release.card import LOCKS
+from stages.core.release.provenance import LOCKS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "lmsys-chat-1m-synth"

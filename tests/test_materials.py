@@ -271,7 +271,8 @@ def test_the_card_names_the_prompt_and_the_release_holds_the_licence_texts(score
             "sha256": hashlib.sha256((SYNTH / name).read_bytes()).hexdigest(),
             "size": (SYNTH / name).stat().st_size,
         }
-        assert f"| `{name}` | a licence text, as the published repository ships it (its own terms) |" in card
+        terms = "a licence text, copied unchanged from the published repository (its own terms)"
+        assert f"| `{name}` | {terms} |" in card
     assert "copied unchanged beside these files: `GEMMA_TERMS_OF_USE.md`, `LLAMA_3.1_ACCEPTABLE" in card
 
 

@@ -239,9 +239,16 @@ def test_a_new_variant_copied_from_gemma3_is_refused_before_any_gpu_work_naming_
     message = str(err.value)
     assert "models.mine.compare" in message and "release_name 'mine'" in message
     assert "gemma2, gemma3, llama3.1" in message
-    assert "set `compare: false` (and generate.source: engine) in conf/model/mine.yaml" in message
+    assert "models.mine.annotations" in message  # gemma3.yaml's annotations: published, named too
+    assert (
+        "set `compare: false` and `annotations: ours` (and generate.source: engine) in conf/model/mine.yaml"
+        in message
+    )
     data["models"]["mine"]["compare"] = False
+    with pytest.raises(ParamsError, match=r"models\.mine\.annotations: .* no file for release_name 'mine'"):
+        validate(data)
+    data["models"]["mine"]["annotations"] = "ours"
     assert validate(data).models["mine"].compare is False
     data["models"]["mine"]["generate"] = {**data["models"]["mine"]["generate"], "source": "published"}
-    with pytest.raises(ParamsError, match=r"models\.mine\.generate\.source: .* no file for release_name 'mine'"):
+    with pytest.raises(ParamsError, match=r"models\.mine\.generate\.source: .* release_name 'mine'"):
         validate(data)

@@ -13,13 +13,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from stages.core.config.errors import PipelineError
 from stages.core.config.params import load_params
+from stages.core.rows.responses import request_seed
 from stages.core.rows.second_turn import selected
 from stages.core.storage.crypto import CryptoError, KeySpec, derive_key
 from stages.core.storage.jsonl import read_jsonl_gz, sha256_file
@@ -136,6 +136,11 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
     status = (
         pq.read_table(upstream / "data/generated/gemma2.parquet").to_pandas().set_index("conversation_id")
     )
+    # the flags and two-turn ids: the published file's where it has the row, ours else (test_annotations.py)
+    annotated = {
+        r["conversation_id"]: r
+        for r in pq.read_table(upstream / "data/generated/gemma2.annotations.parquet").to_pylist()
+    }
     table = table[~table.translation_failed]  # no Japanese instruction: not released
     records = _release(upstream, "gemma2")
     share, shapes = load_params(upstream / "params.yaml").models["gemma2"].second_turn.share, Counter()
@@ -143,8 +148,9 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
     extra = ["synthesized_assistant_responses_en", "synthesized_multiturn_conversation"]
     for record in records:
         assert list(record) == PUBLIC_FIELDS + extra
-        row = table.loc[record["conversation_id"]]
-        skipped = row.empty_user_instruction_ja or pd.notna(row.duplicate_user_instruction_ja)
+        flags = annotated[record["conversation_id"]]
+        assert [record[f] for f in PUBLIC_FIELDS[1:4]] == [flags[f] for f in PUBLIC_FIELDS[1:4]]
+        skipped = flags["empty_user_instruction_ja"] or flags["duplicate_user_instruction_ja"] is not None
         if skipped or status.status_ja[record["conversation_id"]] == "skipped_too_long":
             assert all(record[f] is None for f in PUBLIC_FIELDS[4:] + extra)
             continue
@@ -157,7 +163,11 @@ def test_gemma2_generate_score_package(upstream, monkeypatch):
         assert all(set(n) == ANNOTATION_FIELDS and 0 <= n["preference_score"] <= 10 for n in notes)
         best = max(range(6), key=lambda i: (notes[i]["preference_score"], -i))
         (turns,) = record["synthesized_multiturn_conversation"]  # as published: a list of one conversation
-        two_turn = selected(record["conversation_id"], share)
+        two_turn = (
+            flags["two_turn"]
+            if flags["annotated_by"] == "published"
+            else selected(record["conversation_id"], share)
+        )
         roles = ["assistant", "user", "assistant"] if two_turn else ["assistant"]
         assert [t["role"] for t in turns] == roles  # the instruction stays encrypted
         assert turns[0] == responses[best] and turns[-1]["content"]
@@ -473,10 +483,12 @@ def test_killed_mid_run_then_a_torn_shard_recomputes_only_that_shard(upstream, m
     fake_engine.requests.clear()
     run_stage(monkeypatch, "generate", "gemma3")
     table = pq.read_table(upstream / "data/private/translated-ja+unsafe.parquet").to_pylist()
-    first_shard = {r["instruction_ja"] for r in table[:64]}
-    asked = {r.messages[0]["content"] for r in fake_engine.requests}
-    assert not asked & first_shard  # shard 0 was reused
-    assert {r["instruction_ja"] for r in table[64:128] if r["instruction_source"] == "released"} & asked
+    seed = load_params(upstream / "params.yaml").seed  # a request's seed names its conversation
+    first_shard = {request_seed(seed, r["conversation_id"], "ja") for r in table[:64]}
+    asked = {r.seed for r in fake_engine.requests}
+    assert not asked & first_shard  # shard 0 was reused (its texts may recur in later shards)
+    second = {request_seed(seed, r["conversation_id"], "ja") for r in table[64:128]}
+    assert second & asked
     assert pq.read_table(upstream / "data/generated/gemma3.parquet").num_rows == len(table)
 
 

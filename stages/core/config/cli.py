@@ -27,8 +27,8 @@ READS = {
     "decrypt": ("source", "released"),
     "translate": ("first_turn", "instructions"),
     "generate": ("translated",),
-    "score": ("released", "translated", "generated"),
-    "package": ("source", "released", "translated", "generated", "scored"),
+    "score": ("released", "translated", "generated", "annotations"),
+    "package": ("source", "released", "translated", "generated", "annotations", "scored"),
     "compare": ("translated", "release"),
     "merge": ("source", "translated", "release"),
 }
@@ -129,6 +129,7 @@ def stage_input(params: Params, kind: str, name: str | None, subset: str | None)
         "instructions": (paths.instructions_of(subset), f"decrypt@{subset}"),
         "translated": (paths.translated_of(subset), f"translate@{subset}"),
         "generated": (paths.generated_of(name), f"generate@{name}"),
+        "annotations": (paths.annotations_of(name), f"generate@{name}"),
         "scored": (paths.scored_of(name), f"score@{name}"),
         "release": (paths.release_of(name), f"package@{name}"),
     }[kind]

@@ -122,18 +122,21 @@ class Params(Strict):
         if card is None or card.uri != spec.uri:
             return self  # files of another release (the sample's): compare@M names a missing one
         for name, variant in self.models.items():
-            reads = (
-                "compare"
-                if variant.compare
-                else "generate.source"
-                if variant.generate.source == "published"
-                else None
-            )
+            reads = [
+                key
+                for key, on in (
+                    ("compare", variant.compare),
+                    ("annotations", variant.annotations == "published"),
+                    ("generate.source", variant.generate.source == "published"),
+                )
+                if on
+            ]
             if reads and variant.release_name not in card.files:
                 raise ValueError(
-                    f"models.{name}.{reads}: {spec.uri} published no file for release_name "
-                    f"{variant.release_name!r} (its files: {', '.join(sorted(card.files))}). A variant of "
-                    f"your own has nothing published: set `compare: false` (and generate.source: engine) "
+                    f"{', '.join(f'models.{name}.{key}' for key in reads)}: {spec.uri} published no file "
+                    f"for release_name {variant.release_name!r} "
+                    f"(its files: {', '.join(sorted(card.files))}). A variant of your own has nothing "
+                    "published: set `compare: false` and `annotations: ours` (and generate.source: engine) "
                     f"in conf/model/{name}.yaml, then python -m stages.compose"
                 )
         return self

@@ -56,7 +56,8 @@ class Paths(Strict):
     release: RepoPath  # directory: <variant>/
     sft: RepoPath  # directory: <variant>/<option set>.jsonl.gz (LMSYS-derived text: private)
     # directory: <variant>.jsonl.gz, the release with its Japanese instructions and LMSYS-Chat-1M's
-    # columns, as the published merge scripts make it (stages/merge.py; LMSYS text: private)
+    # columns, as we read the published merge scripts (docs/assumptions.md 19; stages/merge.py; LMSYS
+    # text: private)
     merged: RepoPath
     checkpoints: RepoPath  # shard checkpoints and intermediate files of long stages (not a DVC out)
     # shard checkpoints elsewhere (null: checkpoints): an fsspec URL (s3://, file:///shared/...) or a path
@@ -85,6 +86,11 @@ class Paths(Strict):
     def generated_of(self, variant: str) -> str:
         """generate@<variant>'s out: its responses and their statuses."""
         return f"{self.generated}/{variant}.parquet"
+
+    def annotations_of(self, variant: str) -> str:
+        """generate@<variant>'s other out: the flags and two-turn ids of each translated row, the
+        published file's or ours (stages/core/release/flags.py)."""
+        return f"{self.generated}/{variant}.annotations.parquet"
 
     def scored_of(self, variant: str) -> str:
         """score@<variant>'s out: its judgements, best responses and second turns."""

@@ -76,7 +76,8 @@ class SecondTurnParams(Strict):
     sampling: Sampling
     # the share of conversations with a best response that get a second turn, chosen by a hash of the
     # conversation_id (stages/core/rows/second_turn.py); the others stay single-turn (published: 134,014 of
-    # 451,450, 0.297; which ones is not public)
+    # 451,450, 0.297). With annotations published, a row of the published file is two-turn exactly when
+    # its published conversation is; the hash decides only the rows the file lacks
     share: float = Field(0.297, ge=0.0, le=1.0)
     # stop (exit non-zero, finished shards kept) when more than this share of its requests did not
     # finish (failed, partial, mode ignored); they are asked again on the next run
@@ -92,3 +93,8 @@ class VariantParams(Strict):
     # compare@M against the variant's published file; false (a variant with no published file): the
     # stage only writes a metrics file saying "not compared", fetching nothing
     compare: bool = False
+    # whose is_template_instruction, duplicate and empty flags (and, with a second turn, which
+    # conversations are two-turn) the release carries (stages/core/release/flags.py): published,
+    # the variant's published file's wherever it has the row (ours for the rows it lacks); ours, those
+    # translate computes (and the second_turn.share hash) for every row. A variant of your own: ours
+    annotations: Literal["published", "ours"] = "ours"

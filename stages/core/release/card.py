@@ -1,22 +1,17 @@
-"""The release's provenance and its dataset card (README.md with the Hub's YAML front matter), so that
+"""The release's dataset card (README.md with the Hub's YAML front matter), so that
 `datasets.load_dataset(<release dir>)` loads the public file with typed columns and a reader sees what
 the files hold, under which licences, and what produced them."""
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from stages.core.config.params import Params
-from stages.core.config.project import distribution_version
+from stages.core.release import flags
 from stages.core.release.files import licence_texts
 from stages.core.rows import fields
-from stages.core.rows.prompts import PROMPT_DIR, PUBLISHED, PUBLISHED_FILE, published_judge
-from stages.core.storage.jsonl import sha256_file
-from stages.core.storage.resume import digest, recipe
 
 # The licences the published card names [V] (https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth,
 # README): the instructions are LMSYS-Chat-1M derivatives; each model family's outputs (responses,
@@ -37,126 +32,24 @@ FAMILIES = {
     'Use Policy: "Built with Llama"',
     "gemma": "Gemma Terms of Use (https://ai.google.dev/gemma/terms) and its Prohibited Use Policy",
 }
-LOCKS = ["requirements/test.lock", "requirements/demo.lock"]  # the dependency locks `make` installs
 SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 FIELDS = {
     "conversation_id": "LMSYS-Chat-1M's conversation id: the join key with the encrypted instructions",
     fields.DUPLICATE: "the conversation_id of an earlier row with the same Japanese instruction, or null",
     fields.EMPTY: "true when the Japanese instruction is empty (no responses then)",
-    fields.TEMPLATE: "the template category of the instruction (conf/translate), or null",
+    fields.TEMPLATE: "the template category of the instruction (the publisher's or conf/translate's: see "
+    "Flags above), or null",
     fields.RESPONSES: "responses to the Japanese instruction ({role, content}); up to n",
     fields.NOTES: "per response, in the same order: response_token_length, "
     "judgement (the judge's text), repetition_flag, preference_score (0-10; -1 when no rating was found)",
     fields.RESPONSES_EN: "responses to the original English instruction",
     fields.MULTITURN: "a list of one conversation from the best response: "
-    "[[assistant, user, assistant]] (the best response, a synthesized follow-up and its answer) for a "
-    "share of the instructions (models.<variant>.second_turn.share), else single-turn [[assistant]]; "
+    "[[assistant, user, assistant]] (the best response, a synthesized follow-up and its answer) for the "
+    "conversations the publisher's file has two-turn (see Flags above) and, among the rest, a share "
+    "(models.<variant>.second_turn.share), else single-turn [[assistant]]; "
     "null without a best response or when the second turn failed. Prepend translated_conversation "
     "for the whole conversation",
 }
-
-
-CODE = ["stages", "scripts", "dvc.yaml", "pyproject.toml", *LOCKS]  # what builds a release
-LIBRARIES = ["pyarrow", "polars", "orjson", "zlib-ng", "python-gnupg"]  # what writes its bytes
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def code_provenance(root: Path = Path(".")) -> dict:
-    """The code a release is built from, in terms that do not move with unrelated git history: the
-    last commit that changed the code (not HEAD, not a describe of the latest tag), the code files
-    that differ from it (uncommitted), a digest of the code's content, the dependency lock's digest
-    and the versions of the libraries that write the release's bytes. No timestamps."""
-    files = sorted(
-        p
-        for name in CODE
-        for p in ([root / name] if (root / name).is_file() else (root / name).rglob("*"))
-        if p.is_file() and not _bytecode(p.as_posix())
-    )
-    lock = next((root / name for name in LOCKS if (root / name).is_file()), None)
-    changed = _git(root, "diff", "--name-only", "HEAD", "--", *CODE) or ""
-    dirty = changed + "\n" + (_git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE) or "")
-    return {
-        "git_commit": _git(root, "log", "-1", "--format=%H", "--", *CODE),
-        "uncommitted": sorted(f for f in dirty.split() if not _bytecode(f)),
-        "code_sha256": _digest_files(files, root),
-        "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
-        "libraries": {name: distribution_version(name) for name in LIBRARIES},
-    }
-
-
-def _bytecode(path: str) -> bool:
-    return "__pycache__/" in path or path.endswith((".pyc", ".pyo"))
-
-
-def _digest_files(files: list[Path], root: Path) -> str:
-    """sha256 over the files' paths (relative to `root`) and contents, in order."""
-    found = hashlib.sha256()
-    for path in files:
-        found.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return found.hexdigest()
-
-
-def provenance(params: Params, name: str) -> dict:
-    """What a release was built from: code (`code_provenance`), sources (pinned revisions), and a
-    fingerprint of every parameter that changes the variant's rows (runtime knobs excluded, like the
-    resume keys)."""
-    variant, fetch = params.models[name], params.fetch
-    return {
-        "code": code_provenance(),
-        "sources": {
-            key: {"uri": spec.uri, "revision": spec.revision}
-            for key, spec in (("source", fetch.source), ("released", fetch.released))
-        },
-        "subset": variant.subset,
-        "judge_prompt": judge_prompt(params, name),
-        "params_fingerprint": digest(
-            params.seed,
-            recipe(fetch),
-            recipe(params.decrypt),
-            recipe(params.translate),
-            recipe(variant),
-            recipe(params.release),
-        ),
-    }
-
-
-def judge_prompt(params: Params, name: str) -> dict | None:
-    """Which prompt scored variant `name`: the setting (`score.prompt`), the prompt's name, the file it
-    came from (with the released repository's uri and revision for `published`) and that file's
-    sha256. None where score kept the published file's judgements (generate.source published, no
-    rejudge: no judge ran, as stages/core/runtime/scoring.py decides)."""
-    variant = params.models[name]
-    if variant.generate.source == "published" and not variant.score.rejudge:
-        return None
-    setting = variant.score.prompt
-    if setting == PUBLISHED:
-        chosen, released = published_judge(params.paths.released), params.fetch.released
-        return {
-            "setting": setting,
-            "name": chosen.name,
-            "file": PUBLISHED_FILE,
-            "uri": released.uri,
-            "revision": released.revision,
-            "sha256": chosen.sha256,
-        }
-    path = PROMPT_DIR / f"{setting}.txt"
-    return {
-        "setting": setting,
-        "name": setting,
-        "file": path.relative_to(PROMPT_DIR.parents[1]).as_posix(),  # this project's stages/prompts/
-        "uri": None,
-        "revision": None,
-        "sha256": sha256_file(path),
-    }
 
 
 def judge_line(prompt: dict | None) -> str:
@@ -247,6 +140,55 @@ def scoring(mode: str, metrics: dict) -> str:
     return line + f", except judgements scored by parsing their text: {which}."
 
 
+# The published card's figures, in its words and order: "451,450 user instructions", "2,707,917 assistant
+# responses", "134,014 multi-turn (2-turns) conversations", then an English portion likewise
+# [V: https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth, README_gemma.md]. Its
+# instruction figures count the instructions with at least one response [I: 5.998 responses each]; the
+# release metric each row is counted by here.
+PUBLISHED_CARD = "https://huggingface.co/datasets/tokyotech-llm/lmsys-chat-1m-synth"
+JA_COUNTS = (
+    ("Japanese instructions (with at least one response)", "instructions_with_responses"),
+    ("Japanese responses", "responses_ja"),
+)
+MULTITURN_COUNT = ("multi-turn (two-turn) conversations", "multiturn_conversations")
+EN_COUNTS = (
+    ("English instructions (with a response)", "responses_en"),
+    ("English responses", "responses_en"),
+)
+
+
+def published_counts(metrics: dict, n_en: int, second_turn: bool) -> list[tuple[str, str]]:
+    """(label, value) of the figures the published card gives, as it counts them ([V], PUBLISHED_CARD):
+    Japanese instructions with at least one response and responses, multi-turn conversations (a
+    variant with a second turn), English instructions and responses (a variant with English). With
+    one English response per instruction (n_en 1), the English instructions answered are the English
+    responses; with more, that figure is left out (no metric counts them)."""
+    rows = list(JA_COUNTS) + ([MULTITURN_COUNT] if second_turn else [])
+    rows += list(EN_COUNTS) if n_en == 1 else [EN_COUNTS[1]] if n_en > 1 else []
+    return [(label, f"{metrics.get(key, 0):,}") for label, key in rows]
+
+
+def counts_section(metrics: dict, n_en: int, second_turn: bool) -> str:
+    """The card's Counts: first the figures in the published card's words, counted its way ([V],
+    PUBLISHED_CARD; its instruction figures leave out rows without responses), then every release metric
+    by its own name."""
+    return "\n\n".join(
+        [
+            "## Counts",
+            "### As the published card counts them",  # its words and figures [V], PUBLISHED_CARD
+            f"The published card ({PUBLISHED_CARD}) gives these figures for its own files, in these words; "
+            "here they are counted the same way on this release. Its instruction figures count the "
+            "instructions with at least one response (our reading of its counts): a released row without "
+            "responses is not among them.",
+            _table(("figure", "this release"), published_counts(metrics, n_en, second_turn)),
+            "### All release metrics",
+            "This project's own metrics, by name (the manifest's `metrics`): `instructions` counts every "
+            "released row, answered or not.",
+            _table(("metric", "value"), sorted(metrics.items())),
+        ]
+    )
+
+
 def key_step(params: Params) -> str:
     """How a licensee derives the passphrase of the encrypted file, from the params that made it."""
     key = params.decrypt.key
@@ -327,7 +269,7 @@ def file_licences(files: list[str], producers: dict, texts: list[str] = ()) -> l
     found = []
     for f in files:
         if f in texts:
-            terms = "a licence text, as the published repository ships it (its own terms)"
+            terms = "a licence text, copied unchanged from the published repository (its own terms)"
         elif f.endswith(".gpg"):
             terms = "LMSYS-Chat-1M Dataset License Agreement"
         elif f.endswith((".jsonl.gz", ".parquet")):
@@ -358,6 +300,8 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
         + ("" if en else " The file name keeps the published `ja+en`, though this variant has Japanese only.")
         + "\n\n"
         + scoring(variant.score.mode, metrics)
+        + "\n\n"
+        + flags.card_line(variant.annotations, metrics, variant.second_turn is not None)
         + ("\n\n" + judge_line(source["judge_prompt"]) if "judge_prompt" in source else "")
         + "\n",
         "## Files\n\n"
@@ -368,7 +312,7 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
                 for f in files
             ],
         ),
-        "## Counts\n\n" + _table(("metric", "value"), sorted(metrics.items())),
+        counts_section(metrics, variant.generate.n_en, variant.second_turn is not None),
         "## Models\n\n"
         + _table(
             ("role", "model @ revision (engine and libraries)"),

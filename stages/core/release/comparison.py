@@ -1,7 +1,8 @@
 """compare@M's logic: a release and its variant's published file, each read a batch at a time into
-per-side totals (responses, scores, token lengths) and one small summary row per conversation, which
-DuckDB (under a memory limit, spilling to a scratch directory) joins by conversation_id. Memory does
-not grow with the size of either file."""
+per-side totals (responses, scores, token lengths, and what the published file settles: settled.py)
+and one small summary row per conversation, which DuckDB (under a memory limit, spilling to a scratch
+directory) joins by conversation_id; the metrics and plot tables (the report: compare_report.py).
+Memory does not grow with the size of either file."""
 
 from __future__ import annotations
 
@@ -19,20 +20,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core.config.errors import SourceError
+from stages.core.release import settled
 from stages.core.release.plots import LOW, TOKEN_BINS, ranges
 from stages.core.release.published import EN, ID, JA, NOTES, RECORD
+from stages.core.release.settled import SIDES
 from stages.core.rows import fields
 from stages.core.rows.responses import MESSAGE
 from stages.core.rows.scores import SCORE_FAILED
 from stages.core.storage.spill import DUCKDB, repeated_ids
 
-SIDES = ("ours", "published")
 FLAGS = (fields.EMPTY, fields.DUPLICATE, fields.TEMPLATE)
 COLUMNS = [ID, *FLAGS, JA, NOTES]  # what compare reads of a record
 MULTITURN = fields.MULTITURN
 OPTIONAL = [EN, MULTITURN]  # read where a file has them (Gemma-3 has neither)
-# the multi-turn field's two shapes: the old flat list of messages, and the published one (a list
-# holding one conversation, single- or two-turn)
+# the multi-turn field's two shapes: the old flat list of messages, and the nested one (a list holding
+# one conversation, single- or two-turn: ours, and our reading of the published, docs/assumptions.md 32)
 FLAT, NESTED = pa.list_(MESSAGE), pa.list_(pa.list_(MESSAGE))
 PEEK = 10_000  # lines of a jsonl.gz file read to find the multi-turn field's shape
 SUMMARY = pa.schema(
@@ -153,6 +155,7 @@ def load_side(db: duckdb.DuckDBPyConnection, side: str, batches: Iterable[pa.Rec
     )
     for batch in batches:
         counts = [_add(totals, batch), _add_en(totals, batch), _add_turns(totals, batch)]
+        settled.tally(totals, batch)
         summary = pa.table([*(batch.column(c) for c in (ID, *FLAGS)), *counts], schema=SUMMARY)
         db.register("batch", summary)
         db.execute(f"INSERT INTO {side} SELECT * FROM batch")
@@ -238,7 +241,8 @@ def compare(
     ours: Iterable[pa.RecordBatch], published: Iterable[pa.RecordBatch], redacted: pa.Array
 ) -> tuple[dict, dict]:
     """The per-side totals and the join counts of two streams of records (COLUMNS, and OPTIONAL where
-    present); `redacted`: the ids of the conversations LMSYS redacted."""
+    present; two_turn_ids where both have the multi-turn field); `redacted`: the ids of the
+    conversations LMSYS redacted."""
     with (
         tempfile.TemporaryDirectory(prefix="compare-") as scratch,
         duckdb.connect(
@@ -248,7 +252,10 @@ def compare(
         totals = {
             side: load_side(db, side, batches) for side, batches in zip(SIDES, (ours, published), strict=True)
         }
-        return totals, {**join_counts(db), "redacted": redacted_counts(db, redacted)}
+        joined = {**join_counts(db), "redacted": redacted_counts(db, redacted)}
+        if settled.has_multiturn(totals):
+            joined["two_turn_ids"] = settled.two_turn_ids(db)
+        return totals, joined
 
 
 def _side_metrics(totals: Counter) -> dict:
@@ -304,9 +311,16 @@ def figures(sides: dict[str, dict], card: dict[str, int | None] | None) -> dict:
     return found
 
 
-def metrics(totals: dict[str, Counter], joined: dict, card: dict[str, int | None] | None = None) -> dict:
+def metrics(
+    totals: dict[str, Counter],
+    joined: dict,
+    card: dict[str, int | None] | None = None,
+    repetition_threshold: int | None = None,
+    max_tokens: int | None = None,
+) -> dict:
     """compare@M's DVC metrics: row overlap, agreement on the shared rows, each side's figures, the
-    card's figures side by side, and the redacted conversations each side answers."""
+    card's figures side by side, the redacted conversations each side answers, and what the published
+    file settles (settled.figures; the variant's repetition_threshold and max_tokens beside them)."""
     both = joined["rows"]["both"]
     sides = {side: _side_metrics(totals[side]) for side in SIDES}
     found = {
@@ -316,6 +330,7 @@ def metrics(totals: dict[str, Counter], joined: dict, card: dict[str, int | None
         "figures": figures(sides, card),
         "redacted": joined["redacted"],
         "differ": {name: {k: n for k, (n, _) in kinds.items()} for name, kinds in joined["differ"].items()},
+        **settled.figures(totals, joined, repetition_threshold, max_tokens),
     }
     if both:  # agreement over no shared row is undefined: left out
         found["agreement"] = {
@@ -341,14 +356,6 @@ PLOTS = {  # plot table -> (its bin field, its count field)
     "response_tokens": ("tokens", "responses"),
     "responses_per_row": ("responses", "rows"),
     "response_en_chars": ("characters", "responses_en"),
-}
-
-
-TITLES = {
-    "scores": fields.SCORE,
-    "response_tokens": fields.TOKENS,
-    "responses_per_row": "responses",
-    "response_en_chars": "English response length (characters)",
 }
 
 
@@ -378,87 +385,3 @@ def plot_tables(totals: dict[str, Counter]) -> dict[str, list[dict]]:
             for side in SIDES
         ]
     return tables
-
-
-SIDE_ROWS = [  # the report's per-side table: (label, metric key)
-    ("rows", "rows"),
-    ("responses", "responses"),
-    ("responses per row", "responses_per_row"),
-    ("mean preference_score", "mean_preference_score"),
-    ("judgements failed (score -1)", "judgements_failed"),
-    ("mean response_token_length", "mean_response_token_length"),
-    ("repetition_flag set", "repetition_flags"),
-    ("instructions with responses", "instructions_with_responses"),
-    ("English responses", "responses_en"),
-    ("instructions with English responses", "instructions_with_responses_en"),
-]
-KINDS = [
-    ("differ", "differ"),
-    ("set_ours_only", "set in ours only"),
-    ("set_published_only", "set in published only"),
-    ("set_both_differ", "set in both, to different values"),
-]
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join("–" if c is None else str(c) for c in row) + " |" for row in rows]
-
-
-def _extra_sections(found: dict) -> list[str]:
-    """The report's card figures, multi-turn entries and redacted conversations."""
-    with_card = any("card" in row for row in found["figures"].values())
-    lines = ["", "## The card's figures ([I]: instructions with at least one response)", ""]
-    lines += _table(
-        ["figure", "ours", "published", *(["card"] if with_card else [])],
-        [
-            [k, v["ours"], v["published"], *([v.get("card")] if with_card else [])]
-            for k, v in found["figures"].items()
-        ],
-    )
-    lines += ["", "## Multi-turn entries (by assistant turns)", ""]
-    keys = ["entries", "single_turn", "two_turn", "other", "share_two_turn"]
-    lines += _table(
-        ["", "ours", "published"], [[k, *(found[s]["multiturn"].get(k) for s in SIDES)] for k in keys]
-    )
-    lines += ["", "## Conversations LMSYS redacted (PII), in our translated subset", ""]
-    lines += _table(["", "count"], [[k, v] for k, v in found["redacted"].items()])
-    return lines
-
-
-def report(name: str, ours: dict, published: dict, found: dict, joined: dict, tables: dict) -> str:
-    """compare@M's report (Markdown): the two files, the overlap, the agreement on shared rows with
-    example conversation_ids, and the distributions side by side."""
-    where = f"{published['uri']}/{published['path']}" + (
-        f" @ {published['revision']}" if published["revision"] else ""
-    )
-    lines = [f"# compare@{name}: our release and the published file", ""]
-    lines += _table(
-        ["", "ours", "published"],
-        [["file", f"`{ours['path']}`", f"`{where}`"], ["sha256", ours["sha256"], published["sha256"]]]
-        + [[label, found["ours"].get(key), found["published"].get(key)] for label, key in SIDE_ROWS],
-    )
-    rows = found["rows"]
-    lines += ["", "## Rows (by conversation_id)", ""]
-    lines += _table(["in both", "in ours only", "in published only"],
-                    [[rows["both"], rows["only_ours"], rows["only_published"]]])  # fmt: skip
-    lines += ["", f"## Agreement on the {rows['both']} shared rows", ""]
-    agreement = found.get("agreement", {})
-    body = []
-    for field, kinds in joined["differ"].items():
-        for kind, label in KINDS:
-            if kind in kinds:
-                count, examples = kinds[kind]
-                share = agreement.get(field) if kind == "differ" else None
-                body.append([field if kind == "differ" else "", share, label, count, ", ".join(examples)])
-    lines += _table(["field", "agreement", "rows that", "count", "examples (conversation_id)"], body)
-    lines += _extra_sections(found)
-    for table, (field, count) in PLOTS.items():
-        by_label: dict[str, dict] = {}
-        for row in tables[table]:
-            by_label.setdefault(row[field], {})[row["source"]] = row[count]
-        lines += ["", f"## {count} by {TITLES[table]}", ""]
-        lines += _table(
-            [field, "ours", "published"], [[k, v["ours"], v["published"]] for k, v in by_label.items()]
-        )
-    return "\n".join(lines) + "\n"

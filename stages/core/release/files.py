@@ -1,7 +1,7 @@
 """The files of a release directory: the public jsonl.gz and Parquet records, the gpg-encrypted
 Japanese instructions (the previous ciphertext kept where the plaintext is unchanged), written from
-translate's, generate's and score's outs a batch at a time, and the licence texts the published
-repository ships, copied unchanged from fetch's out (package@<variant>)."""
+translate's, generate's (responses and annotations) and score's outs a batch at a time, and the
+licence texts the published repository ships, copied unchanged from fetch's out (package@<variant>)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pyarrow as pa
 from stages.core.config.errors import SourceError
 from stages.core.config.params import Params
 from stages.core.config.release_params import ReleaseParams
-from stages.core.release import plots
+from stages.core.release import flags, plots
 from stages.core.rows import fields
 from stages.core.rows import records as release
 from stages.core.storage.crypto import derive_key, encrypt_file
@@ -27,13 +27,9 @@ from stages.core.storage.previous import previous_ciphertext
 
 LOG = logging.getLogger("stages.package")
 PUBLIC_FORMATS = ("parquet", "jsonl.gz")  # a reader's preference among the public files
-FLAGS = [
-    "instruction_ja",
-    fields.EMPTY,
-    fields.DUPLICATE,
-    fields.TEMPLATE,
-    "translation_failed",
-]
+TRANSLATED = ["instruction_ja", "translation_failed"]
+# the flags the release carries, and whose they are: generate's annotation table (the publisher's or ours)
+FLAGS = [fields.EMPTY, fields.DUPLICATE, fields.TEMPLATE, flags.BY]
 ROW_GROUP = 2048  # rows per row group of the public Parquet file, whatever release.batch_rows is
 GENERATED = ["responses_ja", "responses_en", "status_ja", "status_en"]
 SCORED = ["annotations", "multiturn", "judge_status", "multiturn_status"]
@@ -62,6 +58,7 @@ def write_release(params: Params, name: str, out: Path, plain: Path) -> tuple[Co
         for part in released_rows(params, name):
             part, failed = release.released(part)
             release.add_metrics(totals, part, failed)
+            flags.count(totals, part)
             write_plain(release.instruction_table(part))
             records = release.public_table(part, with_en, with_second_turn)
             plots.add(drawn, records)
@@ -98,10 +95,12 @@ def copy_licence_texts(params: Params, name: str, out: Path) -> None:
 
 
 def released_rows(params: Params, name: str) -> Iterator[pa.Table]:
-    """translate's rows with variant `name`'s responses and scores, `release.batch_rows` at a time."""
+    """translate's rows with variant `name`'s flags (its annotation table), responses and scores,
+    `release.batch_rows` at a time."""
     paths = params.paths
     return iter_aligned(
-        (paths.translated_of(params.models[name].subset), FLAGS),
+        (paths.translated_of(params.models[name].subset), TRANSLATED),
+        (paths.annotations_of(name), FLAGS),
         (paths.generated_of(name), GENERATED),
         (paths.scored_of(name), SCORED),
         rows=params.release.batch_rows,

@@ -4,9 +4,9 @@ release's plaintext) and the public files of a release directory, and says where
 instruction or a long part of one. Writes nothing; package@<variant> runs it before its release is
 put in place and `python -m stages.publish` before any request (docs/security.md).
 
-In the text the models wrote (GENERATED), which quotes its instruction as the published responses
-do, only a value more than half of whose windows are instruction text is refused (a copy, not a
-quote); everywhere else any match is. Text is compared normalised: NFKC, casefolded, without
+In the text the models wrote (GENERATED), which may quote its instruction (code to fix, a text to
+proofread), only a value more than half of whose windows are instruction text is refused (a copy, not
+a quote); everywhere else any match is. Text is compared normalised: NFKC, casefolded, without
 whitespace or format characters. Each instruction gives the hashes of its 32-character windows at
 every 16th character and its last one, so a copied run of 47 normalised characters or more, or a
 whole instruction of 32 or more, is found inside any string; an instruction of 8 to 31 characters
@@ -43,8 +43,8 @@ BASE = 0x9E3779B97F4A7C15  # odd: invertible modulo 2**64
 BASE_INVERSE = pow(BASE, -1, 1 << 64)
 U64 = np.uint64
 LOG = logging.getLogger(__name__)
-# text the models wrote, which may quote its instruction as the published responses do (code to fix, a
-# text to proofread): refused only where most of it is instruction text, a copy rather than a quote
+# text the models wrote, which may quote its instruction (code to fix, a text to proofread, "repeat
+# this"): refused only where most of it is instruction text, a copy rather than a quote
 GENERATED = {
     "synthesized_assistant_responses[].content",
     "synthesized_assistant_responses_en[].content",

@@ -79,8 +79,8 @@ def public_schema(with_en: bool, with_second_turn: bool) -> pa.Schema:
     return pa.schema(columns)
 
 
-# synthesized_multiturn_conversation: a list of one conversation (as published), starting at the best
-# response: [[assistant, user, assistant]] (two-turn) or [[assistant]] (single-turn)
+# synthesized_multiturn_conversation: a list of one conversation (our shape, docs/assumptions.md 32),
+# starting at the best response: [[assistant, user, assistant]] (two-turn) or [[assistant]] (single-turn)
 CONVERSATIONS = pa.list_(pa.list_(MESSAGE))
 INSTRUCTIONS = pa.schema([("conversation_id", pa.string()), (fields.INSTRUCTION, pa.list_(MESSAGE))])
 # Arrow types -> `datasets` dtypes (https://huggingface.co/docs/datasets/about_dataset_features)

@@ -1,8 +1,10 @@
-"""Gemma-2-style second turn: for a share of the conversations with a best response (chosen by a
-hash of the conversation_id), the generator writes the user's follow-up to the best response, then
-answers it; the others stay single-turn.
+"""Gemma-2-style second turn: for some of the conversations with a best response, the generator
+writes the user's follow-up to the best response, then answers it; the others stay single-turn. Which
+ones: where the variant's annotations are the publisher's, exactly the conversations its published file
+has two-turn (the row's `two_turn`, generate's annotation table); elsewhere a share of them, chosen by
+a hash of the conversation_id.
 
-Each row holds the published shape, a list of one conversation: [[assistant, user, assistant]]
+Each row holds our shape (docs/assumptions.md 32), a list of one conversation: [[assistant, user, assistant]]
 (two-turn) or [[assistant]] (single-turn: the best response). The first user turn (the Japanese
 instruction, LMSYS-licensed) is left out so that it stays only in the encrypted file; prepend
 `translated_conversation` to get the whole conversation. Null: no best response, or the second
@@ -25,9 +27,15 @@ SALT = "second-turn"  # the hashed text is f"{SALT}:{conversation_id}"
 def selected(conversation_id: str, share: float) -> bool:
     """Whether a conversation gets a second turn: the first 8 bytes of SHA-256("second-turn:<id>"),
     as a fraction of 2^64, fall below `share`. Depends on the id alone (not the seed): our rule, as
-    the published one is not public."""
+    the publisher's is stated nowhere."""
     digest = hashlib.sha256(f"{SALT}:{conversation_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def wanted(conversation_id: str, two_turn: bool | None, share: float) -> bool:
+    """Whether a conversation with a best response gets a second turn: as its published file has it where the
+    annotation table knows (`two_turn` not null), else by the hash (`selected`)."""
+    return selected(conversation_id, share) if two_turn is None else two_turn
 
 
 def continue_conversations(
@@ -78,10 +86,12 @@ def second_turn_table(
     engine: Chat, part: pa.Table, spec: SecondTurnParams, generate: GenerateParams, seed: int
 ) -> pa.Table:
     """One shard of score's out with each row's conversation from its best response: two-turn for the
-    selected rows (spec.share), single-turn for the others (no request, null status), null without."""
+    rows `wanted` picks (published two-turn ids, else spec.share's hash), single-turn for the others (no
+    request, null status), null without."""
     rows = part.to_pylist()
     turns = best_answers(rows, [r["best_index"] for r in rows])
-    chosen = [t for t in turns if selected(t[0], spec.share)]
+    published = {r["conversation_id"]: r.get("two_turn") for r in rows}
+    chosen = [t for t in turns if wanted(t[0], published[t[0]], spec.share)]
     dialogues, statuses = continue_conversations(engine, chosen, spec, generate, seed)
     singles = {c: [{"role": "assistant", "content": a}] for c, _, a in turns if c not in statuses}
     stored = {**singles, **dialogues}

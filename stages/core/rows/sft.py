@@ -98,7 +98,8 @@ def stored_conversation(record: dict) -> list[dict] | None:
     """The one conversation of a record's synthesized_multiturn_conversation, [assistant, user,
     assistant] or, single-turn, [assistant] ({role, content} each); also read in the older flat shape
     (score reads both). A single-turn one gives a one-turn SFT conversation (our reading of the
-    published converter given this field; its body is not public). None where the record has none."""
+    published converter given this field; it is fetched, not read by this project). None where the
+    record has none."""
     stored = record.get(MULTITURN)
     if not stored:
         return None

@@ -95,7 +95,9 @@ def judge_pass(params: Params, name: str, pool: Executor | None = None) -> None:
 
 
 def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
-    """The generator's two-turn continuation from each best response, on `pool` (the generator's)."""
+    """The generator's two-turn continuation from each best response, on `pool` (the generator's): for
+    the conversations the annotation table says are two-turn in the published file, and by the hash for
+    those it has no published answer for (stages/core/rows/second_turn.py)."""
     variant, paths = params.models[name], params.paths
     generated, judged, scored = files_of(params, name)
     size = variant.score.shard_size
@@ -117,6 +119,7 @@ def second_turn_pass(params: Params, name: str, pool: Executor) -> None:
                 (paths.translated_of(variant.subset), ["instruction_ja"]),
                 (generated, ["responses_ja"]),
                 (judged, JUDGED),
+                (paths.annotations_of(name), ["two_turn"]),  # the published two-turn ids, where taken
                 rows=size,
             ),
             out=scored,

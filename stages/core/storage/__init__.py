@@ -1,2 +1,3 @@
 """Storage: atomic files, Parquet and JSON lines, the bounded-memory spill and alignment, fetched
-sources, encryption, the response cache and the resume keys. Imports only config."""
+sources, encryption, the response cache, the resume keys and the DVC remotes' check. Imports only
+config."""
