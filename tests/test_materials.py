@@ -274,6 +274,15 @@ def test_the_card_names_the_prompt_and_the_release_holds_the_licence_texts(score
         terms = "a licence text, copied unchanged from the published repository (its own terms)"
         assert f"| `{name}` | {terms} |" in card
     assert "copied unchanged beside these files: `GEMMA_TERMS_OF_USE.md`, `LLAMA_3.1_ACCEPTABLE" in card
+    # every publisher's file fetched beside the encrypted instructions, by sha256 (not the dataset/ files)
+    fetched = sorted(
+        p.relative_to(SYNTH).as_posix() for p in SYNTH.rglob("*") if p.is_file() and "dataset" not in p.parts
+    )
+    materials = manifest["provenance"]["published_materials"]
+    assert sorted(materials) == fetched and JUDGE in fetched and "Notice" in fetched
+    for path, sha in materials.items():
+        assert sha == hashlib.sha256((SYNTH / path).read_bytes()).hexdigest()
+        assert f"| publisher's `{path}` (at the released revision) | sha256 `{sha}` |" in card
 
 
 def test_the_card_names_our_prompt_with_its_file(scored, monkeypatch):

@@ -334,6 +334,10 @@ def dataset_card(params: Params, name: str, manifest: dict, features: list[dict]
                 *((f"{k} (`{s['uri']}`)", f"`{s['revision']}`") for k, s in source["sources"].items()),
                 ("subset", source["subset"]),
                 ("params fingerprint", f"`{source['params_fingerprint']}`"),
+                *(
+                    (f"publisher's `{path}` (at the released revision)", f"sha256 `{sha}`")
+                    for path, sha in source.get("published_materials", {}).items()
+                ),
                 *code_rows(source["code"]),
             ],
         )

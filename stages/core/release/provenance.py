@@ -1,6 +1,7 @@
 """What a release was built from (package's manifest `provenance`, shown by the dataset card): the code,
 its dependency lock and the libraries that write the bytes, the pinned sources, the judge prompt, and a
-fingerprint of the params that change the rows."""
+fingerprint of the params that change the rows, and the sha256 of each of the publisher's materials
+fetched beside them."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def provenance(params: Params, name: str) -> dict:
         },
         "subset": variant.subset,
         "judge_prompt": judge_prompt(params, name),
+        "published_materials": published_materials(params.paths.released),
         "params_fingerprint": digest(
             params.seed,
             recipe(fetch),
@@ -85,6 +87,19 @@ def provenance(params: Params, name: str) -> dict:
             recipe(variant),
             recipe(params.release),
         ),
+    }
+
+
+def published_materials(released: str | Path) -> dict[str, str]:
+    """The publisher's own files that fetch copied beside the encrypted instructions (materials/, scripts/,
+    the licence texts at the root: conf/source's `released.include`), path -> sha256: which of them a
+    release was built beside, at the revision `sources.released` names. The encrypted data (dataset/)
+    is not listed: its bytes are the instructions', recorded by the release's own files."""
+    root = Path(released)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).parts[0] != "dataset"
     }
 
 
