@@ -69,7 +69,8 @@ WORDS += ["仕事", "教育", "環境", "技術", "文化", "経済", "言語", 
 
 
 def translated(n: int) -> pa.Table:
-    """n translated instructions, the columns generate and score read; a few empty or duplicate."""
+    """n translated instructions, the columns generate (with its annotation table) and score read; a few
+    empty or duplicate."""
     ids = [f"rehearsal-{i:07d}" for i in range(n)]
     ja = [
         f"{WORDS[i % 16]}と{WORDS[i * 7 % 16]}について、例を{i % 5 + 2}つ挙げて説明してください。({i})"
@@ -82,6 +83,7 @@ def translated(n: int) -> pa.Table:
             "instruction_ja": ja,
             "empty_user_instruction_ja": [i % 500 == 7 for i in range(n)],
             "duplicate_user_instruction_ja": [ids[i - 1] if i % 1000 == 11 else None for i in range(n)],
+            "is_template_instruction": pa.nulls(n, pa.string()),  # generate's annotation table reads it
             "translation_failed": [False] * n,
         }
     )
@@ -108,6 +110,7 @@ def workspace(
         f"models.{VARIANT}.score.sampling.max_tokens=512",
         # our judge template: the rehearsal has no fetched release (the published prompt's file)
         f"models.{VARIANT}.score.prompt=judge-0to10",
+        f"models.{VARIANT}.annotations=ours",  # nor the published file whose flags `published` takes
     ]
     for role in ("generate", "score"):  # prompts are counted with a local tokenizer (no Hub access)
         overrides.append(f"models.{VARIANT}.{role}.llm.tokenizer={ROOT / 'data/sample/tiny-chat'}")

@@ -40,6 +40,7 @@ BARE = {
         [
             "data/private/translated-ja.parquet",
             f"data/generated/{VARIANT}.parquet",
+            f"data/generated/{VARIANT}.annotations.parquet",
             f"data/scored/{VARIANT}.parquet",
         ]
     ),
@@ -106,6 +107,7 @@ def generate(work: Path, rows: int) -> None:
         f"++decrypt.key.file=data/train-00000-of-{SHARDS:05d}-*.parquet",
         "decrypt.subsets=[ja]",  # one subset: translate's figures are one translate@ja
         *(f"models.{v}.subset=ja" for v in ("llama31", "gemma2", "gemma3")),
+        f"models.{VARIANT}.annotations=ours",  # scale_data writes translate's flags, as generate would
     ]
     child(
         [

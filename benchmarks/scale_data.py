@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from stages.core.release import flags
 from stages.core.rows.responses import ANNOTATION, GENERATED, RESPONSE, SCORED
 from stages.core.storage.jsonl import write_json
 from stages.core.storage.parquet import PARQUET_OPTIONS
@@ -133,6 +134,14 @@ def responses(work: Path, paths: dict, variant: str) -> None:
             gen.write_table(generated)
             scored.write_table(_scored(rng, generated, start))
             start += batch.num_rows
+    # generate's other out, the annotation table package reads the flags from: translate's (annotations:
+    # ours, as scale.py composes it), written by the code generate runs
+    flags.write_annotations(
+        work / f"{paths['translated']}-ja.parquet",
+        None,
+        work / paths["generated"] / f"{variant}.annotations.parquet",
+        rows=PIECE,
+    )
     # the metrics files generate and score also write (DVC outs of theirs: `dvc commit` wants them)
     metrics = work / paths["metrics"]
     metrics.mkdir(parents=True, exist_ok=True)
