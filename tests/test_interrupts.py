@@ -148,10 +148,9 @@ def upstream(workspace, monkeypatch, fake_engine):
     def slow(data: dict) -> None:
         data["engine"]["batch_size"] = 10  # one request of n 10 at a time: a stop point per request
         data["models"]["gemma3"]["generate"]["sampling"]["max_tokens"] = 24
-        data["models"]["gemma3"]["generate"]["shard_size"] = 64  # no shard ends before the stop
-        # every row asked as translate flagged it: the sample's published flags skip more rows, and a shard
-        # with fewer requests may end (and be checkpointed) before the first answers reach the cache
-        data["models"]["gemma3"]["annotations"] = "ours"
+        # one shard: none ends (and is checkpointed, its answers then reused without the cache) before the
+        # stop, which comes once the first answers reach the cache (2 s, or 256 answers, after they arrive)
+        data["models"]["gemma3"]["generate"]["shard_size"] = 4096
 
     set_params(workspace, slow)
     return workspace
