@@ -7,6 +7,7 @@ import copy
 import gzip
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -553,8 +554,12 @@ def _record(cid: str, category: str | None, notes: list[tuple[int | None, bool |
 
 
 def _settled_totals(path: Path):
+    """One side's totals of a file, tallied a batch at a time as compare tallies them."""
     schema, columns = comparison.record_schema(path)
-    return settled.count(published.read_records(path, columns, schema))
+    totals = Counter()
+    for batch in published.read_records(path, columns, schema):
+        settled.tally(totals, batch)
+    return totals
 
 
 def test_flags_no_single_threshold_separates_are_reported_so(tmp_path):

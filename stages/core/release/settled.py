@@ -9,7 +9,6 @@ below), so memory grows only with the number of distinct template categories."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 import duckdb
 import pyarrow as pa
@@ -56,14 +55,6 @@ def tally(totals: Counter, batch: pa.RecordBatch) -> None:
             totals[AT_LONGEST] += reach
     if fields.MULTITURN in batch.schema.names:
         totals[HAS_MULTITURN] = 1
-
-
-def count(batches: Iterable[pa.RecordBatch]) -> Counter:
-    """One side's totals of a stream of records (what compare tallies, these figures only)."""
-    totals: Counter = Counter()
-    for batch in batches:
-        tally(totals, batch)
-    return totals
 
 
 def template_categories(totals: dict[str, Counter]) -> dict:
